@@ -1,0 +1,5 @@
+import sys
+
+from minivid.cli import main
+
+sys.exit(main())
