@@ -1,11 +1,11 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="minivid",
     version="0.1.0",
     description="From-scratch PyTorch reference implementation of COVE, EI², TCVE, I2VEdit and the models they stand on",
     python_requires=">=3.10",
-    packages=["minivid", "minivid.cli", "minivid.pipelines", "minivid.methods", "minivid.kernels"],
+    packages=find_packages(include=["minivid", "minivid.*"]) + ["minivid.kernels"],
     package_dir={"minivid.kernels": "kernels"},
     package_data={"minivid": ["data/*", "configs/*.yaml"]},
     install_requires=[
