@@ -1,0 +1,34 @@
+"""`minivid edit --method NAME ...`: edit a video with one of the methods."""
+from __future__ import annotations
+
+import argparse
+
+from minivid.cli.common import add_model_arguments, add_video_arguments
+from minivid.jobs import Job
+from minivid.methods import METHODS, available_clis
+
+help = "edit a video with COVE, EI² or TCVE"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, choices=list(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    p.add_argument("--prompt", required=True, help="the edit prompt")
+    p.add_argument("--source-prompt", default="", help="a prompt describing the source video")
+    p.add_argument("--tuned", help="tuned tensors from `minivid tune` (EI², TCVE)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the method's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the method's)")
+    add_model_arguments(p)
+    add_video_arguments(p)
+    for name, mod in available_clis().items():
+        mod.add_arguments(p.add_argument_group(f"{name} options"))
+
+
+def run(args: argparse.Namespace) -> int:
+    mod = available_clis().get(args.method)
+    if mod is None:
+        raise ValueError(f"method {args.method!r} is not available in this installation")
+    job = Job(f"edit-{args.method}", args.out, vars(args))
+    results = mod.edit(args, job)
+    record = job.finish(**(results or {}))
+    print(f"wrote {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
+    return 0

@@ -1,0 +1,35 @@
+"""`minivid tune --method NAME ...`: one-shot tuning of a method on a source video (EI², TCVE)."""
+from __future__ import annotations
+
+import argparse
+
+from minivid.cli.common import add_model_arguments, add_video_arguments
+from minivid.jobs import Job
+from minivid.methods import available_clis
+
+help = "one-shot tuning on a source video (EI², TCVE)"
+TUNING = ("ei2", "tcve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, choices=TUNING, help="the method to tune")
+    p.add_argument("--prompt", required=True, help="a prompt describing the source video")
+    p.add_argument("--steps", type=int, help="tuning steps (default: the method's: EI² 500, TCVE 100)")
+    p.add_argument("--lr", type=float, help="learning rate (default 3e-5)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision for the forward pass")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="write the tuned tensors every n steps (default 100)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    add_model_arguments(p)
+    add_video_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    mod = available_clis().get(args.method)
+    if mod is None or not hasattr(mod, "tune"):
+        raise ValueError(f"method {args.method!r} has no tuning in this installation")
+    job = Job(f"tune-{args.method}", args.out, vars(args))
+    results = mod.tune(args, job)
+    record = job.finish(**(results or {}))
+    print(f"wrote {job.dir}; record: {record}")
+    return 0

@@ -1,0 +1,103 @@
+"""What every command-line job writes: one output folder per run with the result video,
+a PNG frame grid, a source|result side-by-side video, pictures the method offers and
+`record.json` (every setting, seed, versions, timings, peak memory).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import sys
+import time
+from typing import Any, Iterator
+
+import torch
+
+from minivid import __version__
+
+
+def default_out_dir(job: str) -> pathlib.Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return pathlib.Path("outputs") / f"{job}-{stamp}"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def versions() -> dict[str, str]:
+    return {"minivid": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+class Job:
+    """An output folder and the record of one run.
+
+        job = Job("edit", out_dir, settings=vars(args))
+        with job.timed("sampling"):
+            ...
+        job.write_video("result.mp4", frames)
+        job.finish()          # writes record.json
+    """
+
+    def __init__(self, name: str, out_dir: str | os.PathLike | None, settings: dict[str, Any]):
+        self.name = name
+        self.dir = pathlib.Path(out_dir) if out_dir else default_out_dir(name)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.record: dict[str, Any] = {
+            "job": name,
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "settings": {k: v for k, v in settings.items() if not k.startswith("_")},
+            "versions": versions(),
+            "timings_s": {},
+            "outputs": [],
+            "results": {},
+        }
+        self._t0 = time.perf_counter()
+
+    def path(self, name: str) -> pathlib.Path:
+        return self.dir / name
+
+    @contextlib.contextmanager
+    def timed(self, label: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record["timings_s"][label] = round(self.record["timings_s"].get(label, 0.0) + time.perf_counter() - t0, 4)
+
+    def add_output(self, path: pathlib.Path) -> pathlib.Path:
+        self.record["outputs"].append(path.name)
+        return path
+
+    def write_video(self, name: str, frames: torch.Tensor, fps: float = 8) -> pathlib.Path:
+        from minivid.video import write_video
+
+        return self.add_output(write_video(self.path(name), frames, fps=fps) or self.path(name))
+
+    def write_grid(self, name: str, frames: torch.Tensor, cols: int | None = None) -> pathlib.Path:
+        from minivid.video import save_grid
+
+        return self.add_output(save_grid(self.path(name), frames, cols=cols) or self.path(name))
+
+    def write_side_by_side(self, name: str, source: torch.Tensor, result: torch.Tensor, fps: float = 8) -> pathlib.Path:
+        from minivid.video import side_by_side
+
+        return self.write_video(name, side_by_side(source, result), fps=fps)
+
+    def finish(self, **results: Any) -> pathlib.Path:
+        self.record["results"].update(results)
+        self.record["timings_s"]["total"] = round(time.perf_counter() - self._t0, 4)
+        self.record["peak_memory_bytes"] = {"cpu_rss": peak_rss_bytes()}
+        if torch.cuda.is_available():
+            self.record["peak_memory_bytes"]["cuda"] = torch.cuda.max_memory_allocated()
+        path = self.path("record.json")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.record, indent=2, default=str))
+        os.replace(tmp, path)
+        return path
