@@ -107,6 +107,20 @@ def test_gif_round_trip(tmp_path):
     assert (back - quantised(frames)).abs().mean() < 0.1
 
 
+def test_webm_is_read(tmp_path):
+    frames = smooth_clip(F=3, H=32, W=32)
+    path = tmp_path / "clip.webm"
+    writer = imageio_ffmpeg.write_frames(str(path), (32, 32), codec="libvpx", fps=8, macro_block_size=1,
+                                         bitrate="2M", ffmpeg_log_level="error")
+    writer.send(None)
+    for frame in V.to_uint8(frames):
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    back = V.read_video(path)
+    assert back.shape == (3, 3, 32, 32)
+    assert (back - quantised(frames)).abs().mean() < 0.1  # VP8 at 2 Mbit/s, yuv420p
+
+
 # ------------------------------------------------------------------------------------------ images, PNG
 
 def test_png_grid_exact_pixels(tmp_path):
