@@ -21,6 +21,16 @@ PREFIX = "first_stage_model."
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions gain nothing from threads, and on a shared CPU OpenMP oversubscription
+    makes them ~10x slower; run this file single-threaded and restore afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights everywhere, including norms, zero-initialised convs and mix factors,
     so that every parameter moves the output."""
