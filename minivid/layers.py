@@ -16,7 +16,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back (ldm `GroupNorm32`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5, groups: int = 32) -> nn.GroupNorm:
