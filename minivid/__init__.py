@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "StableDiffusion": "minivid.models",
-    "StableVideoDiffusion": "minivid.models",
+    "StableVideoDiffusion": "minivid.svd",
 }
 
 
