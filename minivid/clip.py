@@ -320,10 +320,6 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None
     return x
 
 
-def _init_embedding(p: torch.Tensor, std: float) -> None:
-    nn.init.normal_(p, std=std)
-
-
 # ---------------------------------------------------------------- text
 
 class CLIPTextModel(nn.Module):
@@ -400,8 +396,8 @@ class CLIPTextEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.context_length, cfg.width)
-        _init_embedding(self.token_embedding.weight, 0.02)
-        _init_embedding(self.position_embedding.weight, 0.01)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.01)
         self.register_load_state_dict_pre_hook(_drop_position_ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -477,9 +473,9 @@ class OpenCLIPTextModel(CLIPTextModel):
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        _init_embedding(self.token_embedding.weight, 0.02)
-        _init_embedding(self.positional_embedding, 0.01)
-        _init_embedding(self.text_projection, cfg.width ** -0.5)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
@@ -566,7 +562,7 @@ class OpenCLIPVisionTransformer(CLIPVisionModel):
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.proj = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
         for p in (self.class_embedding, self.positional_embedding, self.proj):
-            _init_embedding(p, cfg.width ** -0.5)
+            nn.init.normal_(p, std=cfg.width ** -0.5)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         x = _patchify(self.conv1, pixels)                                 # (B, G², D)
@@ -593,7 +589,7 @@ class CLIPVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(cfg.grid ** 2 + 1, cfg.width)
-        _init_embedding(self.class_embedding, cfg.width ** -0.5)
+        nn.init.normal_(self.class_embedding, std=cfg.width ** -0.5)
         self.register_load_state_dict_pre_hook(_drop_position_ids)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -665,10 +661,7 @@ class OpenCLIPModel(OpenCLIPTextModel):
         if name not in cls.PRESETS:
             raise ValueError(f"unknown OpenCLIPModel preset {name!r}; choose from {sorted(cls.PRESETS)}")
         text, vision, changes = cls.PRESETS[name]
-        cfg = CLIPTextConfig.preset(text, **changes)
-        if cfg.layers == 0:
-            cfg = dataclasses.replace(cfg, conditioning_layer="last")
-        return cls(cfg, vision)
+        return cls(CLIPTextConfig.preset(text, **changes), vision)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, S, S] (CLIP-normalised) -> image embedding [B, P]."""
