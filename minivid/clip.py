@@ -204,6 +204,7 @@ class SelfAttention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D), mask (N, N) bool or None -> (B, N, D)."""
         B, N, D = x.shape
         q, k, v = (t.view(B, N, self.heads, self.dim_head).transpose(1, 2) for t in self.qkv(x))  # (B, h, N, d)
         ctx = AttnContext(module=self, name="", is_cross=False, scale=self.dim_head ** -0.5, upcast=False,
@@ -246,6 +247,7 @@ class Block(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D)."""
         norm1, attn, norm2, mlp = self.parts()
         x = x + attn(norm1(x), mask)
         return x + mlp(norm2(x))
@@ -349,10 +351,12 @@ class CLIPTextModel(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order, under the flavour's names."""
         raise NotImplementedError
 
     @property
     def final_norm(self) -> nn.LayerNorm:
+        """The final LayerNorm (`final_layer_norm` / `ln_final`)."""
         raise NotImplementedError
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -371,6 +375,7 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
 
     def forward(self, ids: torch.Tensor, output: Literal["hidden", "pooled", "projected"] = "hidden") -> torch.Tensor:
+        """ids [B, N] -> conditioning [B, N, D] ("hidden"), EOT features [B, D] ("pooled") or [B, P] ("projected")."""
         if output not in ("hidden", "pooled", "projected"):
             raise ValueError(f"output must be 'hidden', 'pooled' or 'projected', got {output!r}")
         if not len(self.blocks):
@@ -519,6 +524,7 @@ class CLIPVisionModel(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order, under the flavour's names."""
         raise NotImplementedError
 
     @property
@@ -527,9 +533,11 @@ class CLIPVisionModel(nn.Module):
         raise NotImplementedError
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, P) through the visual projection."""
         raise NotImplementedError
 
     def forward(self, pixels: torch.Tensor, output: Literal["embeds", "pooled"] = "embeds") -> torch.Tensor:
+        """pixels [B, 3, S, S] -> image embedding [B, P] ("embeds") or class token after post-LN [B, D] ("pooled")."""
         S = self.cfg.image_size
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, S, S):
             raise ValueError(f"pixels must be [B, 3, {S}, {S}], got {getattr(pixels, 'shape', type(pixels))}")
@@ -672,6 +680,7 @@ class OpenCLIPModel(OpenCLIPTextModel):
         return super().forward(ids, output)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """pixels [B, 3, S, S] (CLIP-normalised) -> image embedding [B, P], as SVD's conditioner calls it."""
         return self.encode_image(pixels)
 
 
