@@ -22,9 +22,9 @@ help = "say which official model a checkpoint file or diffusers folder holds, an
 # diffusers folder component -> (rename table, original prefix) per model
 _DIFFUSERS_COMPONENTS = {
     "sd1": {"unet": ("unet", "model.diffusion_model."), "vae": ("vae", "first_stage_model."),
-            "text_encoder": ("text_sd1", "cond_stage_model.")},
+            "text_encoder": ("text_sd1", "cond_stage_model.transformer.")},
     "sd2": {"unet": ("unet", "model.diffusion_model."), "vae": ("vae", "first_stage_model."),
-            "text_encoder": ("text_sd2", "cond_stage_model.")},
+            "text_encoder": ("text_sd2", "cond_stage_model.model.")},
 }
 
 

@@ -3,7 +3,7 @@
     from minivid import weights
     sd = weights.read_state_dict("weights/sd-v1-4.ckpt")          # name -> tensor (pickles: weights_only)
     weights.detect(sd)                                             # "sd1"
-    parts = weights.split_by_prefix(sd, weights.SD_PREFIXES, source="weights/sd-v1-4.ckpt")
+    parts = weights.split_by_prefix(sd, weights.SD_PREFIXES["sd1"], source="weights/sd-v1-4.ckpt")
     weights.load_strict(unet, parts["unet"], "weights/sd-v1-4.ckpt", "unet")
     weights.compare_to_manifest(weights.read_shapes("weights/sd-v1-4.ckpt"), "sd-v1-4").ok
 

@@ -7,13 +7,14 @@ differently; this module renames them, in both directions, from one table per co
     component    original (relative to the component prefix)        diffusers (file names)
     "unet"       input_blocks.1.0.in_layers.0           <->  down_blocks.0.resnets.0.norm1
     "vae"        encoder.mid.attn_1.q   (1x1 conv)      <->  encoder.mid_block.attentions.0.to_q (Linear)
-    "text_sd1"   transformer.text_model.*               <->  text_model.*
-    "text_sd2"   model.transformer.resblocks.3.attn     <->  text_model.encoder.layers.3.self_attn
+    "text_sd1"   text_model.*  (HF names on both sides)  <->  text_model.*
+    "text_sd2"   transformer.resblocks.3.attn           <->  text_model.encoder.layers.3.self_attn
                  (fused in_proj_weight [3D, D])              (q_proj, k_proj, v_proj [D, D] each)
 
-Keys are relative to the component prefix of the original file (`model.diffusion_model.`,
-`first_stage_model.`, `cond_stage_model.`; see `minivid.weights.SD_PREFIXES`) and exactly as
-stored in the diffusers files (the text encoder's keys start with `text_model.`).
+Original keys are relative to the component prefix of the original file (`model.diffusion_model.`,
+`first_stage_model.`, SD 1.x text `cond_stage_model.transformer.`, SD 2.x text `cond_stage_model.model.`;
+see `minivid.weights.SD_PREFIXES`), i.e. the names of minivid's modules; diffusers keys are exactly
+as stored in the diffusers files (the text encoder's start with `text_model.`).
 
 A table is a list of `Rule(original, diffusers, kind)` between MODULE paths; a tensor name
 is renamed by its longest listed module prefix, so `input_blocks.1.1` <-> `down_blocks.0.attentions.0`
@@ -230,8 +231,9 @@ def vae_rules(layout: VAELayout = VAELayout()) -> list[Rule]:
 
 
 def text_sd1_rules(layout: None = None) -> list[Rule]:
-    """SD 1.x CLIP ViT-L/14 text: Hugging Face names on both sides; only the prefix differs."""
-    return [Rule("transformer.text_model", "text_model")]
+    """SD 1.x CLIP ViT-L/14 text: Hugging Face names on both sides (the file's prefix
+    `cond_stage_model.transformer.` stripped); the table still refuses any other name."""
+    return [Rule("text_model", "text_model")]
 
 
 @dataclass(frozen=True)
@@ -265,17 +267,17 @@ OPENCLIP_LAYER = [
 def text_sd2_rules(layout: TextSD2Layout = TextSD2Layout()) -> list[Rule]:
     """SD 2.x text: OpenCLIP names (fused in_proj) <-> Hugging Face CLIPTextModel names (q/k/v)."""
     rules = [
-        Rule("model.token_embedding", "text_model.embeddings.token_embedding"),
-        Rule("model.positional_embedding", "text_model.embeddings.position_embedding.weight"),
-        Rule("model.ln_final", "text_model.final_layer_norm"),
+        Rule("token_embedding", "text_model.embeddings.token_embedding"),
+        Rule("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+        Rule("ln_final", "text_model.final_layer_norm"),
         # original-only: the 24th resblock (SD 2 stops at the penultimate), the CLIP contrastive head
-        Rule("model.text_projection", None),
-        Rule("model.logit_scale", None),
+        Rule("text_projection", None),
+        Rule("logit_scale", None),
         # diffusers-only: the position-id buffer older transformers versions saved
         Rule(None, "text_model.embeddings.position_ids"),
     ]
     for i in range(layout.layers):
-        rules += [Rule(f"model.transformer.resblocks.{i}.{o}", f"text_model.encoder.layers.{i}.{d}", kind)
+        rules += [Rule(f"transformer.resblocks.{i}.{o}", f"text_model.encoder.layers.{i}.{d}", kind)
                   for o, d, kind in OPENCLIP_LAYER]
     return rules
 
@@ -294,12 +296,12 @@ class ComponentTable:
 
 def _text_sd2_extra(keys: Collection[str], layout: TextSD2Layout) -> list[str]:
     """Original resblocks beyond the layers SD 2 runs: original-only."""
-    stored = max(_indices(keys, r"model\.transformer\.resblocks\.(\d+)\."), default=-1) + 1
+    stored = max(_indices(keys, r"transformer\.resblocks\.(\d+)\."), default=-1) + 1
     if 0 < stored < layout.layers:
         raise WeightsError(
             f"this SD 2 text state dict stores {stored} resblocks but the layout says SD 2 runs {layout.layers}; "
             f"for a model of another depth pass layout=TextSD2Layout(layers=N) with N = the layers it runs.")
-    return [k for k in keys if (m := re.match(r"model\.transformer\.resblocks\.(\d+)\.", k)) and int(m[1]) >= layout.layers]
+    return [k for k in keys if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)) and int(m[1]) >= layout.layers]
 
 
 TABLES: dict[str, ComponentTable] = {

@@ -44,12 +44,16 @@ HARMLESS_EXTRAS: dict[str, str] = {
                    "flattened names like model_ema.diffusion_modelinput_blocks00weight); "
                    "the released -ema-pruned/sd-v1-4 files already hold the EMA weights under model.*",
     "cond_stage_model.transformer.text_model.embeddings.position_ids": "HF CLIP position-id buffer = arange(77)",
-    "transformer.text_model.embeddings.position_ids": "HF CLIP position-id buffer = arange(77)",
-    "text_model.embeddings.position_ids": "HF CLIP position-id buffer = arange(77) (older diffusers text encoders)",
+    "text_model.embeddings.position_ids": "the same, relative to the text model (also in older diffusers text encoders)",
 }
 
-# Component prefixes of the original SD 1.x / 2.x single files (ldm LatentDiffusion attribute names).
-SD_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text": "cond_stage_model."}
+# Component prefixes of the original SD single files: ldm LatentDiffusion attribute names, down to the
+# module whose names minivid's models copy (SD 1.x: FrozenCLIPEmbedder.transformer = HF CLIPTextModel;
+# SD 2.x: FrozenOpenCLIPEmbedder.model = the OpenCLIP model).
+SD_PREFIXES = {
+    "sd1": {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text": "cond_stage_model.transformer."},
+    "sd2": {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text": "cond_stage_model.model."},
+}
 
 REST = "(other)"  # split_by_prefix's name for names outside every prefix (strict=False)
 
@@ -68,7 +72,7 @@ def split_by_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: Mapping[st
                     ignore: Iterable[str] = HARMLESS_EXTRAS, strict: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """Split a single-file checkpoint into components, stripping their prefixes.
 
-    prefixes: component -> prefix, e.g. SD_PREFIXES {"unet": "model.diffusion_model.", ...}; the
+    prefixes: component -> prefix, e.g. SD_PREFIXES["sd1"] {"unet": "model.diffusion_model.", ...}; the
     longest matching prefix wins. Every component is in the result (empty if the file has none of
     its names). Names outside every prefix are dropped if listed harmless; any other raises
     WeightsError (strict) or is returned under REST.
