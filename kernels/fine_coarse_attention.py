@@ -115,14 +115,14 @@ def fine_coarse_attention_reference(
     L = H * W
     k_coarse = pool_frames(k, frames, size, r)                 # (B, h, F, P, d)
     v_coarse = pool_frames(v, frames, size, r)
-    outs = []
+    out = torch.empty_like(q)
     for f in range(frames):
         own = slice(f * L, (f + 1) * L)
         others = lambda c: torch.cat([c[:, :, :f], c[:, :, f + 1:]], dim=2).flatten(2, 3)  # noqa: E731  (B, h, (F-1)·P, d)
         keys = torch.cat([k[:, :, own], others(k_coarse)], dim=2)     # (B, h, L + (F-1)·P, d)
         values = torch.cat([v[:, :, own], others(v_coarse)], dim=2)
-        outs.append(F.scaled_dot_product_attention(q[:, :, own], keys, values, scale=scale))
-    return torch.cat(outs, dim=2)
+        out[:, :, own] = F.scaled_dot_product_attention(q[:, :, own], keys, values, scale=scale)
+    return out
 
 
 # ---------------------------------------------------------------- Triton kernel
