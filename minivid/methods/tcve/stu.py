@@ -28,7 +28,7 @@ Ablations (paper Tables II, III), `ablation=`:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,9 @@ from minivid.attention import Attention, attention_layers, name_layers, replace_
 from minivid.layers import GroupNorm32
 from minivid.methods.tcve.temporal_unet import TemporalUNet, stu_points, to_temporal
 from minivid.methods.tuneavideo import frames_of
+
+if TYPE_CHECKING:
+    from minivid.unet import UNetConfig
 
 __all__ = ["ABLATIONS", "to_video", "from_video", "resize_temporal", "STU", "TemporalBranch"]
 
@@ -175,7 +178,7 @@ class TemporalBranch(nn.Module):
         name_layers(self)
 
     @classmethod
-    def for_unet(cls, cfg, **kw) -> "TemporalBranch":
+    def for_unet(cls, cfg: "UNetConfig", **kw) -> "TemporalBranch":
         """The branch for an SD `UNetConfig` (widths, levels, res blocks, latent channels)."""
         return cls(cfg.in_channels, cfg.model_channels, tuple(cfg.channel_mult), cfg.num_res_blocks, **kw)
 

@@ -29,10 +29,15 @@ of every level (where the SD UNet's up blocks end); `forward` returns those, by 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
 from minivid.layers import normalization
+
+if TYPE_CHECKING:
+    from minivid.unet import UNetConfig
 
 __all__ = ["ResBlock1d", "Downsample1d", "Upsample1d", "TemporalUNet", "to_temporal", "stu_points"]
 
@@ -137,7 +142,7 @@ class TemporalUNet(nn.Module):
             self.channels[f"output_blocks.{len(self.output_blocks) - 1}"] = ch
 
     @classmethod
-    def for_unet(cls, cfg, **kw) -> "TemporalUNet":
+    def for_unet(cls, cfg: "UNetConfig", **kw) -> "TemporalUNet":
         """The temporal UNet matching an SD `UNetConfig` (widths, levels, res blocks, input channels)."""
         return cls(cfg.in_channels, cfg.model_channels, tuple(cfg.channel_mult), cfg.num_res_blocks, **kw)
 
