@@ -9,6 +9,7 @@ with the official SD names (see weights/README.md) and inspects it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
@@ -20,12 +21,25 @@ from minivid.weights.tiny import TINY_WIDTHS, write_tiny_checkpoint
 help = "say which official model a checkpoint file or diffusers folder holds, and how it differs from it"
 
 # diffusers folder component -> (rename table, original prefix) per model
+_SVD = {"unet": ("svd_unet", "model.diffusion_model."), "vae": ("svd_vae", "first_stage_model."),
+        "image_encoder": ("svd_image_encoder", "conditioner.embedders.0.open_clip.model.")}
 _DIFFUSERS_COMPONENTS = {
     "sd1": {"unet": ("unet", "model.diffusion_model."), "vae": ("vae", "first_stage_model."),
             "text_encoder": ("text_sd1", "cond_stage_model.transformer.")},
     "sd2": {"unet": ("unet", "model.diffusion_model."), "vae": ("vae", "first_stage_model."),
             "text_encoder": ("text_sd2", "cond_stage_model.model.")},
+    "svd": _SVD,
+    "svd_xt": _SVD,
 }
+
+
+def _svd_tables() -> None:
+    """The SVD tables register themselves in W.TABLES when their module is imported."""
+    try:
+        importlib.import_module("minivid.weights.svd_names")
+    except ModuleNotFoundError as e:
+        if e.name != "minivid.weights.svd_names":
+            raise
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,8 +102,10 @@ def inspect_path(path: str | Path, manifest: str | None = None) -> dict:
     # a diffusers folder: rename to the original names, then compare; tensors the diffusers format
     # cannot hold (SD 2's 24th text resblock, text_projection, logit_scale) are reported apart
     table = _DIFFUSERS_COMPONENTS.get(model)
-    if table is None:
-        out["manifest"] = {"manifest": name, "note": f"no diffusers rename table for {model} folders yet"}
+    if model.startswith("svd"):
+        _svd_tables()
+    if table is None or any(component not in W.TABLES for component, _ in table.values()):
+        out["manifest"] = {"manifest": name, "note": f"no diffusers rename tables for {model} folders"}
         return out
     converted, errors = {}, []
     for comp, (component, prefix) in table.items():
@@ -104,7 +120,10 @@ def inspect_path(path: str | Path, manifest: str | None = None) -> dict:
         converted.update({prefix + k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in renamed.items()})
     man = W.load_manifest(name)
     rep = W.compare_to_manifest(converted, man)
-    absent_in_format = set()
+    # official tensors outside every component (schedule buffers, EMA scalars, SVD's conditioner VAE
+    # copy) and those the tables list as original-only cannot be in a diffusers folder
+    prefixes = tuple(prefix for _, prefix in table.values())
+    absent_in_format = {k for k in man.tensors if not k.startswith(prefixes)}
     for comp, (component, prefix) in table.items():
         rel = [k[len(prefix):] for k in man.tensors if k.startswith(prefix)]
         absent_in_format |= {prefix + k for k in W.original_only(component, rel)}
