@@ -26,10 +26,13 @@ Three functions of one signature:
   frame over [own fine keys; other frames' coarse keys] (no F×F blow-up);
 - `fine_coarse_attention_triton`: a flash-style Triton kernel with online softmax and
   float32 accumulation; for a block of queries of frame f it walks frame f's fine keys
-  and then the coarse keys of frames < f and > f (pooled once), never building the
-  concatenation. Gradients recompute the reference in backward;
+  and then the coarse keys of frames < f and > f, never building the concatenation.
+  The coarse K/V are pooled once beforehand (`pool_frames`, O(F·L·d), negligible).
+  float32 inputs multiply in IEEE float32 (no TF32), to keep 1e-5 parity. Backward
+  recomputes the reference and differentiates it (correct gradients, reference memory);
 - `fine_coarse_attention`: dispatcher (Triton on CUDA, the reference elsewhere).
-Triton is imported only inside the Triton path.
+The kernel itself lives in `_fine_coarse_attention_triton.py`, imported on first use,
+so triton is loaded only when the Triton path runs.
 """
 from __future__ import annotations
 
