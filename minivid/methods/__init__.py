@@ -29,6 +29,6 @@ def available_clis() -> dict[str, ModuleType]:
         try:
             found[name] = method_cli(name)
         except ModuleNotFoundError as e:
-            if e.name != f"minivid.methods.{name}.cli":
+            if e.name not in (f"minivid.methods.{name}", f"minivid.methods.{name}.cli"):
                 raise
     return found
