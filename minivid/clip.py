@@ -77,14 +77,12 @@ class CLIPTextConfig:
     context_length: int = 77
     eps: float = 1e-5
     conditioning_layer: Literal["last", "penultimate"] = "last"
-    projection_dim: int | None = None        # text_projection: optional (openai), required (openclip)
+    projection_dim: int | None = None        # text_projection (+ logit_scale for openclip); None: not stored
 
     def __post_init__(self) -> None:
         _check_tower(self)
         if self.conditioning_layer not in ("last", "penultimate"):
             raise ValueError(f"conditioning_layer must be 'last' or 'penultimate', got {self.conditioning_layer!r}")
-        if self.flavour == "openclip" and self.projection_dim is None:
-            raise ValueError("OpenCLIP text towers always store text_projection: set projection_dim")
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> "CLIPTextConfig":
@@ -476,11 +474,12 @@ class OpenCLIPTextModel(CLIPTextModel):
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if cfg.projection_dim is not None:   # official files store both; a diffusers SD 2 folder neither
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
@@ -494,6 +493,8 @@ class OpenCLIPTextModel(CLIPTextModel):
         return self.ln_final
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.cfg.projection_dim is None:
+            raise RuntimeError("this text model has no text_projection (diffusers SD 2 folders do not store one)")
         return pooled @ self.text_projection
 
 

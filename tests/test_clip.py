@@ -356,8 +356,6 @@ def test_vision_and_config_errors():
         CLIPVisionConfig.preset("vit_g")
     with pytest.raises(ValueError, match="divisible"):
         CLIPTextConfig.preset("tiny_sd1", heads=5)
-    with pytest.raises(ValueError, match="projection_dim"):
-        CLIPTextConfig.preset("tiny_sd2", projection_dim=None)
     with pytest.raises(ValueError, match="flavour"):
         CLIPTextConfig.preset("tiny_sd1", flavour="hf")
     with pytest.raises(ValueError, match="patch_size"):
@@ -368,3 +366,20 @@ def test_vision_and_config_errors():
         clip_preprocess(torch.rand(3, 64, 64))
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         svd_resize(torch.rand(3, 64, 64))
+
+
+def test_openclip_text_without_projection_loads_diffusers_sd2_layout():
+    """A diffusers SD 2 folder stores 23 layers and no text_projection/logit_scale: that config
+    builds, conditions on its last layer, and equals the 24-layer penultimate output."""
+    full = CLIPTextModel("tiny_sd2")
+    cfg = CLIPTextConfig.preset("tiny_sd2", layers=full.cfg.layers - 1, conditioning_layer="last", projection_dim=None)
+    short = CLIPTextModel(cfg)
+    keep = {k: v for k, v in full.state_dict().items()
+            if not k.startswith(f"transformer.resblocks.{full.cfg.layers - 1}.") and k not in ("text_projection", "logit_scale")}
+    short.load_state_dict(keep, strict=True)
+    assert "text_projection" not in short.state_dict()
+    ids = torch.randint(0, full.cfg.vocab_size, (2, 77))
+    assert torch.allclose(short(ids), full(ids), atol=1e-6)
+    with pytest.raises(RuntimeError, match="no text_projection"):
+        short(ids, output="projected")
+
