@@ -1,0 +1,129 @@
+"""SD 1.4 UNet forward: minivid vs diffusers, same weights and inputs, CPU fp32.
+
+Both models hold the same tensors (diffusers' through its own single-file converter,
+`convert_ldm_unet_checkpoint`, from minivid's ldm-named state dict), get the same latents,
+timestep and a 77×768 text context, and run interleaved in one process. Reported: median
+seconds per forward, peak bytes allocated by torch during one forward, and the max abs
+difference of the outputs (the two must agree to float rounding).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+import torch
+import torch.nn as nn
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+from minivid.unet import UNet, UNetConfig
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import interleaved, table, write_section  # noqa: E402
+
+# the ldm UNetModel parameters of v1-inference.yaml, as diffusers' config builder reads them
+SD14_LDM = dict(
+    in_channels=4, out_channels=4, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2,
+    attention_resolutions=[4, 2, 1], num_heads=8, context_dim=768, transformer_depth=1,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="32,64", help="latent sides to time, comma-separated (default 32,64)")
+    p.add_argument("--repeats", type=int, default=5, help="timed forwards per model and size (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+
+
+def random_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fan-in-scaled uniform weights (norms at identity): finite, O(1) activations, no denormals."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+                bound = (3 / m.weight[0].numel()) ** 0.5
+                m.weight.uniform_(-bound, bound, generator=g)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.05, 0.05, generator=g)
+    return model
+
+
+def build() -> tuple[UNet, UNet2DConditionModel]:
+    with torch.device("meta"):
+        unet = UNet(UNetConfig.preset("sd14"))
+    unet = random_weights_(unet.to_empty(device="cpu")).eval()
+    original = {"model": {"params": {
+        "unet_config": {"params": SD14_LDM},
+        "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
+    }}}
+    config = create_unet_diffusers_config_from_ldm(original, {}, image_size=512)
+    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}, config)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**config)
+    ref.load_state_dict(converted, strict=True, assign=True)      # the same tensors, no copy
+    return unet, ref.eval()
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes held by torch's CPU allocator while `fn` runs (profiler memory records).
+
+    Each allocation/free is counted once, from the op that made it (`self_cpu_memory_usage`);
+    _common.peak_memory sums the inclusive `cpu_memory_usage`, which counts an allocation once
+    per enclosing op (a conv output 4-5 times). A temporary allocated and freed inside one op
+    is not seen.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    peak = cur = 0
+    for e in events:
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    unet, ref = build()
+    rows = []
+    for side in (int(s) for s in args.sizes.split(",")):
+        x, context = torch.randn(1, 4, side, side), torch.randn(1, 77, 768)
+        fns = {
+            "minivid": lambda: unet(x, 500, context),
+            "diffusers": lambda: ref(x, 500, encoder_hidden_states=context).sample,
+        }
+        with torch.no_grad():
+            err = (fns["minivid"]() - fns["diffusers"]()).abs().max().item()
+            times = interleaved(fns, repeats=args.repeats, warmup=0)
+            mem = {k: peak_allocated(f) / 2 ** 20 for k, f in fns.items()}
+        rows.append([
+            f"{side}×{side}", times["minivid"], times["diffusers"], times["minivid"] / times["diffusers"],
+            mem["minivid"], mem["diffusers"], mem["minivid"] / mem["diffusers"], f"{err:.1e}",
+        ])
+        print(f"{side}×{side}: minivid {times['minivid']:.3f} s, diffusers {times['diffusers']:.3f} s", flush=True)
+    load_after = os.getloadavg()[0]
+    body = table(
+        ["latent", "minivid s", "diffusers s", "time ratio", "minivid peak MiB", "diffusers peak MiB",
+         "memory ratio", "max abs diff"],
+        rows,
+    )
+    body += (
+        f"\n\nSD 1.4 UNet (`UNetConfig.preset('sd14')`), random weights shared with diffusers' "
+        f"UNet2DConditionModel through `convert_ldm_unet_checkpoint`; batch 1, fp32, 77×768 context, "
+        f"median of {args.repeats} interleaved forwards after one untimed forward each. Peak memory: "
+        f"bytes allocated by torch during one forward (weights excluded). 1-minute load average "
+        f"{load_before:.1f} before, {load_after:.1f} after (the machine is shared: absolute times vary, "
+        f"the interleaved ratio is the figure to read).\n\n"
+        f"Command: `minivid bench unet --sizes {args.sizes} --repeats {args.repeats}"
+        f"{f' --threads {args.threads}' if args.threads else ''} --write`"
+    )
+    print(body)
+    if getattr(args, "write", False):
+        write_section("UNet: minivid vs diffusers (SD 1.4, CPU fp32)", body)
+    return 0
