@@ -1,0 +1,263 @@
+"""Sliding-window top-K correspondence: reference vs a brute-force loop, Triton (interpreter) vs
+reference, the border and tie rules, translation recovery and every input error."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minivid.kernels.correspondence import (
+    multiply_adds,
+    window_starts,
+    window_topk,
+    window_topk_reference,
+    window_topk_triton,
+)
+
+
+def brute_force(src, dst, window, k):
+    """The definition, one query at a time: shifted window, sort by (-score, flat index)."""
+    B, H, W, D = src.shape
+    Lh, Lw = min(window, H), min(window, W)
+    idx = torch.empty(B, H, W, k, dtype=torch.long)
+    score = torch.empty(B, H, W, k, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for w in range(W):
+                sh = min(max(h - window // 2, 0), H - Lh)
+                sw = min(max(w - window // 2, 0), W - Lw)
+                cand = dst[b, sh:sh + Lh, sw:sw + Lw].double().reshape(-1, D)
+                s = (cand @ src[b, h, w].double()).tolist()
+                flat = [(sh + p // Lw) * W + sw + p % Lw for p in range(Lh * Lw)]
+                best = sorted(zip(s, flat), key=lambda t: (-t[0], t[1]))[:k]
+                idx[b, h, w] = torch.tensor([f for _, f in best])
+                score[b, h, w] = torch.tensor([v for v, _ in best])
+    return idx, score
+
+
+def integer_features(*shape, low=-2, high=3):
+    """Small integer-valued features: dot products are exact, so ties are exact too."""
+    return torch.randint(low, high, shape).float()
+
+
+# (B, H, W, D, window, k): H != W, frames narrower/shorter than the window, k up to the window size
+SHAPES = [
+    (2, 5, 7, 3, 3, 3),
+    (1, 9, 6, 4, 9, 5),
+    (2, 7, 10, 5, 5, 1),
+    (1, 3, 4, 2, 9, 5),
+    (1, 11, 6, 3, 3, 9),
+    (1, 6, 5, 2, 1, 1),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_reference_equals_brute_force_with_ties(shape):
+    B, H, W, D, window, k = shape
+    src, dst = integer_features(B, H, W, D), integer_features(B, H, W, D)
+    idx0, score0 = brute_force(src, dst, window, k)
+    for tile in (1, 3, 8, (2, 5)):
+        idx, score = window_topk_reference(src, dst, window, k, tile=tile, budget=1)
+        assert torch.equal(idx, idx0), f"tile={tile}"
+        assert torch.equal(score.double(), score0), f"tile={tile}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_equals_reference_with_ties(shape):
+    B, H, W, D, window, k = shape
+    src, dst = integer_features(B, H, W, D), integer_features(B, H, W, D)
+    idx0, score0 = window_topk_reference(src, dst, window, k)
+    idx, score = window_topk_triton(src, dst, window, k, block_q=128)
+    assert torch.equal(idx, idx0) and torch.equal(score, score0)
+    # feature dim split over several blocks (the non-single-block loop) and several query blocks
+    idx, score = window_topk_triton(src, dst, window, k, block_q=16, block_d=2)
+    assert torch.equal(idx, idx0) and torch.equal(score, score0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_exact_ties_agree(dtype):
+    src, dst = integer_features(2, 6, 7, 4), integer_features(2, 6, 7, 4)
+    idx0, score0 = window_topk_reference(src, dst, 5, 3)
+    for fn in (window_topk_reference, window_topk_triton):
+        idx, score = fn(src.to(dtype), dst.to(dtype), 5, 3)
+        assert score.dtype == torch.float32
+        assert torch.equal(idx, idx0) and torch.equal(score, score0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_random_features(dtype):
+    """Random unit features: indices agree wherever the scores are not nearly tied. Both sum
+    exact fp32 products of the same inputs in different orders, so scores differ by ~1e-7."""
+    tol = 1e-6
+    src = F.normalize(torch.randn(2, 7, 9, 16), dim=-1).to(dtype)
+    dst = F.normalize(torch.randn(2, 7, 9, 16), dim=-1).to(dtype)
+    idx0, score0 = window_topk_reference(src, dst, 5, 5)
+    idx, score = window_topk_triton(src, dst, 5, 5, block_q=128)
+    assert torch.allclose(score, score0, atol=tol, rtol=0)
+    # where consecutive candidates are separated by more than the rounding, ranks are unambiguous
+    ref_all = window_topk_reference(src, dst, 5, 25)[1]
+    gaps = (ref_all[..., :-1] - ref_all[..., 1:])[..., :5].min(dim=-1).values
+    clear = gaps > 10 * tol
+    assert clear.float().mean() > 0.8
+    assert torch.equal(idx[clear], idx0[clear])
+
+
+def test_dispatcher_backends_agree_and_cpu_uses_reference():
+    src, dst = integer_features(1, 5, 6, 3), integer_features(1, 5, 6, 3)
+    ref = window_topk(src, dst, 3, 2, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(window_topk(src, dst, 3, 2), ref))
+    assert all(torch.equal(a, b) for a, b in zip(window_topk(src, dst, 3, 2, backend="triton"), ref))
+    fp64 = window_topk(src.double(), dst.double(), 3, 2)
+    assert fp64[1].dtype == torch.float64 and torch.equal(fp64[0], ref[0])
+
+
+def test_exact_tie_lower_flat_index_first():
+    # every token identical: all candidates tie, so the k lowest flat indices of the window win
+    src = torch.ones(1, 6, 6, 2)
+    idx, score = window_topk_reference(src, src, 3, 4)
+    idx_t, _ = window_topk_triton(src, src, 3, 4)
+    W = 6
+    h, w = 3, 3                                            # interior: window rows/cols 2..4
+    assert idx[0, h, w].tolist() == [2 * W + 2, 2 * W + 3, 2 * W + 4, 3 * W + 2]
+    assert torch.equal(idx, idx_t)
+    assert torch.all(score == 2.0)
+    # +0.0 and -0.0 count as equal: scores -0.0 (index 0) and +0.0 (index 1) tie
+    src = torch.tensor([1.0, 0.0]).expand(1, 1, 2, 2).contiguous()
+    dst = torch.tensor([[[[-0.0, -1.0], [0.0, 1.0]]]])
+    for fn in (window_topk_reference, window_topk_triton):
+        assert fn(src, dst, 3, 2)[0].flatten().tolist() == [0, 1, 0, 1]
+
+
+def test_window_is_shifted_not_cut_at_corners():
+    """At a corner the window is moved inside the frame: a match l-1 rows/cols away is found,
+    one step farther is not, even if it is the most similar token of the frame."""
+    H, W, D, window = 9, 10, 4, 5
+    dst = torch.zeros(1, H, W, D)
+    src = torch.zeros(1, H, W, D)
+    src[0, 0, 0] = torch.tensor([1.0, 0, 0, 0])
+    src[0, H - 1, W - 1] = torch.tensor([0, 1.0, 0, 0])
+    dst[0, 4, 4] = torch.tensor([0.9, 0, 0, 0])              # inside the shifted window of (0, 0)
+    dst[0, 5, 5] = torch.tensor([1.0, 0, 0, 0])              # outside it (a cut window would not even reach (4, 4))
+    dst[0, H - 5, W - 5] = torch.tensor([0, 0.9, 0, 0])      # inside the shifted window of the far corner
+    dst[0, H - 6, W - 6] = torch.tensor([0, 1.0, 0, 0])      # outside it
+    for fn in (window_topk_reference, window_topk_triton):
+        idx, score = fn(src, dst, window, 1)
+        assert idx[0, 0, 0, 0] == 4 * W + 4 and score[0, 0, 0, 0] == pytest.approx(0.9)
+        assert idx[0, H - 1, W - 1, 0] == (H - 5) * W + (W - 5)
+    assert window_starts(9, 5).tolist() == [0, 0, 0, 1, 2, 3, 4, 4, 4]
+    assert window_starts(3, 9).tolist() == [0, 0, 0]
+
+
+def test_corners_match_brute_force_on_random_features():
+    src, dst = torch.randn(1, 8, 11, 6), torch.randn(1, 8, 11, 6)
+    idx0, score0 = brute_force(src, dst, 5, 3)
+    for fn in (window_topk_reference, window_topk_triton):
+        idx, score = fn(src, dst, 5, 3)
+        assert torch.equal(idx, idx0)
+        assert torch.allclose(score.double(), score0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_translation_is_recovered(backend):
+    """Frames cropped from one random map at shifts |dy|, |dx| <= l//2: every token whose
+    content stays in the frame finds its own content, at the known shift, as top-1."""
+    window, H, W, D = 5, 9, 11, 8
+    big = F.normalize(torch.randn(H + 8, W + 8, D), dim=-1)
+    shifts = [(2, -1), (-2, 2), (0, 1), (1, 0)]
+    for dy, dx in shifts:
+        src = big[4:4 + H, 4:4 + W][None]
+        dst = big[4 - dy:4 - dy + H, 4 - dx:4 - dx + W][None]   # content moves by (+dy, +dx)
+        idx, score = window_topk(src, dst, window, 2, backend=backend)
+        hs, ws = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        inside = (hs + dy >= 0) & (hs + dy < H) & (ws + dx >= 0) & (ws + dx < W)
+        expect = (hs + dy) * W + ws + dx
+        assert torch.equal(idx[0, ..., 0][inside], expect[inside])
+        assert torch.allclose(score[0, ..., 0][inside], torch.ones(()), atol=1e-5)
+
+
+def test_translation_full_size_reference():
+    """The same at 64x64 tokens, l=9, shifts up to 4, on the reference's default tiling."""
+    H = W = 64
+    big = F.normalize(torch.randn(H + 8, W + 8, 32), dim=-1)
+    src = big[4:4 + H, 4:4 + W][None]
+    dst = big[4 - 4:4 - 4 + H, 4 + 3:4 + 3 + W][None]            # shift (+4, -3)
+    idx, _ = window_topk(src, dst, 9, 3)
+    hs, ws = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    inside = (hs + 4 < H) & (ws - 3 >= 0)
+    assert torch.equal(idx[0, ..., 0][inside], ((hs + 4) * W + ws - 3)[inside])
+
+
+def test_bad_inputs():
+    x = torch.randn(1, 4, 5, 3)
+    with pytest.raises(ValueError, match="odd"):
+        window_topk(x, x, window=4)
+    with pytest.raises(ValueError, match="odd"):
+        window_topk(x, x, window=0)
+    with pytest.raises(ValueError, match="k must be"):
+        window_topk(x, x, 3, k=0)
+    with pytest.raises(ValueError, match="exceeds the 9 candidates"):
+        window_topk(x, x, 3, k=10)
+    with pytest.raises(ValueError, match="exceeds the 20 candidates"):
+        window_topk(x, x, 9, k=21)                              # 4x5 frame: min(l,H)*min(l,W) = 20
+    window_topk(x, x, 9, k=20)
+    with pytest.raises(ValueError, match="same shape"):
+        window_topk(x, torch.randn(1, 4, 6, 3))
+    with pytest.raises(ValueError, match="4-D"):
+        window_topk(x[0], x[0])
+    with pytest.raises(ValueError, match="dtype and device"):
+        window_topk(x, x.double())
+    with pytest.raises(ValueError, match="floating"):
+        window_topk(x.long(), x.long())
+    with pytest.raises(ValueError, match="backend"):
+        window_topk(x, x, backend="cuda")
+    with pytest.raises(ValueError, match="dtype must be"):
+        window_topk(x.double(), x.double(), backend="triton")
+    with pytest.raises(ValueError, match="tile"):
+        window_topk_reference(x, x, tile=0)
+
+
+def test_multiply_adds_match_the_paper():
+    # COVE Table 4 (20 frames, 64x64, d=640): 0.448e9 / 4.03e9 / 11.2e9 for l = 3 / 9 / 15
+    assert [round(multiply_adds(20, 64, 64, 640, l) / 1e9, 3) for l in (3, 9, 15)] == [0.448, 4.034, 11.207]
+
+
+def test_importing_and_cpu_dispatch_do_not_import_triton():
+    code = textwrap.dedent("""
+        import sys, torch
+        import minivid, minivid.kernels.correspondence as c, minivid.methods.cove.attention
+        x = torch.randn(1, 4, 4, 3)
+        c.window_topk(x, x, 3, 2)
+        print('triton' in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"
+
+
+def test_triton_kernel_compiles_for_a_gpu():
+    """The interpreter does not catch everything the compiler rejects: lower the kernel to
+    PTX for sm_80 (no GPU needed), in a process without TRITON_INTERPRET."""
+    code = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from minivid.kernels.correspondence import _triton_kernel
+        _, kernel = _triton_kernel()
+        sig = {"src_ptr": "*fp16", "dst_ptr": "*fp16", "idx_ptr": "*i64", "score_ptr": "*fp32",
+               "H": "i32", "W": "i32", "D": "i32", "HALF": "i32", "LH": "i32", "LW": "i32",
+               "K": "constexpr", "KP": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr",
+               "SINGLE_D": "constexpr"}
+        for single in (True, False):
+            src = ASTSource(fn=kernel, signature=sig,
+                            constexprs={"K": 3, "KP": 4, "BLOCK_Q": 64, "BLOCK_D": 64, "SINGLE_D": single})
+            compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32))
+            assert "window_topk_kernel" in compiled.asm["ptx"]
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
