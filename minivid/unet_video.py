@@ -101,7 +101,7 @@ VIDEO_PRESETS: dict[str, VideoUNetConfig] = {
     # test size: every branch (skip convs, attention and attention-free levels, up/down sampling)
     "tiny": VideoUNetConfig(
         model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(1, 2), num_head_channels=16,
-        context_dim=32, addition_time_embed_dim=16, adm_in_channels=48, num_frames=4,
+        context_dim=32, addition_time_embed_dim=16, adm_in_channels=48, num_frames=14,
     ),
 }
 
