@@ -5,7 +5,6 @@ import datetime
 import os
 import pathlib
 import platform
-import resource
 import statistics
 import time
 from typing import Callable
@@ -44,12 +43,13 @@ def peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by torch's CPU allocator while `fn` runs, via the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    # each event's OWN allocations (self_*): the inclusive figure counts nested calls twice
     peak = cur = 0
     events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)), key=lambda e: e.time_range.start
+        (e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)), key=lambda e: e.time_range.start
     )
     for e in events:
-        cur += e.cpu_memory_usage
+        cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak
 
@@ -74,5 +74,3 @@ def write_section(title: str, body: str) -> None:
     kept = [parts[0]] + [p for p in parts[1:] if not p.startswith(title + "\n")]
     DOCS.write_text("\n## ".join(kept).rstrip() + "\n\n" + section)
 
-
-_ = resource  # ru_maxrss is a process-wide high-water mark; benchmarks prefer peak_memory()

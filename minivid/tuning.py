@@ -74,6 +74,12 @@ def select_parameters(model: nn.Module, patterns: list[str]) -> dict[str, nn.Par
     return chosen
 
 
+def select_buffers(model: nn.Module, patterns: list[str]) -> dict[str, torch.Tensor]:
+    """Buffers whose dotted name matches any glob (state that tuning changes without gradients,
+    e.g. the power-iteration vectors of spectral normalisation); they are checkpointed too."""
+    return {n: b for n, b in model.named_buffers() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
 def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None:
     keep = {id(p) for p in trainable.values()}
     for p in model.parameters():
@@ -94,12 +100,13 @@ def save_trainable(
     step: int,
     optimizer: torch.optim.Optimizer | None = None,
     meta: dict | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> pathlib.Path:
-    """Write the trainable tensors (and, beside them, the optimizer's moments) atomically."""
+    """Write the trainable tensors and `buffers` (and, beside them, the optimizer's moments) atomically."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"step": str(step), "meta": json.dumps(meta or {}, default=str)}
-    _atomic_save(dict(trainable), path, info)
+    _atomic_save({**trainable, **(buffers or {})}, path, info)
     if optimizer is not None:
         moments = {}
         for name, p in trainable.items():
@@ -118,7 +125,8 @@ def load_trainable(
     optimizer: torch.optim.Optimizer | None = None,
     trainable: dict[str, nn.Parameter] | None = None,
 ) -> int:
-    """Load tuned tensors into `model` (all must exist there with equal shapes); returns the step."""
+    """Load tuned tensors (parameters or buffers) into `model`; all must exist there with equal
+    shapes. Returns the step they were saved at."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tuned checkpoint {path} does not exist")
@@ -130,7 +138,7 @@ def load_trainable(
             step = int((f.metadata() or {}).get("step", 0))
     except Exception as e:  # safetensors raises several types for damaged files
         raise TuningError(f"{path}: not a readable safetensors checkpoint ({e})") from e
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     missing = [k for k in tensors if k not in params]
     bad = [k for k in tensors if k in params and params[k].shape != tensors[k].shape]
     if missing or bad:
@@ -198,6 +206,7 @@ def tune(
     resume: bool = True,
     meta: dict | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> TuneResult:
     """Run `cfg.steps` AdamW steps of `loss_fn` on `trainable`; everything else stays frozen.
 
@@ -234,7 +243,7 @@ def tune(
             loss = loss_fn(step, gen)
         value = float(loss.detach())
         if not math.isfinite(value):
-            last = save_trainable(out_dir / f"tuned-{step:06d}.safetensors", trainable, step, opt, meta)
+            last = save_trainable(out_dir / f"tuned-{step:06d}.safetensors", trainable, step, opt, meta, buffers)
             raise TuningError(
                 f"loss became {value} at step {step + 1}/{cfg.steps}; tuning stopped. The last good "
                 f"tensors (before this step) are in {last}. Try a lower learning rate, fp32 "
@@ -251,6 +260,6 @@ def tune(
             on_step(step, value)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            last = save_trainable(out_dir / f"tuned-{done:06d}.safetensors", trainable, done, opt, meta)
+            last = save_trainable(out_dir / f"tuned-{done:06d}.safetensors", trainable, done, opt, meta, buffers)
     model.eval()
     return TuneResult(losses, last, start, cfg.steps, time.perf_counter() - t0)
