@@ -160,11 +160,9 @@ def window_topk_reference(
     Lh, Lw = min(window, H), min(window, W)
 
     # Where each query's L_h×L_w window candidates sit inside its region's R_h×R_w
-    # similarities, row-major, i.e. by increasing flat index: [nTh, nTw, Th*Tw, Lh*Lw].
+    # similarities, row-major, i.e. by increasing flat index (built per group of tile rows).
     rows = r_off[:, :, None] + torch.arange(Lh, device=dev)                 # [nTh, Th, Lh]
     cols = c_off[:, :, None] + torch.arange(Lw, device=dev)                 # [nTw, Tw, Lw]
-    cand = rows[:, None, :, None, :, None] * Rw + cols[None, :, None, :, None, :]
-    cand = cand.reshape(nTh, nTw, Th * Tw, Lh * Lw)
 
     # Work runs on groups of tile rows of one frame pair, in buffers reused throughout.
     # keys[tj, y, c] = dst[r0 + y, c_first[tj] + c] for the group's key rows r0.., so the
@@ -179,8 +177,11 @@ def window_topk_reference(
     sim = torch.empty(group, nTw, Th * Tw, Rh * Rw, dtype=acc, device=dev)
     whole_tiles = H % Th == 0 and W % Tw == 0
 
-    best_s = torch.empty(B, nTh, nTw, Th * Tw, k, dtype=acc, device=dev)
-    best_p = torch.empty(B, nTh, nTw, Th * Tw, k, dtype=torch.long, device=dev)
+    # Window starts of every query, in the tile layout: rows [nTh, 1, Th, 1, 1], cols [nTw, 1, Tw, 1].
+    row_start = window_starts(H, window, dev)[qr][:, None, :, None, None]
+    col_start = window_starts(W, window, dev)[qc][None, :, None, :, None]
+    idx = torch.empty(B, H, W, k, dtype=torch.long, device=dev)
+    score = torch.empty(B, H, W, k, dtype=acc, device=dev)
     for b in range(B):
         for t0 in range(0, nTh, group):
             t1 = min(nTh, t0 + group)
@@ -199,19 +200,16 @@ def window_topk_reference(
                 region = keys[:, y0:y0 + Rh].reshape(nTw, Rh * Rw, D)
                 q = queries[ti - t0].view(nTw, Th * Tw, D)
                 torch.bmm(q, region.transpose(1, 2), out=sim[ti - t0])          # [nTw, Th*Tw, Rh*Rw]
-            s, p = _topk_lowest_index(sim[:g].gather(3, cand[t0:t1]), k)         # [g, nTw, Th*Tw, K]
-            best_s[b, t0:t1] = s
-            best_p[b, t0:t1] = p
-
-    def untile(x: torch.Tensor) -> torch.Tensor:               # [B, nTh, nTw, Th*Tw, K] -> [B, H, W, K]
-        x = x.view(B, nTh, nTw, Th, Tw, k).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(B, nTh * Th, nTw * Tw, k)[:, :H, :W]
-
-    score, pos = untile(best_s), untile(best_p)
-    sh = window_starts(H, window, dev)[:, None, None]          # [H, 1, 1]
-    sw = window_starts(W, window, dev)[None, :, None]          # [1, W, 1]
-    idx = (sh + pos // Lw) * W + (sw + pos % Lw)
-    return idx.contiguous(), score.contiguous()
+            cand = rows[t0:t1, None, :, None, :, None] * Rw + cols[None, :, None, :, None, :]
+            cand = cand.reshape(g, nTw, Th * Tw, Lh * Lw)                       # [g, nTw, Th*Tw, Lh*Lw]
+            s, p = _topk_lowest_index(sim[:g].gather(3, cand), k)                # [g, nTw, Th*Tw, K]
+            # window position -> flat index into dst, then from tiles back to rows of the frame
+            p = p.view(g, nTw, Th, Tw, k)
+            flat = (row_start[t0:t1] + p // Lw) * W + (col_start + p % Lw)
+            h0, h1 = t0 * Th, min(H, t1 * Th)
+            idx[b, h0:h1] = flat.transpose(1, 2).reshape(g * Th, nTw * Tw, k)[: h1 - h0, :W]
+            score[b, h0:h1] = s.view(g, nTw, Th, Tw, k).transpose(1, 2).reshape(g * Th, nTw * Tw, k)[: h1 - h0, :W]
+    return idx, score
 
 
 # ---------------------------------------------------------------- Triton kernel
