@@ -314,3 +314,25 @@ def test_animate_tiny_demo(tmp_path):
     record = json.loads((out / "record.json").read_text())
     assert record["results"]["frames"] == 3 and record["results"]["finite"] and record["results"]["fps_id"] == 6
     assert main(["animate", "--out", str(tmp_path / "none")]) == 1                      # neither --weights nor --tiny
+
+
+def test_full_size_tables_give_the_diffusers_models_names_and_shapes():
+    """On the meta device: the official-size networks renamed by the svd_* tables have exactly the tensor
+    names and shapes of diffusers' / transformers' SVD components at their official configs."""
+    from minivid.svd import _unet_config_to_diffusers, _vae_config_to_diffusers, _vision_config_to_transformers
+
+    plain = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}  # noqa: E731
+    cfg = SVDConfig.preset("svd_xt")
+    vision = {k: v for k, v in _vision_config_to_transformers(cfg.vision).items()
+              if k not in ("architectures", "model_type", "torch_dtype")}
+    with torch.device("meta"):
+        ours = StableVideoDiffusion(cfg)
+        unet = UNetSpatioTemporalConditionModel(**plain(_unet_config_to_diffusers(cfg.unet)))
+        vae = AutoencoderKLTemporalDecoder(**plain(_vae_config_to_diffusers(cfg.vae, cfg.latent_scale)))
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
+    assert list(unet.config.num_attention_heads) == [5, 10, 20, 20] and unet.config.num_frames == 25
+    assert shapes(original_to_diffusers("svd_unet", ours.unet.state_dict())) == shapes(unet.state_dict())
+    vae_sd = {**original_to_diffusers("svd_vae", ours.vae.state_dict()), **identity_quant_conv(4)}
+    assert shapes(vae_sd) == shapes(vae.state_dict())
+    assert shapes(original_to_diffusers("svd_image_encoder", ours.image_encoder.state_dict())) == shapes(encoder.state_dict())
