@@ -1,0 +1,65 @@
+"""`minivid generate`: text-to-image with Stable Diffusion 1.x / 2.x (DDIM, classifier-free guidance)."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from minivid.cli.common import DTYPES, add_model_arguments, require_weights
+from minivid.jobs import Job
+
+help = "text-to-image with Stable Diffusion 1.x / 2.x"
+description = ("Generate images from a prompt (DDIM, classifier-free guidance). Writes image_NN.png, grid.png "
+               "and record.json into --out.")
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's size, 512 or 768)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
+    add_sd_arguments(p)
+
+
+def add_sd_arguments(p: argparse.ArgumentParser) -> None:
+    """Model options shared by generate and invert."""
+    add_model_arguments(p)
+    p.add_argument("--prediction", choices=["eps", "v"],
+                   help="what the UNet predicts, when the checkpoint's name does not say (SD 2.x: 768 -> v)")
+
+
+def load_model(args: argparse.Namespace):
+    """The model the common options ask for: --weights PATH, or --tiny (a random SD 1-style model)."""
+    from minivid.models import StableDiffusion
+
+    require_weights(args)
+    dtype = DTYPES[args.dtype]
+    if args.weights:
+        return StableDiffusion.load(args.weights, device=args.device, dtype=dtype, prediction=args.prediction)
+    log.warning("--tiny: a tiny model with RANDOM weights; it makes no real images")
+    return StableDiffusion.from_config("tiny", device=args.device, dtype=dtype, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from minivid.pipelines.sd import text_to_image
+
+    if args.num_images < 1 or args.steps < 1:
+        raise ValueError("--num-images and --steps must be at least 1")
+    job = Job("generate", args.out, vars(args))
+    with job.timed("load"):
+        sd = load_model(args)
+    job.record["model"] = {"kind": sd.kind, "prediction": sd.prediction, "config": sd.config.to_dict()}
+    with job.timed("generate"):
+        out = text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                            height=args.height, width=args.width, num_images=args.num_images, seed=args.seed)
+    images = out.images.cpu()
+    for i, image in enumerate(images):
+        job.write_grid(f"image_{i:02d}.png", image[None])
+    job.write_grid("grid.png", images)
+    record = job.finish(images=len(images), size=list(images.shape[-2:]))
+    print(f"wrote {len(images)} image(s) to {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
+    return 0
