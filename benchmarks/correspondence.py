@@ -17,6 +17,7 @@ torch CPU allocator's high-water mark during one call, inputs excluded.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     N, H, W, D, K = args.frames, args.size, args.size, args.dim, args.k
     windows = [int(x) for x in args.windows.split(",")]
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     feats = F.normalize(torch.randn(N, H, W, D), dim=-1)
     src, dst = feats[:-1], feats[1:]
@@ -126,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         "0.448 / 4.03 / 11.2 for l = 3 / 9 / 15 (ours agree) and 241 without the window, which matches "
         "neither the pairwise (N-1)·(H·W)²·d nor the all-pairs (N·H·W)²·d count. 'paper GPU GB' is the "
         "whole editing run's memory on the paper's A100, not comparable with the search alone. "
-        "All-pairs time = N × one measured block row.\n\n"
+        "All-pairs time = N × one measured block row. "
+        f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (shared machine: "
+        "absolute times vary, the interleaved ratios are the figures to read).\n\n"
         f"Command: `{cmd}`."
     )
     print(body)

@@ -300,3 +300,9 @@ def test_processor_errors():
         CorrespondenceGuidedAttention(corr, merge_ratio=2.0)
     with pytest.raises(ValueError, match="k must be"):
         CorrespondenceGuidedAttention(corr, k=5)
+    with pytest.raises(ValueError, match="no mask"):
+        spatio_temporal(q, q, q, AttnContext(None, "x", False, 0.5, False, (H, W), {"frames": Fr}, torch.ones(1, dtype=torch.bool)))
+    layer = name_layers(torch.nn.ModuleDict({"attn1": Attention(8, heads=2, dim_head=3)}))   # heads·dim_head != query_dim
+    set_processor(layer, "attn1", CorrespondenceGuidedAttention(corr, k=2, sequential_qkv="reproject"))
+    with call_state(layer, frames=Fr), pytest.raises(ValueError, match="reproject"):
+        layer["attn1"](torch.randn(Fr, H * W, 8), hw=(H, W))

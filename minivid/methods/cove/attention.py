@@ -182,7 +182,7 @@ class CorrespondenceGuidedAttention:
         self.merge_ratio, self.mode = merge_ratio, mode
         self.sequential_qkv, self.resolutions = sequential_qkv, resolutions
         self.include_self, self.proportional, self.budget = include_self, proportional, budget
-        self._index: dict[tuple[int, int], torch.Tensor] = {}
+        self._index: dict[tuple[tuple[int, int], str], torch.Tensor] = {}   # per (grid, device)
 
     def index_for(self, hw: tuple[int, int] | None, n_tokens: int, device: torch.device) -> torch.Tensor | None:
         """The [F, N, S] gather index for a layer's grid, or None where CGA does not apply."""
@@ -194,9 +194,10 @@ class CorrespondenceGuidedAttention:
         hw = tuple(hw)
         if hw != corr.hw and self.resolutions == "match":
             return None
-        if hw not in self._index:
-            self._index[hw] = gather_index(corr.resized(hw), self.include_self)
-        return self._index[hw].to(device)
+        key = (hw, str(device))
+        if key not in self._index:
+            self._index[key] = gather_index(corr.to(device).resized(hw), self.include_self)
+        return self._index[key]
 
     def cga(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, frames: int, ctx: AttnContext) -> torch.Tensor:
         return correspondence_attention(
