@@ -21,6 +21,7 @@ a checkpoint of another method or model size and warn about another base model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from minivid import tuning
+from minivid.attention import call_state
 from minivid.methods.ei2.model import (
     BUFFER_PATTERNS, EI2Config, EI2Model, STAMBlockMixin, inflate, power_iteration, trainable_patterns,
 )
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 METHOD = "ei2"
 FINGERPRINT_TENSORS = ("time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight")
+CHECKPOINTED_BLOCKS = "*transformer_blocks.[0-9]"      # gradient checkpointing: each transformer block
 
 
 # ---------------------------------------------------------------- the loss
@@ -133,7 +136,7 @@ def tune_video(
     frames [F, 3, H, W] in [-1, 1]; prompt describes the video. `cfg` defaults to the paper's
     (AdamW, lr 3e-5, 500 steps); `cfg.autocast` "bf16"/"fp16" runs the forward in mixed precision
     (the weights stay float32). `gradient_checkpointing` recomputes each transformer block in the
-    backward pass. Checkpoints `out_dir/tuned-<step>.safetensors` hold the trainable tensors and
+    backward pass (which is why `call_state(unet, frames=F)` is held around the whole run). Checkpoints `out_dir/tuned-<step>.safetensors` hold the trainable tensors and
     STAM's power-iteration buffers; with `resume` the newest one there is continued.
     Returns the inflated model (eval mode) and the engine's result.
     """
@@ -161,10 +164,11 @@ def tune_video(
     }
     log.info("EI² tuning: %d trainable tensors (%.2fM values), %d buffers; %d steps at lr %g",
              len(params), sum(p.numel() for p in params.values()) / 1e6, len(buffers), cfg.steps, cfg.lr)
-    if gradient_checkpointing:
-        with tuning.gradient_checkpointing(sd.unet, "*transformer_blocks.[0-9]"):
-            result = tuning.tune(sd.unet, params, loss_fn, cfg, out_dir, resume, info, buffers=buffers)
-    else:
+    # The frame count stays in the call state for the whole run: gradient checkpointing recomputes
+    # the blocks during backward, after EI2Model.forward's own call_state scope has closed.
+    with call_state(sd.unet, frames=int(frames.shape[0])), contextlib.ExitStack() as stack:
+        if gradient_checkpointing:
+            stack.enter_context(tuning.gradient_checkpointing(sd.unet, CHECKPOINTED_BLOCKS))
         result = tuning.tune(sd.unet, params, loss_fn, cfg, out_dir, resume, info, buffers=buffers)
     for p in sd.unet.parameters():
         p.requires_grad_(False)
