@@ -233,17 +233,13 @@ class StableDiffusion(nn.Module):
         if device.type == "meta":
             with torch.device("meta"):
                 return cls(config).to(dtype)
-        if init == "default":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = cls(config)
-            return model.to(device=device, dtype=dtype).eval()
-        if init != "random":
+        if init not in ("random", "default"):
             raise ValueError(f"init must be 'random' or 'default', got {init!r}")
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]):  # the default init draws from the global RNG: leave it as it was
+            torch.manual_seed(seed)
             model = cls(config)
-        model = model.to_empty(device="cpu")
-        _randomize_(model, torch.Generator().manual_seed(seed))
+        if init == "random":
+            _randomize_(model, torch.Generator().manual_seed(seed))
         return model.to(device=device, dtype=dtype).eval()
 
     # ------------------------------------------------------------ state dicts
