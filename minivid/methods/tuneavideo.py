@@ -8,7 +8,8 @@ BasicTransformerBlock; TCVE builds on it, and the EI² benchmark uses it as its 
    (`SparseCausalAttention`) the key/value frames are [0, max(f-1, 0)], so frame 0 attends to
    its own tokens twice. A key repeated twice gets half the weight in each copy, so frame 0's
    output equals plain self-attention within frame 0 (up to rounding); we keep the duplicated
-   keys to reproduce the official arithmetic exactly.
+   keys to reproduce the official arithmetic exactly, except for a one-frame "video", which runs
+   plain self-attention so that it equals the image model exactly.
    Keys and values are projected per token, so gathering projected K/V rows equals projecting
    the gathered hidden states, which is what the official code does.
 
@@ -86,8 +87,13 @@ def sparse_causal(
 
     q, k, v: [(B·F), h, N, d] -> [(B·F), h, N, d]; F from `ctx.state["frames"]`. `inner` computes
     the attention on the gathered keys (default `sdpa`; `explicit` gives the written-out form).
+    A single frame (F = 1) attends to its own tokens only: that is plain self-attention, computed
+    directly (the official duplicated keys would change only the rounding), so a one-frame video
+    model is exactly the image model.
     """
     frames = frames_of(ctx.state, q.shape[0])
+    if frames == 1:
+        return inner(q, k, v, ctx)
     k, v = sparse_causal_kv(k, v, frames)
     return inner(q, k, v, ctx)
 
