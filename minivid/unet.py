@@ -255,6 +255,9 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)                    # [B, N, D]
         if self.use_linear:
             h = self.proj_in(h)
+        # after a conv proj_in the tokens are a transposed view; the residual stream keeps the
+        # layout of its first operand, so without one copy here every LayerNorm would copy it
+        h = h.contiguous()
         for block in self.transformer_blocks:
             h = block(h, cond.context, hw=(H, W))
         if self.use_linear:
