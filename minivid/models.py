@@ -24,6 +24,7 @@ are assigned into it (`weights.load_strict` with assign=True), so a 4-5 GB file 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -183,13 +184,18 @@ class StableDiffusion(nn.Module):
     def kind(self) -> str:
         return self.config.kind
 
+    def _reference_parameter(self) -> torch.Tensor:
+        """The UNet's first parameter (or any, if a method swapped in a parameter-free stand-in)."""
+        return next(itertools.chain(self.unet.parameters(), self.parameters()))
+
     @property
     def device(self) -> torch.device:
-        return self.unet.time_embed[0].weight.device
+        return self._reference_parameter().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        """The UNet's parameter dtype: the compute dtype of the pipelines."""
+        return self._reference_parameter().dtype
 
     # ------------------------------------------------------------ conversions
 
