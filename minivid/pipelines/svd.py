@@ -46,11 +46,11 @@ class SVDOutput:
 
 
 def check_size(svd: StableVideoDiffusion, height: int, width: int) -> None:
-    """Sides must be multiples of the VAE's factor times the UNet's total downsampling."""
-    m = svd.config.vae.downsample_factor * svd.config.unet.downsample_factor
+    """Sides must be positive multiples of the VAE's factor (8; the UNet takes any latent size, its
+    upsamplers meet the size of the skip they are concatenated with, as in diffusers)."""
+    m = svd.config.vae.downsample_factor
     if height % m or width % m or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} is not a positive multiple of {m} (VAE ×{svd.config.vae.downsample_factor}, "
-                         f"UNet ×{svd.config.unet.downsample_factor})")
+        raise ValueError(f"image size {height}x{width} is not a positive multiple of {m} (the VAE's downsampling)")
 
 
 def condition(svd: StableVideoDiffusion, image: Tensor, fps: float = 7, motion_bucket_id: float = 127,
