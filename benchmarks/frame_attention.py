@@ -12,6 +12,11 @@ H×W token grid (the projections are the same for all variants and are not timed
 multiply-adds of Q·Kᵀ and P·V (2 · queries · keys · d · heads); the paper's claim is that FFAM
 with r = 2 or 4 "achieves comparable speed to SCA". Times are medians of interleaved runs;
 peak memory is torch's CPU allocator peak during one call (benchmarks/_common.py).
+
+`--tuning-step` measures instead one EI² tuning step (§5) on the tiny SD model: the ε-MSE forward
+of the inflated UNet over the clip, backward, and the AdamW update of the trainable tensors (W_Q of
+FFAM and cross-attention, all STAM parameters), in fp32, with gradient checkpointing of the
+transformer blocks, and under bf16 autocast.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffam-backend", default="auto", choices=["auto", "reference", "triton"])
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 avoids OpenMP stalls on a shared, loaded machine")
+    p.add_argument("--tuning-step", action="store_true",
+                   help="measure one EI² tuning step on the tiny model (fp32, gradient checkpointing, bf16 autocast) instead")
 
 
 def keys_per_query(variant: str, frames: int, H: int, W: int) -> int:
@@ -106,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     configs, repeats = (QUICK, min(args.repeats, 2)) if args.quick else (CONFIGS, args.repeats)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tuning_step:
+        return run_tuning_step(args, repeats)
     rows = []
     with torch.inference_mode():
         for frames, H, W, channels in configs:
@@ -135,4 +144,81 @@ def run(args: argparse.Namespace) -> int:
     print(body)
     if args.write:
         write_section("Frame attention (EI² FFAM vs SA / SCA / full)", notes + "\n\n" + body)
+    return 0
+
+
+# ---------------------------------------------------------------- one tuning step on the tiny model
+
+# (frames, pixels) of the clip; the tiny SD has a 4× VAE, so 32 px are 8×8 latents and 64 px 16×16
+TUNING_CONFIGS = [(8, 32), (8, 64)]
+TUNING_QUICK = [(4, 32)]
+
+
+def tuning_step(frames: int, size: int, variant: str):
+    """(step function, number of trainable values) of one EI² tuning step on a fresh tiny model."""
+    import contextlib
+
+    from minivid.attention import call_state
+    from minivid.methods.ei2 import EI2Config, EI2Model
+    from minivid.methods.ei2.cli import moving_squares
+    from minivid.methods.ei2.tune import CHECKPOINTED_BLOCKS, diffusion_loss, encode_video, tuned_tensors
+    from minivid.models import StableDiffusion
+    from minivid.tuning import freeze_all_but, gradient_checkpointing
+
+    sd = StableDiffusion.from_config("tiny", seed=0)
+    model = EI2Model(sd.unet, EI2Config(r=2))
+    params, _ = tuned_tensors(sd.unet)
+    freeze_all_but(sd.unet, params)
+    sd.unet.train()
+    with torch.no_grad():
+        mean, std = encode_video(sd, moving_squares(frames, size))
+        context = sd.encode_prompt(["squares"])
+    loss_fn = diffusion_loss(model, mean, context, sd.schedule, sd.prediction, std)
+    opt = torch.optim.AdamW(list(params.values()), lr=3e-5, weight_decay=1e-2)
+    gen = torch.Generator()
+
+    def step():
+        gen.manual_seed(0)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(call_state(sd.unet, frames=frames))
+            if variant == "gradient checkpointing":
+                stack.enter_context(gradient_checkpointing(sd.unet, CHECKPOINTED_BLOCKS))
+            if variant == "bf16 autocast":
+                stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            loss = loss_fn(0, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+
+    return step, sum(p.numel() for p in params.values())
+
+
+def run_tuning_step(args: argparse.Namespace, repeats: int) -> int:
+    configs = TUNING_QUICK if args.quick else TUNING_CONFIGS
+    variants = ["fp32", "gradient checkpointing", "bf16 autocast"]
+    rows = []
+    for frames, size in configs:
+        steps = {v: tuning_step(frames, size, v) for v in variants}
+        memory = {v: peak_memory(fn) for v, (fn, _) in steps.items()}                # also the warm-up run
+        times = interleaved({v: fn for v, (fn, _) in steps.items()}, repeats=repeats, warmup=0)
+        for v in variants:
+            rows.append([f"{frames}×{size}×{size} px ({frames}×{size // 4}×{size // 4} latents)", v,
+                         steps[v][1] / 1e6, times[v], times[v] / times["fp32"], memory[v] / 2 ** 20,
+                         memory[v] / memory["fp32"]])
+        print(f"done {frames}×{size}", flush=True)
+    headers = ["clip", "variant", "trainable M", "s / step (median)", "time ratio", "peak MiB", "memory ratio"]
+    body = table(headers, rows)
+    notes = (
+        "One EI² tuning step (§5) on the tiny SD model (`StableDiffusion.from_config(\"tiny\")`, SD 1-style, "
+        "random weights): STAM power iteration, ε-MSE forward of the inflated UNet (FFAM r = 2, STAM) over "
+        "the clip at one random t, backward, AdamW update of the trainable tensors. Gradient checkpointing "
+        "recomputes each transformer block in the backward pass; bf16 autocast runs the forward in bfloat16 "
+        f"(weights float32). {repeats} interleaved runs, {torch.get_num_threads()} thread(s); peak memory is "
+        "the CPU allocator's peak during one step (self allocations of profiler events).\n\n"
+        "Command: `minivid bench frame-attention --tuning-step" + (" --quick" if args.quick else "")
+        + (f" --threads {args.threads}" if args.threads else "") + "`."
+    )
+    print(body)
+    if args.write:
+        write_section("EI² tuning step (tiny model)", notes + "\n\n" + body)
     return 0
