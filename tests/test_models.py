@@ -37,6 +37,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """Random tiny models (read-only), built once per preset: tiny("tiny") / tiny("tiny_sd2")."""
+    cache = {}
+
+    def get(preset: str) -> StableDiffusion:
+        if preset not in cache:
+            cache[preset] = StableDiffusion.from_config(preset, seed=5)
+        return cache[preset]
+    return get
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()
@@ -132,8 +144,8 @@ def test_from_config_is_deterministic_and_every_layer_is_random():
     assert a.kind == "sd1" and a.prediction == "eps" and a.latent_scale == 0.18215
 
 
-def test_public_api_shapes():
-    sd = StableDiffusion.from_config("tiny_sd2")
+def test_public_api_shapes(tiny):
+    sd = tiny("tiny_sd2")
     ids = sd.tokenizer(["a prompt"])
     assert ids.dtype == torch.long and ids.shape == (1, 77) and int(ids[0, -1]) == 0   # SD 2 pads with 0
     with torch.no_grad():
@@ -194,10 +206,10 @@ def test_folder_written_by_diffusers_loads_with_equal_outputs(kind, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_sd2"])
-def test_minivid_diffusers_folder_loads_in_diffusers_with_equal_outputs(preset, tmp_path):
+def test_minivid_diffusers_folder_loads_in_diffusers_with_equal_outputs(preset, tiny, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    sd = StableDiffusion.from_config(preset, seed=5)
+    sd = tiny(preset)
     sd.save(tmp_path / "pipe", format="diffusers")
     assert sorted(p.name for p in (tmp_path / "pipe" / "tokenizer").iterdir()) == [
         "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
@@ -262,8 +274,8 @@ def converted_by_diffusers(path, cfg: SDConfig):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_sd2"])
-def test_original_file_round_trip_and_diffusers_converters(preset, tmp_path):
-    sd = StableDiffusion.from_config(preset, seed=7)
+def test_original_file_round_trip_and_diffusers_converters(preset, tiny, tmp_path):
+    sd = tiny(preset)
     path = sd.save(tmp_path / "model.safetensors")
     back = StableDiffusion.load(path)
     assert back.config == sd.config
@@ -321,8 +333,8 @@ def test_official_style_file_without_metadata(kind, name, prediction, tmp_path, 
     assert forced.prediction == "v" and "the prediction= argument" in caplog.text
 
 
-def test_prediction_argument_overrides_the_file_with_a_warning(tmp_path, caplog):
-    path = StableDiffusion.from_config("tiny").save(tmp_path / "tiny.safetensors")
+def test_prediction_argument_overrides_the_file_with_a_warning(tiny, tmp_path, caplog):
+    path = tiny("tiny").save(tmp_path / "tiny.safetensors")
     with caplog.at_level(logging.INFO, logger="minivid.models"):
         sd = StableDiffusion.load(path, prediction="v")
     assert sd.prediction == "v" and sd.unet.cfg.prediction == "v"
@@ -343,8 +355,8 @@ def test_tiny_official_names_checkpoint_loads(tmp_path):
         StableDiffusion.load(write_tiny_checkpoint(tmp_path, "sd-v2-1"))
 
 
-def test_half_precision_files_load_into_any_dtype(tmp_path):
-    sd = StableDiffusion.from_config("tiny_sd2", seed=1)
+def test_half_precision_files_load_into_any_dtype(tiny, tmp_path):
+    sd = tiny("tiny_sd2")
     path = sd.save(tmp_path / "half.safetensors", dtype=torch.float16)
     assert {str(v.dtype) for v in safetensors.torch.load_file(str(path)).values()} == {"torch.float16"}
     full = StableDiffusion.load(path, dtype=torch.float32)
@@ -359,8 +371,8 @@ def test_half_precision_files_load_into_any_dtype(tmp_path):
 
 # ---------------------------------------------------------------- errors surface through load
 
-def test_load_errors(tmp_path):
-    sd = StableDiffusion.from_config("tiny")
+def test_load_errors(tiny, tmp_path):
+    sd = tiny("tiny")
     with pytest.raises(W.WeightsError, match="no such file"):
         StableDiffusion.load(tmp_path / "missing.safetensors")
     (tmp_path / "empty").mkdir()
@@ -395,8 +407,8 @@ def test_load_errors(tmp_path):
         StableDiffusion.load(path, config=SDConfig.preset("tiny_sd2"))
 
 
-def test_folder_errors(tmp_path):
-    sd = StableDiffusion.from_config("tiny")
+def test_folder_errors(tiny, tmp_path):
+    sd = tiny("tiny")
     folder = sd.save(tmp_path / "pipe", format="diffusers")
     with pytest.raises(W.WeightsError, match="one component"):
         StableDiffusion.load(folder / "unet")
@@ -417,8 +429,8 @@ def test_folder_errors(tmp_path):
         StableDiffusion.load(sched)
 
 
-def test_save_errors(tmp_path):
-    sd = StableDiffusion.from_config("tiny")
+def test_save_errors(tiny, tmp_path):
+    sd = tiny("tiny")
     path = sd.save(tmp_path / "a.safetensors")
     with pytest.raises(FileExistsError):
         sd.save(path)

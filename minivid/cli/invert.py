@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         inv = invert_video(sd, source, args.prompt, args.steps, args.guidance, chunk=args.chunk)
     with job.timed("reconstruction"):
         rec = reconstruct_video(sd, inv, args.prompt, guidance=args.guidance, chunk=args.chunk)
-        vae_only = sd.decode_latents(inv.latents)
+        with torch.no_grad():
+            vae_only = sd.decode_latents(inv.latents)
     source, result = source.cpu(), rec.images.cpu()
     quality = write_outputs(job, source, result, vae_only.cpu(), args.fps)
     latent_err = (rec.latents - inv.latents).pow(2).mean().sqrt() / inv.latents.std()
