@@ -30,7 +30,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     """EI²'s own options (edit; tune reads them too where its parser has them)."""
     group.add_argument("--ei2-r", type=int, help="FFAM pooling ratio of the other frames (default 2; edit: the checkpoint's)")
     group.add_argument("--ei2-order", choices=ORDERS,
-                       help="where STAM sits: ffam-stam-ca (the paper's, default) or ffam-ca-stam (App. B); "
+                       help="where STAM sits: ffam-stam-ca (the paper's, default) or ffam-ca-stam (App. B.1); "
                             "edit: the checkpoint's")
     group.add_argument("--ei2-ffam-backend", choices=["auto", "reference", "triton"],
                        help="FFAM attention: Triton on CUDA, PyTorch elsewhere (auto, default), or forced")

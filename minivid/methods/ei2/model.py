@@ -12,7 +12,7 @@ Every BasicTransformerBlock changes in two places (Fig. 2c):
 - its spatial self-attention `attn1` becomes FFAM (Eq. 10): `FFAMProcessor(r)` set on the
   existing layer, so SD's pre-trained W_q, W_k, W_v, W_L stay;
 - a STAM (Eq. 9) is inserted after attn1's residual, before the cross-attention
-  (FFAM → STAM → CA, the default); App. B's alternative, FFAM → CA → STAM, puts it after the
+  (FFAM → STAM → CA, the default); App. B.1's alternative, FFAM → CA → STAM, puts it after the
   cross-attention's residual (before the feed-forward).
 The block is changed by swapping the class of the existing instance (the Tune-A-Video pattern of
 `minivid.methods.tuneavideo`), so every original tensor keeps its name and the new ones appear
@@ -56,7 +56,7 @@ class EI2Config:
     """How the UNet is inflated.
 
     r: FFAM's pooling ratio for the other frames (§5.2: 2 or 4). order: where STAM sits
-    ("ffam-stam-ca", the paper's; "ffam-ca-stam", App. B). ffam / stam: switch either change off
+    ("ffam-stam-ca", the paper's; "ffam-ca-stam", App. B.1). ffam / stam: switch either change off
     (ablations; with both off the model is SD run per frame). ffam_backend: "auto" (Triton on CUDA,
     PyTorch elsewhere), "reference" or "triton". n_power_iterations: STAM's spectral-norm
     power-iteration steps per tuning step.

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from minivid import tuning
 from minivid.attention import call_state
 from minivid.methods.ei2.model import (
-    BUFFER_PATTERNS, EI2Config, EI2Model, STAMBlockMixin, inflate, power_iteration, trainable_patterns,
+    BUFFER_PATTERNS, EI2Config, EI2Model, STAMBlockMixin, power_iteration, trainable_patterns,
 )
 from minivid.samplers import add_noise, training_target
 from minivid.tuning import TuneConfig, TuneResult, TuningError
@@ -136,8 +136,9 @@ def tune_video(
     frames [F, 3, H, W] in [-1, 1]; prompt describes the video. `cfg` defaults to the paper's
     (AdamW, lr 3e-5, 500 steps); `cfg.autocast` "bf16"/"fp16" runs the forward in mixed precision
     (the weights stay float32). `gradient_checkpointing` recomputes each transformer block in the
-    backward pass (which is why `call_state(unet, frames=F)` is held around the whole run). Checkpoints `out_dir/tuned-<step>.safetensors` hold the trainable tensors and
-    STAM's power-iteration buffers; with `resume` the newest one there is continued.
+    backward pass (which is why `call_state(unet, frames=F)` is held around the whole run).
+    Checkpoints `out_dir/tuned-<step>.safetensors` hold the trainable tensors and STAM's
+    power-iteration buffers; with `resume` the newest one there is continued.
     Returns the inflated model (eval mode) and the engine's result.
     """
     cfg = cfg or TuneConfig()
@@ -158,7 +159,8 @@ def tune_video(
     loss_fn = diffusion_loss(model, mean, context, sd.schedule, sd.prediction, std if sample_posterior else None)
     info = {
         "method": METHOD, "ei2": config.to_dict(), "prompt": prompt, "frames": int(frames.shape[0]),
-        "size": list(frames.shape[-2:]), "unet": {"kind": sd.kind, "model_channels": sd.config.unet.model_channels},
+        "size": list(frames.shape[-2:]),
+        "unet": {"kind": sd.kind, "model_channels": sd.config.unet.model_channels},
         "base_fingerprint": base_fingerprint(sd.unet), "inflation_seed": inflation_seed,
         "sample_posterior": sample_posterior, **(meta or {}),
     }
