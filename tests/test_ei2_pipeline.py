@@ -293,6 +293,9 @@ def test_tune_then_edit_end_to_end(tmp_path, source_video):
     assert (tmp_path / "tune" / "tuned-000002.safetensors").is_file()
     assert rec["results"]["steps"] == 2 and len(rec["results"]["losses"]) == 2
     assert rec["settings"]["prompt"] == "two squares" and "tuning" in rec["timings_s"]
+    assert main(["tune", *common, "--prompt", "two squares", "--steps", "3", "--out", str(tmp_path / "tune")]) == 0
+    rec = json.loads((tmp_path / "tune" / "record.json").read_text())
+    assert rec["results"]["start_step"] == 2 and len(rec["results"]["losses"]) == 1       # resumed in the folder
 
     assert main(["edit", *common, "--tuned", str(tmp_path / "tune"), "--prompt", "two circles", "--steps", "2",
                  "--ei2-r", "1", "--out", str(tmp_path / "edit")]) == 0
@@ -302,7 +305,7 @@ def test_tune_then_edit_end_to_end(tmp_path, source_video):
     rec = json.loads((out / "record.json").read_text())
     res = rec["results"]
     assert res["source_prompt"] == "two squares" and res["prompt"] == "two circles"   # the tuning prompt by default
-    assert res["steps"] == 2 and res["guidance"] == 7.5 and res["ei2"]["r"] == 1 and res["tuned_step"] == 2
+    assert res["steps"] == 2 and res["guidance"] == 7.5 and res["ei2"]["r"] == 1 and res["tuned_step"] == 3
     assert not res["base_mismatch"]
     assert rec["settings"]["tuned"] == str(tmp_path / "tune")
     assert {"load", "edit (inversion + sampling)", "total"} <= set(rec["timings_s"])
