@@ -13,7 +13,8 @@ from minivid.jobs import Job
 help = "DDIM-invert an image or video and reconstruct it (reports the reconstruction PSNR)"
 description = ("Invert an image or video to DDIM noise and sample it back with the same prompt. Reports the "
                "reconstruction PSNR (and the VAE's own round trip, for comparison) in the terminal and "
-               "record.json; writes the reconstruction, frame grids and a source|reconstruction side-by-side.")
+               "record.json; writes the reconstruction, frame grids and a source|reconstruction side-by-side. "
+               "--video also takes a single image. With --tiny, --size defaults to the tiny model's 32 px.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
