@@ -199,19 +199,22 @@ def test_full_size_parity_with_diffusers(preset):
 
 # ---------------------------------------------------------------- reduced precision
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny_sd2"])
 @torch.no_grad()
-def test_bf16_forward_is_close_to_fp32(pairs):
-    unet, _ = pairs("tiny_sd2")
-    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 48)
-    full = unet(x, 300, context)
-    low = UNet(unet.cfg).to(torch.bfloat16)
-    low.load_state_dict(unet.state_dict())
+def test_bf16_forward_is_close_to_fp32(preset):
+    low = random_unet(preset).to(torch.bfloat16)
+    full = UNet(low.cfg).eval()
+    full.load_state_dict(low.state_dict())          # same (bf16-representable) weights in fp32
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, low.cfg.context_dim)
+    expected = full(x, 300, context)
     out = low(x, 300, context)
-    assert out.dtype == torch.float32                        # cast back to the input's dtype
-    # bf16 keeps 8 significant bits (relative rounding 2^-9 per operation); over the ~40 layers
-    # between input and output the relative error stays of the order of a percent.
-    rel = (out - full).norm() / full.norm()
-    assert rel < 0.03, rel
+    assert out.dtype == torch.float32                # cast back to the input's dtype
+    # bf16 rounds each activation to a relative step of 2^-8 ≈ 0.4%; the output accumulates the
+    # roundings of ~25 residual sublayers, √25·0.4% ≈ 2% (measured 1.4% tiny, 2.3% tiny_sd2).
+    # 5% leaves headroom yet stays >5× below what a different prompt changes (35-60%).
+    rel = ((out - expected).norm() / expected.norm()).item()
+    changed = ((full(x, 300, torch.randn_like(context)) - expected).norm() / expected.norm()).item()
+    assert rel < 0.05 and changed > 5 * rel, (rel, changed)
 
 
 class _OpDtypes(TorchDispatchMode):
