@@ -411,13 +411,13 @@ def _load_diffusers(cls, path: Path, device, dtype, prediction, config) -> Stabl
     log.info("%s: %s (%s)", path, weights.MODELS[kind], reason)
     sched_path = path / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_path.read_text()) if sched_path.is_file() else {}
-    stated = (config.prediction, "the config= argument") if config is not None else None
-    if stated is None and sched.get("prediction_type") in ("epsilon", "v_prediction"):
-        stated = ("eps" if sched["prediction_type"] == "epsilon" else "v",
-                  f"scheduler/scheduler_config.json prediction_type={sched['prediction_type']}")
-    elif sched.get("prediction_type") is not None:
-        raise weights.WeightsError(f"{sched_path}: prediction_type {sched['prediction_type']!r} is not supported "
+    ptype = sched.get("prediction_type")
+    if ptype not in (None, "epsilon", "v_prediction"):
+        raise weights.WeightsError(f"{sched_path}: prediction_type {ptype!r} is not supported "
                                    f"(SD uses 'epsilon' or 'v_prediction')")
+    stated = (config.prediction, "the config= argument") if config is not None else None
+    if stated is None and ptype is not None:
+        stated = ("eps" if ptype == "epsilon" else "v", f"scheduler/scheduler_config.json prediction_type={ptype}")
     pred = _resolve_prediction(path, kind, stated, prediction)
     unet_cfg = formats.read_json(path / "unet" / "config.json")
     vae_cfg = formats.read_json(path / "vae" / "config.json")
@@ -448,13 +448,14 @@ def _load_diffusers(cls, path: Path, device, dtype, prediction, config) -> Stabl
 # ---------------------------------------------------------------- saving
 
 def _tensors(module_sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies (safetensors refuses shared or strided storage), optionally cast."""
+    """Contiguous CPU tensors for safetensors, optionally cast; no copy when already so (saving a
+    4 GB model does not hold a second 4 GB)."""
     out = {}
     for k, v in module_sd.items():
         v = v.detach().to("cpu")
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
-        out[k] = v.contiguous().clone()
+        out[k] = v.contiguous()
     return out
 
 

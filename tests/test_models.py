@@ -440,3 +440,14 @@ def test_save_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match=".safetensors"):
         sd.save(tmp_path / "c.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]   # no temporary files left behind
+
+
+def test_config_argument(tiny, tmp_path):
+    """config= replaces the inferred configuration and states the prediction (an argument still wins)."""
+    sd = tiny("tiny_sd2")
+    folder = sd.save(tmp_path / "pipe", format="diffusers")
+    cfg = StableDiffusion.load(folder).config
+    assert StableDiffusion.load(folder, config=cfg).config == cfg
+    assert StableDiffusion.load(folder, config=cfg, prediction="eps").prediction == "eps"
+    path = sd.save(tmp_path / "m.safetensors")
+    assert StableDiffusion.load(path, config=sd.config).config == sd.config
