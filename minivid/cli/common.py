@@ -15,6 +15,7 @@ def add_model_arguments(p: argparse.ArgumentParser, weights_help: str = "officia
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", help="output folder (default outputs/<job>-<time>/)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
 def add_video_arguments(p: argparse.ArgumentParser) -> None:

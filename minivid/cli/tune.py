@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     add_model_arguments(p)
     add_video_arguments(p)
+    for name, mod in available_clis().items():
+        if name in TUNING:
+            mod.add_arguments(p.add_argument_group(f"{name} options"))
 
 
 def run(args: argparse.Namespace) -> int:
