@@ -223,8 +223,8 @@ def test_unknown_names_are_errors():
                                            r"input_blocks.1.0.bogus.weight"):
         W.original_to_diffusers("unet", {"input_blocks.1.0.bogus.weight": torch.zeros(1),
                                          **{k: torch.zeros(1) for k in ("input_blocks.3.0.op.weight", "input_blocks.5.0.in_layers.0.weight")}})
-    with pytest.raises(WeightsError, match="no rename table for component 'svd_unet'"):
-        W.original_to_diffusers("svd_unet", {})
+    with pytest.raises(WeightsError, match="no rename table for component 'sdxl_unet'"):
+        W.original_to_diffusers("sdxl_unet", {})
     with pytest.raises(WeightsError, match=r"q/k/v"):
         W.diffusers_to_original("text_sd2", {"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)})
 
