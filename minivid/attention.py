@@ -199,15 +199,17 @@ def processors(model: nn.Module, pattern: str, processor: Processor) -> Iterator
 @contextlib.contextmanager
 def call_state(model: nn.Module, **state: Any) -> Iterator[dict[str, Any]]:
     """Put call-wide facts (e.g. `frames=8`, `step=3`) in front of every processor of `model`."""
-    layers = attention_layers(model)
-    shared = next(iter(layers.values())).state if layers else {}
-    saved = dict(shared)
-    shared.update(state)
+    # Normally one dict shared by the whole model (`name_layers`); layers added later may hold their own.
+    dicts = {id(m.state): m.state for m in attention_layers(model).values()}
+    saved = {key: dict(d) for key, d in dicts.items()}
+    for d in dicts.values():
+        d.update(state)
     try:
-        yield shared
+        yield next(iter(dicts.values()), dict(state))
     finally:
-        shared.clear()
-        shared.update(saved)
+        for key, d in dicts.items():
+            d.clear()
+            d.update(saved[key])
 
 
 # ---------------------------------------------------------------- capture and injection

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivid.attention import Attention, name_layers
-from minivid.layers import FeedForward, GroupNorm32, timestep_embedding, zero_module
+from minivid.layers import FeedForward, normalization, timestep_embedding, zero_module
 
 __all__ = [
     "UNetConfig", "UNet", "Cond", "TimestepEmbedSequential", "ResBlock", "SpatialTransformer",
@@ -140,21 +140,6 @@ PRESETS: dict[str, UNetConfig] = {
 
 # ---------------------------------------------------------------- blocks
 
-class _GroupNorm32(GroupNorm32):
-    """ldm GroupNorm32 (32 groups, eps 1e-5, float32 compute) that also accepts half-precision
-    parameters: they are cast to float32 with the input (torch's CPU kernel refuses a float32
-    input with bfloat16/float16 weights). A no-op for float32 models."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight.float(), self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-def norm32(channels: int) -> nn.GroupNorm:
-    """The UNet's GroupNorm: 32 groups, eps 1e-5, float32 compute (ldm `normalization`)."""
-    return _GroupNorm32(32, channels, eps=1e-5)
-
-
 @dataclass(frozen=True)
 class Cond:
     """What the UNet blocks are conditioned on, passed to every layer as `layer(x, cond)`."""
@@ -189,10 +174,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
         super().__init__()
         out = out_channels or channels
-        self.in_layers = nn.Sequential(norm32(channels), nn.SiLU(), nn.Conv2d(channels, out, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out))
         self.out_layers = nn.Sequential(
-            norm32(out), nn.SiLU(), nn.Dropout(0.0), zero_module(nn.Conv2d(out, out, 3, padding=1))
+            normalization(out), nn.SiLU(), nn.Dropout(0.0), zero_module(nn.Conv2d(out, out, 3, padding=1))
         )
         self.skip_connection = nn.Identity() if out == channels else nn.Conv2d(channels, out, 1)
 
@@ -342,7 +327,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
-        self.out = nn.Sequential(norm32(ch), nn.SiLU(), zero_module(nn.Conv2d(C0, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(C0, cfg.out_channels, 3, padding=1)))
         name_layers(self)
 
     # factories: a subclass (e.g. a video UNet) overrides these to build its own blocks
