@@ -40,11 +40,12 @@ trajectories); Eq. 11 lists only other frames (`include_self=False`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from minivid.attention import AttnContext, sdpa
 
 from .correspondence import Correspondence
-from .merge import attend, merge_tokens
+from .merge import grouped_probs, match, merge_groups
 
 __all__ = ["spatio_temporal", "correspondence_attention", "gather_index", "CorrespondenceGuidedAttention", "MODES"]
 
@@ -122,30 +123,42 @@ def correspondence_attention(
 ) -> torch.Tensor:
     """CGA (Eq. 11-14): each token attends to its gathered, merged key set.
 
-    q, k, v: [(B·F), h, N, d]; index: [F, N, S] from `gather_index`. Keys and values are
-    gathered per query ([B, n, S, h, d]), merged with ToMe on the head-averaged keys
-    (merge_ratio 0 = no merging), then attended with `merge.attend`. Queries run in
-    chunks so that a chunk's gathered keys and values hold about `budget` elements.
+    q, k, v: [(B·F), h, N, d]; index: [F, N, S] from `gather_index`. Per query, the keys of
+    its set are gathered ([B, h, n, S, d]) for the logits; merging (Eq. 12, ToMe on the
+    head-averaged keys, merge_ratio 0 = off) enters as `merge.grouped_probs`, the exact
+    equivalent of attending to the merged tokens, so merged keys and values are never
+    built; the values are summed with those weights by `embedding_bag`, without gathering
+    them. Queries run in chunks whose gathered keys hold about `budget` elements.
     """
     BF, h, N, d = q.shape
     B, S = BF // frames, index.shape[-1]
     if index.shape[:2] != (frames, N):
         raise ValueError(f"correspondence_attention: index {tuple(index.shape)} does not fit {frames} frames of {N} tokens")
-    qv, kv, vv = (x.view(B, frames, h, N, d).transpose(2, 3).reshape(B, frames * N, h, d) for x in (q, k, v))
-    index = index.reshape(frames * N, S)
-    out = torch.empty_like(qv)                                                # [B, F·N, h, d]
-    chunk = max(1, budget // max(1, 2 * B * S * h * d))
-    for c0 in range(0, frames * N, chunk):
+    FN, dev = frames * N, q.device
+    qv, kv, vv = (_to_video(x, frames) for x in (q, k, v))                  # [B, h, F·N, d]
+    if upcast:
+        qv, kv = qv.float(), kv.float()
+    metric = kv.mean(dim=1) if merge_ratio > 0 else None                     # [B, F·N, d] merging metric
+    table = vv.reshape(B * h * FN, d)                                        # one row per (video, head, token)
+    row0 = (torch.arange(B * h, device=dev) * FN).view(B, h, 1, 1)
+    index = index.reshape(FN, S)
+    out = torch.empty(B, h, FN, d, dtype=v.dtype, device=dev)
+    chunk = max(1, budget // max(1, B * S * h * d))
+    for c0 in range(0, FN, chunk):
         g = index[c0:c0 + chunk]                                              # [n, S]
         n = g.shape[0]
-        kg, vg = kv[:, g], vv[:, g]                                           # [B, n, S, h, d]
-        kg, vg = kg.reshape(B * n, S, h, d), vg.reshape(B * n, S, h, d)
-        size = None
+        kg = kv.index_select(2, g.reshape(-1)).view(B, h, n, S, d)
+        logits = torch.matmul(kg, qv[:, :, c0:c0 + n, :, None])[..., 0] * scale       # [B, h, n, S]
         if merge_ratio > 0:
-            (kg, vg), size = merge_tokens(kg.mean(dim=2), (kg, vg), merge_ratio)
-        o = attend(qv[:, c0:c0 + n].reshape(B * n, h, d), kg, vg, scale, size, proportional=proportional, upcast=upcast)
-        out[:, c0:c0 + n] = o.view(B, n, h, d)
-    return out.view(B, frames, N, h, d).transpose(2, 3).reshape(BF, h, N, d)
+            plan = match(metric.index_select(1, g.reshape(-1)).view(B * n, S, d), merge_ratio)
+            group = merge_groups(plan).view(B, 1, n, S).expand(B, h, n, S)
+            probs = grouped_probs(logits, group, proportional)
+        else:
+            probs = logits.softmax(dim=-1)
+        rows = (row0 + g).reshape(B * h * n, S)
+        o = F.embedding_bag(rows, table, per_sample_weights=probs.to(table.dtype).reshape(B * h * n, S), mode="sum")
+        out[:, :, c0:c0 + n] = o.view(B, h, n, d)
+    return _from_video(out, frames)
 
 
 class CorrespondenceGuidedAttention:

@@ -19,6 +19,15 @@ before attending, at a 50% ratio. The paper gives no further detail; minivid's c
   merged token of size s weighs like the s tokens it replaced. Default on: with it,
   merging identical tokens leaves attention unchanged (the defining property); off
   gives each merged token the weight of one token. `attend` takes it as an option.
+
+`merge_tokens` + `attend` are the definition. Correspondence-guided attention uses an
+exact equivalent that never builds merged tokens (`merge_groups`, `grouped_probs`): with
+unit starting sizes a merged key is the mean of its group's keys, so its logit is the
+mean of their logits (the dot product is linear), and attending to the merged value
+(the group's mean) with weight p_j spreads p_j/s_j over the group's own values. So
+attention to the merged set = attention to the S gathered tokens where each token's
+logit is replaced by its group's mean logit, and, without proportional attention, also
+lowered by log s_j. The values can then be summed straight from the unmerged tokens.
 """
 from __future__ import annotations
 
@@ -27,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MergePlan", "match", "merge", "merge_sizes", "merge_tokens", "attend"]
+__all__ = ["MergePlan", "match", "merge", "merge_sizes", "merge_tokens", "attend", "merge_groups", "grouped_probs"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +143,27 @@ def attend(
         logits = logits + size.log().to(logits.dtype)[:, None, :]
     probs = logits.softmax(dim=-1).to(v.dtype)
     return torch.einsum("mhs,mshd->mhd", probs, v).to(dtype)
+
+
+def merge_groups(plan: MergePlan) -> torch.Tensor:
+    """[M, S]: for every token of each set, the position of the token it ends up in (a merged
+    A token: its B token; every other token: itself). Tokens sharing a value form one merged token."""
+    M, S = plan.merged.shape[0], plan.size_in
+    group = torch.arange(S, device=plan.merged.device).expand(M, S).clone()
+    return group.scatter_(1, 2 * plan.merged, 2 * plan.into + 1)             # A_a sits at 2a, B_b at 2b+1
+
+
+def grouped_probs(logits: torch.Tensor, group: torch.Tensor, proportional: bool = True) -> torch.Tensor:
+    """Attention weights over the unmerged tokens equal to attending to the merged ones.
+
+    logits [..., S]: q·k·scale of every token of the set (unit sizes); group [..., S] from
+    `merge_groups`. Each token gets its group's mean logit (minus log of the group size
+    without proportional attention); softmax over the S tokens. Summing the unmerged values
+    with these weights equals `attend` on `merge_tokens`' output.
+    """
+    total = torch.zeros_like(logits).scatter_add_(-1, group, logits)
+    size = torch.zeros_like(logits).scatter_add_(-1, group, torch.ones_like(logits))
+    mean = total.gather(-1, group) / size.gather(-1, group)
+    if not proportional:
+        mean = mean - size.gather(-1, group).log()
+    return mean.softmax(dim=-1)
