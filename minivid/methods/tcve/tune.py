@@ -83,7 +83,9 @@ def diffusion_loss(
     B = BF // frames
     if context.shape[0] != B:
         raise ValueError(f"diffusion_loss: {context.shape[0]} text contexts for {B} videos")
-    context = context.repeat_interleave(frames, dim=0)                              # [(B·F), M, D]
+    context = context.detach().repeat_interleave(frames, dim=0)                     # [(B·F), M, D]
+    mean = mean.detach()
+    std = None if std is None else std.detach()
     T = schedule.num_train_timesteps
 
     def randn(gen: torch.Generator) -> torch.Tensor:
