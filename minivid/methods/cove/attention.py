@@ -119,7 +119,7 @@ def correspondence_attention(
     merge_ratio: float = 0.5,
     proportional: bool = True,
     upcast: bool = False,
-    budget: int = 1 << 24,
+    budget: int = 1 << 22,
 ) -> torch.Tensor:
     """CGA (Eq. 11-14): each token attends to its gathered, merged key set.
 
@@ -181,7 +181,7 @@ class CorrespondenceGuidedAttention:
         resolutions: str = "match",
         include_self: bool = True,
         proportional: bool = True,
-        budget: int = 1 << 24,
+        budget: int = 1 << 22,
     ):
         if mode not in MODES:
             raise ValueError(f"CorrespondenceGuidedAttention: mode must be one of {MODES}, got {mode!r}")
