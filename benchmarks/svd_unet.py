@@ -1,7 +1,8 @@
 """Full-size SVD UNet forward on CPU: minivid's VideoUNet vs diffusers' UNetSpatioTemporalConditionModel.
 
 Both models hold the SAME tensors (diffusers' parameters are assigned minivid's, renamed by
-minivid.weights.svd_names, so the 1.5 B random fp32 weights exist once, ~6.1 GB) and get the same
+minivid.weights.svd_names, so the 1.5 B random fp32 weights exist once, ~6.1 GB), frozen
+(requires_grad False, as for inference or when only LoRA layers train), and get the same
 input: one clip (B = 1) of F frames at an h×w latent, c_noise of σ = 1, a random image embedding
 and SVD's default added time ids. Reported: the median of interleaved forward passes (no grad),
 their ratio, and the peak bytes torch's CPU allocator holds during one forward beyond the weights
@@ -80,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         ours = VideoUNet(cfg)
     random_fill_(ours)
-    ours.eval()
+    ours.eval().requires_grad_(False)
     kwargs = {k: v for k, v in _unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
     with torch.device("meta"):
         ref = UNetSpatioTemporalConditionModel(**kwargs)
     ref.load_state_dict(original_to_diffusers("svd_unet", ours.state_dict()), strict=True, assign=True)
-    ref.eval()
+    ref.eval().requires_grad_(False)                                       # both frozen, as for inference or LoRA tuning
     for name, m in ref.named_modules():
         if isinstance(m, nn.GroupNorm) and ".resnets." in name:
             m.eps = 1e-5

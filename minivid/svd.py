@@ -37,12 +37,11 @@ from minivid.clip import (CLIP_MEAN, CLIP_STD, CLIPTextConfig, CLIPVisionConfig,
                           OpenCLIPVisionTransformer, svd_preprocess)
 from minivid.unet_video import VideoUNet, VideoUNetConfig
 from minivid.vae import SD_LATENT_SCALE, TemporalAutoencoder, VAEConfig
-from minivid.weights import (WeightsError, detect_folder, describe_detection, load_strict,
-                             read_diffusers_folder, read_state_dict)
+from minivid.weights import (WeightsError, describe_detection, detect_folder, load_strict, read_diffusers_folder,
+                             read_state_dict, split_by_prefix)
 from minivid.weights.diffusers_names import diffusers_to_original, original_to_diffusers
-from minivid.weights.svd_names import (SVD_KNOWN_EXTRAS, SVD_PREFIXES, check_identity_quant_conv,
-                                       conditioning_encoder_difference, identity_quant_conv)
-from minivid.weights.strict import split_by_prefix
+from minivid.weights.svd_names import (SVD_PREFIXES, check_identity_quant_conv, conditioning_encoder_difference,
+                                       identity_quant_conv)
 
 __all__ = ["SVDConfig", "SVD_PRESETS", "StableVideoDiffusion", "SVD_SCHEDULER_CONFIG"]
 

@@ -229,13 +229,13 @@ class VideoTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int, hw: tuple[int, int]) -> torch.Tensor:
-        BF, N, D = x.shape
+        _, N, D = x.shape
         x = to_video(x, frames).transpose(1, 2).reshape(-1, frames, D)  # [(B·N), F, D]
         x = x + self.ff_in(self.norm_in(x))
         x = x + self.attn1(self.norm1(x), hw=hw)
         x = x + self.attn2(self.norm2(x), context, hw=hw)
         x = x + self.ff(self.norm3(x))
-        return to_frames(x.reshape(-1, N, frames, D).transpose(1, 2))     # [(B·F), N, D]
+        return to_frames(x.reshape(-1, N, frames, D).transpose(1, 2).contiguous())   # [(B·F), N, D], dense for the Linears
 
 
 class SpatialVideoTransformer(SpatialTransformer):
@@ -264,12 +264,14 @@ class SpatialVideoTransformer(SpatialTransformer):
         return self.time_pos_embed(timestep_embedding(index, self.channels).to(dtype))[:, None]
 
     def forward(self, x: torch.Tensor, cond: VideoCond) -> torch.Tensor:  # type: ignore[override]
+        # Linear layers get dense token tensors: torch multiplies a strided 3-D input by a weight that
+        # does not require grad (a frozen model) as a batched matmul of the expanded weight, ~10x slower.
         BF, C, H, W = x.shape
         F = cond.frames
         h = self.norm(x)
         if not self.use_linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(BF, H * W, -1)                    # [(B·F), N, D]
+        h = h.permute(0, 2, 3, 1).reshape(BF, H * W, -1).contiguous()       # [(B·F), N, D]; dense: see below
         if self.use_linear:
             h = self.proj_in(h)
         # temporal cross-attention context: the first frame's context, once per token   [(B·N), M, Dc]
