@@ -1,6 +1,11 @@
 """What every command-line job writes: one output folder per run with the result video,
 a PNG frame grid, a source|result side-by-side video, pictures the method offers and
 `record.json` (every setting, seed, versions, timings, peak memory).
+
+The output folder is the job's own: by default a file the job writes replaces the one of an
+earlier run in the same folder (a resumed tuning run writes its source grid again). What the
+job reads is never replaced: a write onto an input (the --video/--image/--weights path, or into
+it when it is a folder) is refused with FileExistsError.
 """
 from __future__ import annotations
 
@@ -13,11 +18,15 @@ import platform
 import resource
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from minivid import __version__
+
+
+# settings whose values are paths the job reads: never written onto
+INPUT_SETTINGS = ("video", "image", "weights")
 
 
 def default_out_dir(job: str) -> pathlib.Path:
@@ -43,12 +52,21 @@ class Job:
             ...
         job.write_video("result.mp4", frames)
         job.finish()          # writes record.json
+
+    `overwrite`: whether a write replaces a file already in the folder (True: the folder is the
+    job's own; False: FileExistsError). `inputs`: paths the job reads, never written onto
+    (default: the settings named in INPUT_SETTINGS).
     """
 
-    def __init__(self, name: str, out_dir: str | os.PathLike | None, settings: dict[str, Any]):
+    def __init__(self, name: str, out_dir: str | os.PathLike | None, settings: dict[str, Any],
+                 overwrite: bool = True, inputs: Iterable[str | os.PathLike] | None = None):
         self.name = name
         self.dir = pathlib.Path(out_dir) if out_dir else default_out_dir(name)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.overwrite = overwrite
+        if inputs is None:
+            inputs = [settings[k] for k in INPUT_SETTINGS if settings.get(k)]
+        self.inputs = [pathlib.Path(p).resolve() for p in inputs]
         self.record: dict[str, Any] = {
             "job": name,
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -63,6 +81,19 @@ class Job:
     def path(self, name: str) -> pathlib.Path:
         return self.dir / name
 
+    def output_path(self, name: str) -> pathlib.Path:
+        """The path to write the output `name` to. FileExistsError if it is (or lies inside) an input,
+        or if it exists and the job does not overwrite."""
+        path = self.path(name)
+        target = path.resolve()
+        for source in self.inputs:
+            if target == source or source in target.parents:
+                raise FileExistsError(f"{path}: is (or lies inside) the input {source}; the job never writes "
+                                      f"onto what it reads; choose another --out")
+        if not self.overwrite and path.exists():
+            raise FileExistsError(f"{path}: already exists and this job does not overwrite")
+        return path
+
     @contextlib.contextmanager
     def timed(self, label: str) -> Iterator[None]:
         t0 = time.perf_counter()
@@ -72,18 +103,20 @@ class Job:
             self.record["timings_s"][label] = round(self.record["timings_s"].get(label, 0.0) + time.perf_counter() - t0, 4)
 
     def add_output(self, path: pathlib.Path) -> pathlib.Path:
-        self.record["outputs"].append(path.name)
+        """List a file of the folder in the record's outputs (once)."""
+        if path.name not in self.record["outputs"]:
+            self.record["outputs"].append(path.name)
         return path
 
     def write_video(self, name: str, frames: torch.Tensor, fps: float = 8) -> pathlib.Path:
         from minivid.video import write_video
 
-        return self.add_output(write_video(self.path(name), frames, fps=fps) or self.path(name))
+        return self.add_output(write_video(self.output_path(name), frames, fps=fps, overwrite=self.overwrite))
 
     def write_grid(self, name: str, frames: torch.Tensor, cols: int | None = None) -> pathlib.Path:
         from minivid.video import save_grid
 
-        return self.add_output(save_grid(self.path(name), frames, cols=cols) or self.path(name))
+        return self.add_output(save_grid(self.output_path(name), frames, cols=cols, overwrite=self.overwrite))
 
     def write_side_by_side(self, name: str, source: torch.Tensor, result: torch.Tensor, fps: float = 8) -> pathlib.Path:
         from minivid.video import side_by_side

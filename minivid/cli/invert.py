@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     latent_err = (rec.latents - inv.latents).pow(2).mean().sqrt() / inv.latents.std()
     quality["latent_relative_rmse"] = round(float(latent_err), 5)
     if args.save_latents:
-        path = job.path("latents.safetensors")
+        path = job.output_path("latents.safetensors")
         safetensors.torch.save_file({"x0": inv.latents.cpu().contiguous(), "xT": inv.noise.cpu().contiguous()}, str(path))
         job.add_output(path)
     record = job.finish(**quality)

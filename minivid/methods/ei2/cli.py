@@ -98,10 +98,7 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
         _, result = tune_video(sd, frames, args.prompt, job.dir, config, cfg,
                                gradient_checkpointing=args.gradient_checkpointing, resume=not args.no_resume,
                                meta={"base": base})
-    if job.path("source_grid.png").exists():                  # a resumed run in the same folder
-        job.add_output(job.path("source_grid.png"))
-    else:
-        job.write_grid("source_grid.png", frames.cpu())
+    job.write_grid("source_grid.png", frames.cpu())
     if result.checkpoint is not None:
         job.add_output(result.checkpoint)
     done = len(result.losses)

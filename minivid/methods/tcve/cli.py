@@ -102,7 +102,6 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
         result = tune_tcve(sd, model, frames, args.prompt, cfg, job.dir, resume=not args.no_resume,
                            checkpointing=args.gradient_checkpointing, vae_chunk=_opt(args, "vae_chunk"),
                            meta={"base": _base(args)})
-    job.path("source_grid.png").unlink(missing_ok=True)                        # a resumed run writes it again
     job.write_grid("source_grid.png", frames.cpu())
     if result.checkpoint is not None:
         job.add_output(result.checkpoint)
