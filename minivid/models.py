@@ -210,10 +210,19 @@ class StableDiffusion(nn.Module):
 
         The posterior mean by default (deterministic, what inversion wants); `sample=True` draws
         from it with `generator`, as diffusers' img2img does."""
-        vae = self.vae
-        dist = vae.encode(images.to(self.device, vae.encoder.conv_in.weight.dtype), chunk=chunk)
+        dist = self._posterior(images, chunk)
         z = dist.sample(generator) if sample else dist.mean
         return z.float() * self.latent_scale
+
+    def encode_posterior(self, images: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] in [-1, 1] -> the VAE posterior's (mean, std) as scaled latents
+        [B, 4, H/f, W/f] each (float32): what one-shot tuning draws a fresh x_0 from at every step."""
+        dist = self._posterior(images, chunk)
+        return dist.mean.float() * self.latent_scale, dist.std.float() * self.latent_scale
+
+    def _posterior(self, images: torch.Tensor, chunk: int | None):
+        vae = self.vae
+        return vae.encode(images.to(self.device, vae.encoder.conv_in.weight.dtype), chunk=chunk)
 
     def decode_latents(self, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> images [B, 3, h·f, w·f] clamped to [-1, 1] (float32)."""

@@ -6,6 +6,10 @@ freezing, AdamW, optional autocast and gradient clipping, a tqdm bar with the
 loss, checkpoints of the trainable tensors only (safetensors, written atomically)
 with their optimizer moments for an exact resume, and a clear stop on a NaN/inf
 loss that keeps the last good checkpoint.
+
+Loading what a method tuned is shared too: `resolve_checkpoint` (a file or a tune folder),
+`checkpoint_meta` (what the run recorded), `require_method` (refuse another method's
+checkpoint) and `base_fingerprint` / `check_base` (warn when the frozen base model differs).
 """
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ import os
 import pathlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -132,8 +137,6 @@ def load_trainable(
         raise FileNotFoundError(f"tuned checkpoint {path} does not exist")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             step = int((f.metadata() or {}).get("step", 0))
     except Exception as e:  # safetensors raises several types for damaged files
@@ -166,6 +169,69 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> pathlib.Path | None:
     found = sorted(pathlib.Path(out_dir).glob("tuned-*.safetensors"))
     found = [p for p in found if not p.name.endswith(".optim.safetensors")]
     return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+    """A checkpoint file, or a `minivid tune` output folder (its newest checkpoint)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no tuned-*.safetensors checkpoint in this folder")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"tuned checkpoint {path} does not exist")
+    return path
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata `tune` wrote into a checkpoint (file or tune folder): `{"config": TuneConfig as a
+    dict, "method": ..., <the method's meta>}` plus "step"."""
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise TuningError(f"{path}: not a readable safetensors checkpoint ({e})") from e
+    try:
+        meta = json.loads(raw.get("meta", "{}"))
+    except json.JSONDecodeError as e:
+        raise TuningError(f"{path}: unreadable metadata ({e})") from e
+    return {**meta, "step": int(raw.get("step", 0))}
+
+
+def require_method(meta: dict[str, Any], path: str | os.PathLike, method: str, label: str) -> dict[str, Any]:
+    """`meta` if the checkpoint is `method`'s (its metadata says "method"); a TuningError naming the
+    method it belongs to otherwise. `label`: the method's name in messages (e.g. "EI²")."""
+    found = meta.get("method")
+    if found != method:
+        raise TuningError(f"{path}: a checkpoint of {found or 'an unknown method'!r}, not {label}; tune one with "
+                          f"`minivid tune --method {method}`" + (f" or edit with --method {found}" if found else ""))
+    return meta
+
+
+# ---------------------------------------------------------------- the frozen base model
+
+# frozen SD UNet tensors whose mean |w| identifies the base model a checkpoint was tuned on
+FINGERPRINT_TENSORS = ("time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight")
+
+
+def base_fingerprint(unet: nn.Module) -> list[float]:
+    """Mean |w| of a few frozen UNet tensors: equal (up to dtype rounding) for the same base model."""
+    params = dict(unet.named_parameters())
+    return [float(params[n].detach().double().abs().mean()) for n in FINGERPRINT_TENSORS if n in params]
+
+
+def check_base(meta: dict[str, Any], unet: nn.Module, path: str | os.PathLike) -> bool:
+    """True (and a warning) when the checkpoint's recorded `base_fingerprint` differs from `unet`'s by
+    more than 1 %: it was tuned on another base model, and the edit uses the loaded base."""
+    fingerprint = meta.get("base_fingerprint")
+    here = base_fingerprint(unet)
+    mismatch = bool(fingerprint) and any(abs(a - b) > 1e-2 * abs(a) for a, b in zip(fingerprint, here))
+    if mismatch:
+        log.warning("%s was tuned on another base model than the one loaded (frozen weights differ); "
+                    "the edit uses the loaded base with the tuned tensors", path)
+    return mismatch
 
 
 # ---------------------------------------------------------------- gradient checkpointing

@@ -22,10 +22,8 @@ a checkpoint of another method or model size and warn about another base model.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import pathlib
 from typing import Any, Callable
 
 import torch
@@ -38,17 +36,15 @@ from minivid.methods.ei2.model import (
     BUFFER_PATTERNS, EI2Config, EI2Model, STAMBlockMixin, power_iteration, trainable_patterns,
 )
 from minivid.samplers import add_noise, training_target
-from minivid.tuning import TuneConfig, TuneResult, TuningError
+from minivid.tuning import (
+    TuneConfig, TuneResult, TuningError, base_fingerprint, check_base, checkpoint_meta, resolve_checkpoint,
+)
 
-__all__ = [
-    "METHOD", "encode_video", "diffusion_loss", "tuned_tensors", "base_fingerprint", "tune_video",
-    "checkpoint_meta", "require_method", "resolve_checkpoint", "load_tuned",
-]
+__all__ = ["METHOD", "encode_video", "diffusion_loss", "tuned_tensors", "tune_video", "require_method", "load_tuned"]
 
 log = logging.getLogger(__name__)
 
 METHOD = "ei2"
-FINGERPRINT_TENSORS = ("time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight")
 CHECKPOINTED_BLOCKS = "*transformer_blocks.[0-9]"      # gradient checkpointing: each transformer block
 
 
@@ -60,10 +56,8 @@ def encode_video(sd, frames: torch.Tensor, chunk: int | None = None) -> tuple[to
     [1, C, F, h, w] (float32)."""
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be [F, 3, H, W] in [-1, 1], got shape {tuple(frames.shape)}")
-    vae = sd.vae
-    dist = vae.encode(frames.to(sd.device, vae.encoder.conv_in.weight.dtype), chunk=chunk)
-    video = lambda z: (z.float() * sd.latent_scale).transpose(0, 1).unsqueeze(0)   # noqa: E731  [F,C,h,w] -> [1,C,F,h,w]
-    return video(dist.mean), video(dist.std)
+    mean, std = sd.encode_posterior(frames, chunk=chunk)                               # [F, C, h, w] each
+    return mean.transpose(0, 1).unsqueeze(0), std.transpose(0, 1).unsqueeze(0)       # [1, C, F, h, w]
 
 
 def diffusion_loss(
@@ -107,12 +101,6 @@ def tuned_tensors(unet: torch.nn.Module, config: EI2Config | None = None) -> tup
     params = tuning.select_parameters(unet, trainable_patterns(config))
     buffers = tuning.select_buffers(unet, list(BUFFER_PATTERNS))
     return params, buffers
-
-
-def base_fingerprint(unet: torch.nn.Module) -> list[float]:
-    """Mean |w| of a few frozen tensors: tells (up to dtype rounding) whether two base models are the same."""
-    params = dict(unet.named_parameters())
-    return [float(params[n].detach().double().abs().mean()) for n in FINGERPRINT_TENSORS if n in params]
 
 
 def tune_video(
@@ -179,41 +167,9 @@ def tune_video(
 
 # ---------------------------------------------------------------- loading a tuned model
 
-def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
-    """A checkpoint file, or a `minivid tune` folder (its newest checkpoint)."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        found = tuning.latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no tuned-*.safetensors checkpoint in this folder")
-        return found
-    if not path.is_file():
-        raise FileNotFoundError(f"tuned checkpoint {path} does not exist")
-    return path
-
-
-def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata the tuning engine wrote (`{"config": TuneConfig, "method": ..., ...}`) plus "step"."""
-    path = resolve_checkpoint(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise TuningError(f"{path}: not a readable safetensors checkpoint ({e})") from e
-    try:
-        meta = json.loads(raw.get("meta", "{}"))
-    except json.JSONDecodeError as e:
-        raise TuningError(f"{path}: unreadable metadata ({e})") from e
-    return {**meta, "step": int(raw.get("step", 0))}
-
-
 def require_method(meta: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
     """`meta` if it is an EI² checkpoint's; a TuningError naming the method it belongs to otherwise."""
-    method = meta.get("method")
-    if method != METHOD:
-        raise TuningError(f"{path}: a checkpoint of {method or 'an unknown method'!r}, not EI² "
-                          f"(tune one with `minivid tune --method ei2`)")
-    return meta
+    return tuning.require_method(meta, path, METHOD, "EI²")
 
 
 def load_tuned(sd, path: str | os.PathLike, config: EI2Config | None = None) -> tuple[EI2Model, dict[str, Any]]:
@@ -241,12 +197,7 @@ def load_tuned(sd, path: str | os.PathLike, config: EI2Config | None = None) -> 
         raise TuningError(f"{path}: {len(missing)} of EI²'s tuned tensors or buffers are missing (first: {missing[:3]}); "
                           f"was it tuned for another method or model size?")
     tuning.load_trainable(path, sd.unet)
-    fingerprint = meta.get("base_fingerprint")
-    here = base_fingerprint(sd.unet)
-    if fingerprint and any(abs(a - b) > 1e-2 * abs(a) for a, b in zip(fingerprint, here)):
-        log.warning("%s was tuned on another base model than the one loaded (frozen weights differ); "
-                    "the edit uses the loaded base with the tuned tensors", path)
-        meta["base_mismatch"] = True
+    meta["base_mismatch"] = check_base(meta, sd.unet, path)
     for p in sd.unet.parameters():
         p.requires_grad_(False)
     return model.eval(), {**meta, "path": str(path)}

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import pathlib
 from typing import Callable
 
 import torch
@@ -31,22 +29,18 @@ import torch.nn.functional as F
 from minivid.methods.tcve.model import TCVEModel
 from minivid.samplers import DDPMSchedule, Prediction, add_noise, training_target
 from minivid.tuning import (
-    TuneConfig, TuneResult, TuningError, gradient_checkpointing, latest_checkpoint, load_trainable, tune,
+    TuneConfig, TuneResult, TuningError, base_fingerprint, check_base, checkpoint_meta, gradient_checkpointing,
+    load_trainable, require_method, resolve_checkpoint, tune,
 )
 
 __all__ = [
-    "TCVE_TUNING", "CHECKPOINT_GLOB", "tune_config", "encode_video", "diffusion_loss", "base_fingerprint",
-    "tune_tcve", "resolve_checkpoint", "checkpoint_meta", "load_tuned",
+    "TCVE_TUNING", "CHECKPOINT_GLOB", "tune_config", "encode_video", "diffusion_loss", "tune_tcve", "load_tuned",
 ]
-
-log = logging.getLogger(__name__)
 
 TCVE_TUNING = dict(steps=100, lr=3e-5, weight_decay=1e-2, grad_clip=1.0)
 
 # modules recomputed in the backward pass with gradient checkpointing: every transformer block
 CHECKPOINT_GLOB = "unet.*transformer_blocks.[0-9]"
-# frozen tensors whose mean |w| identifies the base model a checkpoint was tuned on
-FINGERPRINT_TENSORS = ("time_embed.0.weight", "input_blocks.0.0.weight", "out.2.weight")
 
 
 def tune_config(**changes) -> TuneConfig:
@@ -57,9 +51,7 @@ def tune_config(**changes) -> TuneConfig:
 @torch.no_grad()
 def encode_video(sd, frames: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior of a clip [F, 3, H, W] in [-1, 1], scaled: (mean, std), each [F, 4, h, w] float32."""
-    vae = sd.vae
-    dist = vae.encode(frames.to(sd.device, vae.encoder.conv_in.weight.dtype), chunk=chunk)
-    return dist.mean.float() * sd.latent_scale, dist.std.float() * sd.latent_scale
+    return sd.encode_posterior(frames, chunk=chunk)
 
 
 def diffusion_loss(
@@ -101,12 +93,6 @@ def diffusion_loss(
         return F.mse_loss(pred.float(), target.float())
 
     return loss_fn
-
-
-def base_fingerprint(unet: torch.nn.Module) -> list[float]:
-    """Mean |w| of a few frozen UNet tensors: equal (up to dtype rounding) for the same base model."""
-    params = dict(unet.named_parameters())
-    return [float(params[n].detach().double().abs().mean()) for n in FINGERPRINT_TENSORS if n in params]
 
 
 def tune_tcve(
@@ -155,31 +141,6 @@ def tune_tcve(
 
 # ---------------------------------------------------------------- tuned checkpoints
 
-def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
-    """A checkpoint file, or a `minivid tune` output folder (its newest checkpoint)."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no tuned-*.safetensors checkpoint in this folder")
-        return found
-    if not path.is_file():
-        raise FileNotFoundError(f"tuned checkpoint {path} does not exist")
-    return path
-
-
-def checkpoint_meta(path: str | os.PathLike) -> dict:
-    """The settings a tuned checkpoint was written with (its `meta` metadata; {} if it has none)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get("meta", "{}")
-        return json.loads(raw)
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise TuningError(f"{path}: not a readable safetensors checkpoint ({e})") from e
-
-
 def _normalised(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))                                 # tuples -> lists, as stored
 
@@ -192,11 +153,7 @@ def load_tuned(model: TCVEModel, path: str | os.PathLike) -> dict:
     another base model (frozen weights differ): a warning and `base_mismatch` in the result.
     """
     path = resolve_checkpoint(path)
-    meta = checkpoint_meta(path)
-    method = meta.get("method")
-    if method != "tcve":
-        raise TuningError(f"{path}: a checkpoint of {method or 'an unknown method'!r}, not TCVE; tune one with "
-                          f"`minivid tune --method tcve`" + (f" or edit with --method {method}" if method else ""))
+    meta = require_method(checkpoint_meta(path), path, "tcve", "TCVE")
     mine = _normalised(model.settings)
     theirs = {k: meta.get(k) for k in mine}
     if theirs["unet"] != mine["unet"]:
@@ -207,9 +164,4 @@ def load_tuned(model: TCVEModel, path: str | os.PathLike) -> dict:
         if theirs[key] != mine[key]:
             raise TuningError(f"{path}: tuned with {key}={theirs[key]!r}, this model has {key}={mine[key]!r}")
     step = load_trainable(path, model)
-    fingerprint, here = meta.get("base_fingerprint"), base_fingerprint(model.unet)
-    mismatch = bool(fingerprint) and any(abs(a - b) > 1e-2 * abs(a) for a, b in zip(fingerprint, here))
-    if mismatch:
-        log.warning("%s was tuned on another base model than the one loaded (frozen weights differ); "
-                    "editing uses the loaded base with the tuned tensors", path)
-    return {**meta, "path": str(path), "step": step, "base_mismatch": mismatch}
+    return {**meta, "path": str(path), "step": step, "base_mismatch": check_base(meta, model.unet, path)}
