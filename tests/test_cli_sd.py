@@ -75,7 +75,7 @@ def test_invert_video_and_image(tmp_path, capsys):
     from minivid.video import save_grid
     save_grid(image, frames[:1])
     out = tmp_path / "inv_image"
-    assert main(["invert", "--tiny", "--video", str(image), "--steps", "2", "--out", str(out)]) == 0
+    assert main(["invert", "--tiny", "--image", str(image), "--steps", "2", "--out", str(out)]) == 0   # --image = --video
     assert set(record(out)["outputs"]) == {"source_grid.png", "reconstruction_grid.png", "side_by_side.png"}
     assert main(["invert", "--tiny", "--video", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "x")]) == 1
 

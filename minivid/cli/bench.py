@@ -25,6 +25,7 @@ def available() -> dict[str, pathlib.Path]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="benchmark name: " + (", ".join(available()) or "(none found)"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see `minivid bench NAME --help`)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch, given before NAME (default: torch's choice)")
 
 
 def load(name: str):

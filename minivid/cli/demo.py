@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from minivid.cli.common import add_run_arguments
 from minivid.jobs import Job
 
 help = "run generation and an inversion round trip on a tiny random model (no weights needed)"
@@ -33,24 +34,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--frames", type=int, default=8, help="frames of the generated clip (default 8)")
     p.add_argument("--size", type=int, default=32, help="image size in pixels (multiple of 16; default 32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--out", help="output folder (default outputs/demo-<time>/)")
     p.add_argument("--method", help="run a method's demo instead (minivid.methods.<name>.cli.demo), where it has one")
+    add_run_arguments(p, device="cpu")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.method:
-        return run_method(args)
-    if args.steps < 1 or args.frames < 1 or args.size < 16 or args.size % 16:
+    if not args.method and (args.steps < 1 or args.frames < 1 or args.size < 16 or args.size % 16):
         raise ValueError("--steps and --frames must be at least 1 and --size a multiple of 16")
     threads = torch.get_num_threads()
-    if torch.device(args.device).type == "cpu":
+    if args.threads is None and torch.device(args.device).type == "cpu":
         # a tiny model gains nothing from threads, and on a busy CPU OpenMP threads spin-waiting on
-        # each other make it ~10x slower
+        # each other make it ~10x slower (--threads overrides)
         torch.set_num_threads(1)
     try:
-        return run_tiny(args)
+        return run_method(args) if args.method else run_tiny(args)
     finally:
         torch.set_num_threads(threads)
 

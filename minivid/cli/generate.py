@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from minivid.cli.common import DTYPES, add_model_arguments, require_weights
+from minivid.cli.common import add_model_arguments, load_sd
 from minivid.jobs import Job
 
 help = "text-to-image with Stable Diffusion 1.x / 2.x"
 description = ("Generate images from a prompt (DDIM, classifier-free guidance). Writes image_NN.png, grid.png "
                "and record.json into --out.")
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,18 +29,6 @@ def add_sd_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the UNet predicts, when the checkpoint's name does not say (SD 2.x: 768 -> v)")
 
 
-def load_model(args: argparse.Namespace):
-    """The model the common options ask for: --weights PATH, or --tiny (a random SD 1-style model)."""
-    from minivid.models import StableDiffusion
-
-    require_weights(args)
-    dtype = DTYPES[args.dtype]
-    if args.weights:
-        return StableDiffusion.load(args.weights, device=args.device, dtype=dtype, prediction=args.prediction)
-    log.warning("--tiny: a tiny model with RANDOM weights; it makes no real images")
-    return StableDiffusion.from_config("tiny", device=args.device, dtype=dtype, seed=args.seed)
-
-
 def run(args: argparse.Namespace) -> int:
     from minivid.pipelines.sd import text_to_image
 
@@ -51,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--num-images and --steps must be at least 1")
     job = Job("generate", args.out, vars(args))
     with job.timed("load"):
-        sd = load_model(args)
+        sd = load_sd(args)
     job.record["model"] = {"kind": sd.kind, "prediction": sd.prediction, "config": sd.config.to_dict()}
     with job.timed("generate"):
         out = text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,

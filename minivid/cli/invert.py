@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from minivid.cli.common import add_video_arguments
-from minivid.cli.generate import add_sd_arguments, load_model
+from minivid.cli.common import add_video_arguments, load_sd, read_source
+from minivid.cli.generate import add_sd_arguments
 from minivid.jobs import Job
 
 help = "DDIM-invert an image or video and reconstruct it (reports the reconstruction PSNR)"
 description = ("Invert an image or video to DDIM noise and sample it back with the same prompt. Reports the "
                "reconstruction PSNR (and the VAE's own round trip, for comparison) in the terminal and "
                "record.json; writes the reconstruction, frame grids and a source|reconstruction side-by-side. "
-               "--video also takes a single image. With --tiny, --size defaults to the tiny model's 32 px.")
+               "--video (or --image) also takes a single image. With --tiny, --size defaults to the tiny model's 32 px.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,37 +24,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, help="frames per UNet call (default: all frames in one batch)")
     p.add_argument("--save-latents", action="store_true", help="also write latents.safetensors (x_0 and x_T)")
     add_sd_arguments(p)
-    add_video_arguments(p)
-    p.set_defaults(size=None)  # resolved in run(): 512 for real weights, the tiny model's size with --tiny
-
-
-def read_input(path: str, frames: int, stride: int) -> torch.Tensor:
-    """An image file -> [1, 3, H, W]; a video or a folder of frames -> [F, 3, H, W] (values in [-1, 1])."""
-    from minivid.video import IMAGE_EXTENSIONS, read_image, read_video
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or folder")
-    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-        return read_image(p)[None]
-    return read_video(p, num_frames=frames, stride=stride)
+    add_video_arguments(p, images=True)
 
 
 def run(args: argparse.Namespace) -> int:
     import safetensors.torch
 
     from minivid.pipelines.sd import invert_video, reconstruct_video
-    from minivid.video import fit
 
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
     job = Job("invert", args.out, vars(args))
     with job.timed("load"):
-        sd = load_model(args)
-        source = read_input(args.video, args.frames, args.stride)
-    size = args.size or (sd.config.image_size if args.tiny else 512)
-    multiple = sd.config.downsample_factor * sd.config.unet.downsample_factor
-    source = fit(source, size, multiple=multiple, source=args.video)
+        sd = load_sd(args)
+        source = read_source(args, sd, images=True)
     job.record["model"] = {"kind": sd.kind, "prediction": sd.prediction}
     with job.timed("inversion"):
         inv = invert_video(sd, source, args.prompt, args.steps, args.guidance, chunk=args.chunk)

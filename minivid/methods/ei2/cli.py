@@ -17,10 +17,15 @@ import logging
 
 import torch
 
+from minivid.cli.common import (
+    DTYPES, check_demo_arguments, load_sd, read_source, tiny_base, tuning_demo_results, tuning_summary, write_edit,
+)
 from minivid.jobs import Job
 from minivid.methods.ei2.model import ORDERS, EI2Config
 
 log = logging.getLogger(__name__)
+
+METHOD_NAME = "EI²"
 
 DEFAULT_TUNE_STEPS = 500
 DEFAULT_LR = 3e-5
@@ -36,8 +41,6 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="FFAM attention: Triton on CUDA, PyTorch elsewhere (auto, default), or forced")
 
 
-# ---------------------------------------------------------------- shared helpers
-
 def _config(args: argparse.Namespace, saved: EI2Config | None = None) -> EI2Config:
     """The EI² configuration: `saved` (a checkpoint's) or the default, changed by the options given."""
     base = saved or EI2Config()
@@ -48,33 +51,6 @@ def _config(args: argparse.Namespace, saved: EI2Config | None = None) -> EI2Conf
             if key in changes and changes[key] != getattr(saved, key):
                 log.warning("EI²: %s=%r given, the checkpoint was tuned with %r", key, changes[key], getattr(saved, key))
     return EI2Config(**{**base.to_dict(), **changes})
-
-
-def _load_sd(args: argparse.Namespace, tiny_seed: int | None = None):
-    from minivid.cli.common import DTYPES, require_weights
-    from minivid.models import StableDiffusion
-
-    require_weights(args)
-    dtype = DTYPES[args.dtype]
-    if args.weights:
-        sd = StableDiffusion.load(args.weights, device=args.device, dtype=dtype)
-        if sd.kind != "sd1":
-            log.warning("EI² is built on SD 1.4; %s is an SD 2.x model", args.weights)
-        return sd
-    seed = args.seed if tiny_seed is None else tiny_seed
-    log.warning("--tiny: a tiny model with RANDOM weights (seed %d); it makes no real edits", seed)
-    return StableDiffusion.from_config("tiny", device=args.device, dtype=dtype, seed=seed)
-
-
-def _source(args: argparse.Namespace, sd) -> torch.Tensor:
-    """The source clip [F, 3, H, W]: --frames frames every --stride, resized to --size (with --tiny the
-    default 512 becomes the tiny model's size) and cropped to a multiple the UNet accepts."""
-    from minivid.video import fit, read_video
-
-    size = sd.config.image_size if args.tiny and args.size == 512 else args.size
-    multiple = sd.config.downsample_factor * sd.config.unet.downsample_factor
-    frames = read_video(args.video, num_frames=args.frames, stride=args.stride)
-    return fit(frames, size, multiple=multiple, source=args.video)
 
 
 # ---------------------------------------------------------------- tune
@@ -88,40 +64,29 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     if steps < 1 or args.checkpoint_every < 1:
         raise ValueError("--steps and --checkpoint-every must be at least 1")
     with job.timed("load"):
-        sd = _load_sd(args)
-        frames = _source(args, sd)
+        sd = load_sd(args, METHOD_NAME)
+        frames = read_source(args, sd)
     config = _config(args)
     cfg = TuneConfig(steps=steps, lr=args.lr or DEFAULT_LR, autocast=args.autocast,
                      checkpoint_every=args.checkpoint_every, seed=args.seed)
-    base = {"weights": args.weights or "tiny", "tiny_seed": None if args.weights else args.seed}
     with job.timed("tuning"):
         _, result = tune_video(sd, frames, args.prompt, job.dir, config, cfg,
                                gradient_checkpointing=args.gradient_checkpointing, resume=not args.no_resume,
-                               meta={"base": base})
+                               meta={"base": tiny_base(args)})
     job.write_grid("source_grid.png", frames.cpu())
     if result.checkpoint is not None:
         job.add_output(result.checkpoint)
-    done = len(result.losses)
-    print(f"EI² tuning: steps {result.start_step}..{result.steps} on {len(frames)} frames "
-          f"{tuple(frames.shape[-2:])}; checkpoint {result.checkpoint}")
-    return {
-        "checkpoint": str(result.checkpoint), "ei2": config.to_dict(), "tune": vars(cfg),
-        "start_step": result.start_step, "steps": result.steps,
-        "frames": int(frames.shape[0]), "size": list(frames.shape[-2:]),
-        "loss_first": result.losses[0] if done else None, "loss_last": result.losses[-1] if done else None,
-        "losses": [round(v, 6) for v in result.losses],
-        "seconds_per_step": round(result.seconds / done, 4) if done else None,
-    }
+    return {**tuning_summary(METHOD_NAME, result, frames), "ei2": config.to_dict(), "tune": vars(cfg)}
 
 
 # ---------------------------------------------------------------- edit
 
 def edit(args: argparse.Namespace, job: Job) -> dict:
     """`minivid edit --method ei2 --tuned CKPT`: invert the source with the source prompt, sample with the edit prompt."""
-    from minivid.cli.common import DTYPES
     from minivid.methods.ei2.edit import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from minivid.methods.ei2.edit import edit as ei2_edit
-    from minivid.methods.ei2.tune import checkpoint_meta, load_tuned, require_method
+    from minivid.methods.ei2.tune import load_tuned, require_method
+    from minivid.tuning import checkpoint_meta
 
     if not args.tuned:
         raise ValueError("EI² edits with a tuned model: run `minivid tune --method ei2 ...` first and pass "
@@ -131,23 +96,19 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     tiny_seed = (meta.get("base") or {}).get("tiny_seed")
     config = _config(args, saved)
     with job.timed("load"):
-        sd = _load_sd(args, tiny_seed=tiny_seed)
-        frames = _source(args, sd)
+        sd = load_sd(args, METHOD_NAME, tiny_seed=tiny_seed)
+        frames = read_source(args, sd)
         _, info = load_tuned(sd, args.tuned, config)
     source_prompt = args.source_prompt or info.get("prompt", "")
     steps = args.steps or DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     with job.timed("edit (inversion + sampling)"):
         out = ei2_edit(sd, frames, args.prompt, source_prompt, steps, guidance, dtype=DTYPES[args.dtype])
-    source, result = frames.cpu(), out.images.cpu()
-    with job.timed("write"):
-        job.write_video("edited.mp4", result, fps=args.fps)
-        job.write_grid("grid.png", torch.cat([source, result]), cols=len(source))
-        job.write_side_by_side("side_by_side.mp4", source, result, fps=args.fps)
+    write_edit(job, frames, out.images, fps=args.fps)
     return {
         "tuned": info["path"], "tuned_step": info.get("step"), "tuned_prompt": info.get("prompt"),
         "source_prompt": source_prompt, "prompt": args.prompt, "steps": steps, "guidance": guidance,
-        "ei2": config.to_dict(), "frames": int(source.shape[0]), "size": list(source.shape[-2:]),
+        "ei2": config.to_dict(), "frames": int(frames.shape[0]), "size": list(frames.shape[-2:]),
         "base_mismatch": bool(info.get("base_mismatch", False)),
     }
 
@@ -188,8 +149,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.models import StableDiffusion
     from minivid.tuning import TuneConfig
 
-    if args.steps < 1 or args.frames < 2 or args.size < 16 or args.size % 16:
-        raise ValueError("--steps must be at least 1, --frames at least 2 and --size a multiple of 16")
+    check_demo_arguments(args)
     print("minivid demo --method ei2: a tiny model with RANDOM weights and a synthetic clip (moving squares).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every EI² stage: "
           f"inflation (FFAM + STAM), {DEMO_TUNE_STEPS} tuning steps, DDIM inversion and editing.")
@@ -208,17 +168,10 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
         after = float(fixed(0, torch.Generator().manual_seed(1234)))
     with job.timed("edit"):
         out = ei2_edit(sd, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=False)
-    source, edited = clip.cpu(), out.images.cpu()
-    job.write_video("source.mp4", source)
-    job.write_video("edited.mp4", edited)
-    job.write_grid("grid.png", torch.cat([source, edited]), cols=len(source))
-    job.write_side_by_side("side_by_side.mp4", source, edited)
+    job.write_video("source.mp4", clip.cpu())
+    write_edit(job, clip, out.images)
     print(f"tuning loss on a fixed batch: {before:.4f} before, {after:.4f} after {DEMO_TUNE_STEPS} steps "
           f"(lr {DEMO_LR:g}); edit: {args.steps} DDIM steps, CFG 7.5, '{DEMO_SOURCE}' -> '{DEMO_PROMPT}'")
     print("With official weights: minivid tune --method ei2 --weights sd-v1-4.ckpt --video CLIP --prompt ...; "
           "then minivid edit --method ei2 --tuned <tune folder> --video CLIP --prompt ...")
-    return {
-        "loss_fixed_batch_before": round(before, 6), "loss_fixed_batch_after": round(after, 6),
-        "tuning_losses": [round(v, 6) for v in result.losses], "checkpoint": str(result.checkpoint),
-        "note": "random weights: the edit is not meaningful",
-    }
+    return tuning_demo_results(before, after, result)

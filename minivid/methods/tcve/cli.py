@@ -20,10 +20,15 @@ import math
 
 import torch
 
+from minivid.cli.common import (
+    DTYPES, check_demo_arguments, load_sd, read_source, tiny_base, tuning_demo_results, tuning_summary, write_edit,
+)
 from minivid.jobs import Job
 from minivid.methods.tcve.stu import ABLATIONS
 
 log = logging.getLogger(__name__)
+
+METHOD_NAME = "TCVE"
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -45,37 +50,6 @@ def _opt(args: argparse.Namespace, name: str, default=None):
     return default if value is None else value
 
 
-def _load_sd(args: argparse.Namespace, tiny_seed: int | None = None):
-    from minivid.cli.common import DTYPES, require_weights
-    from minivid.models import StableDiffusion
-
-    require_weights(args)
-    dtype = DTYPES[args.dtype]
-    if args.weights:
-        sd = StableDiffusion.load(args.weights, device=args.device, dtype=dtype)
-        if sd.kind != "sd1":
-            log.warning("TCVE is built on SD 1.4; %s is an SD 2.x model", args.weights)
-        return sd
-    seed = args.seed if tiny_seed is None else tiny_seed
-    log.warning("--tiny: a tiny model with RANDOM weights (seed %d); it makes no real edits", seed)
-    return StableDiffusion.from_config("tiny", device=args.device, dtype=dtype, seed=seed)
-
-
-def _source(args: argparse.Namespace, sd) -> torch.Tensor:
-    """The source clip [F, 3, H, W]: --frames frames every --stride, resized to --size (with --tiny the
-    default 512 becomes the tiny model's size) and cropped to a multiple the UNet accepts."""
-    from minivid.video import fit, read_video
-
-    size = sd.config.image_size if args.tiny and args.size == 512 else args.size
-    multiple = sd.config.downsample_factor * sd.config.unet.downsample_factor
-    frames = read_video(args.video, num_frames=args.frames, stride=args.stride)
-    return fit(frames, size, multiple=multiple, source=args.video)
-
-
-def _base(args: argparse.Namespace) -> dict:
-    return {"weights": args.weights or "tiny", "tiny_seed": None if args.weights else args.seed}
-
-
 # ---------------------------------------------------------------- tune
 
 def tune(args: argparse.Namespace, job: Job) -> dict:
@@ -91,8 +65,8 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     if cfg.steps < 1 or cfg.checkpoint_every < 1:
         raise ValueError("--steps and --checkpoint-every must be at least 1")
     with job.timed("load"):
-        sd = _load_sd(args)
-        frames = _source(args, sd)
+        sd = load_sd(args, METHOD_NAME)
+        frames = read_source(args, sd)
         model = TCVEModel.build(sd.unet, ablation=_opt(args, "ablation", "none"),
                                 official_reshape=_opt(args, "official_reshape", False), seed=args.seed)
     trainable = model.trainable()
@@ -101,32 +75,22 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     with job.timed("tuning"):
         result = tune_tcve(sd, model, frames, args.prompt, cfg, job.dir, resume=not args.no_resume,
                            checkpointing=args.gradient_checkpointing, vae_chunk=_opt(args, "vae_chunk"),
-                           meta={"base": _base(args)})
+                           meta={"base": tiny_base(args)})
     job.write_grid("source_grid.png", frames.cpu())
     if result.checkpoint is not None:
         job.add_output(result.checkpoint)
-    done = len(result.losses)
-    print(f"TCVE tuning: steps {result.start_step}..{result.steps} on {len(frames)} frames "
-          f"{tuple(frames.shape[-2:])}; checkpoint {result.checkpoint}")
-    return {
-        "checkpoint": str(result.checkpoint), "tcve": model.settings, "tune": vars(cfg),
-        "trainable_values": sum(p.numel() for p in trainable.values()),
-        "start_step": result.start_step, "steps": result.steps,
-        "frames": int(frames.shape[0]), "size": list(frames.shape[-2:]),
-        "loss_first": result.losses[0] if done else None, "loss_last": result.losses[-1] if done else None,
-        "losses": [round(v, 6) for v in result.losses],
-        "seconds_per_step": round(result.seconds / done, 4) if done else None,
-    }
+    return {**tuning_summary(METHOD_NAME, result, frames), "tcve": model.settings, "tune": vars(cfg),
+            "trainable_values": sum(p.numel() for p in trainable.values())}
 
 
 # ---------------------------------------------------------------- edit
 
 def edit(args: argparse.Namespace, job: Job) -> dict:
     """`minivid edit --method tcve --tuned CKPT`: DDIM-invert the source, sample under the edit prompt."""
-    from minivid.cli.common import DTYPES
     from minivid.methods.tcve.edit import EDIT_GUIDANCE, EDIT_STEPS, edit_tcve
     from minivid.methods.tcve.model import TCVEModel
-    from minivid.methods.tcve.tune import checkpoint_meta, load_tuned, resolve_checkpoint
+    from minivid.methods.tcve.tune import load_tuned
+    from minivid.tuning import checkpoint_meta, resolve_checkpoint
 
     meta: dict = {}
     if args.tuned:
@@ -138,8 +102,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     ablation = _opt(args, "ablation", meta.get("ablation") or "none")
     official = _opt(args, "official_reshape", False) or bool(meta.get("official_reshape", False))
     with job.timed("load"):
-        sd = _load_sd(args, tiny_seed=(meta.get("base") or {}).get("tiny_seed"))
-        frames = _source(args, sd)
+        sd = load_sd(args, METHOD_NAME, tiny_seed=(meta.get("base") or {}).get("tiny_seed"))
+        frames = read_source(args, sd)
         model = TCVEModel.build(sd.unet, ablation=ablation, official_reshape=official)
         info = load_tuned(model, path) if args.tuned else {}
     model.eval()
@@ -150,16 +114,12 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     with job.timed("edit (inversion + sampling)"):
         out = edit_tcve(sd, model, frames, args.prompt, source_prompt, inversion_prompt=inversion, steps=steps,
                         guidance=guidance, vae_chunk=_opt(args, "vae_chunk"), dtype=DTYPES[args.dtype])
-    source, result = frames.cpu(), out.images.cpu()
-    with job.timed("write"):
-        job.write_video("edited.mp4", result, fps=args.fps)
-        job.write_grid("grid.png", torch.cat([source, result]), cols=len(source))
-        job.write_side_by_side("side_by_side.mp4", source, result, fps=args.fps)
+    write_edit(job, frames, out.images, fps=args.fps)
     return {
         "tuned": info.get("path"), "tuned_step": info.get("step"), "tuned_prompt": info.get("prompt"),
         "inversion_prompt": source_prompt if inversion == "source" else "", "prompt": args.prompt,
         "steps": steps, "guidance": guidance, "tcve": model.settings,
-        "frames": int(source.shape[0]), "size": list(source.shape[-2:]),
+        "frames": int(frames.shape[0]), "size": list(frames.shape[-2:]),
         "base_mismatch": bool(info.get("base_mismatch", False)),
     }
 
@@ -200,8 +160,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.methods.tcve.tune import diffusion_loss, encode_video, tune_config, tune_tcve
     from minivid.models import StableDiffusion
 
-    if args.steps < 1 or args.frames < 2 or args.size < 16 or args.size % 16:
-        raise ValueError("--steps must be at least 1, --frames at least 2 and --size a multiple of 16")
+    check_demo_arguments(args)
     print("minivid demo --method tcve: a tiny model with RANDOM weights and a synthetic clip (a rolling ball).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every TCVE stage: "
           f"Tune-A-Video inflation, temporal UNet + STUs, {DEMO_TUNE_STEPS} tuning steps, DDIM inversion and editing.")
@@ -220,17 +179,10 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
         after = float(fixed(0, torch.Generator().manual_seed(1234)))
     with job.timed("edit"):
         out = edit_tcve(sd, model, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=False)
-    source, edited = clip.cpu(), out.images.cpu()
-    job.write_video("source.mp4", source)
-    job.write_video("edited.mp4", edited)
-    job.write_grid("grid.png", torch.cat([source, edited]), cols=len(source))
-    job.write_side_by_side("side_by_side.mp4", source, edited)
+    job.write_video("source.mp4", clip.cpu())
+    write_edit(job, clip, out.images)
     print(f"tuning loss on a fixed batch: {before:.4f} before, {after:.4f} after {DEMO_TUNE_STEPS} steps "
           f"(lr {DEMO_LR:g}); edit: {args.steps} DDIM steps, CFG {EDIT_GUIDANCE}, '{DEMO_SOURCE}' -> '{DEMO_PROMPT}'")
     print("With official weights: minivid tune --method tcve --weights sd-v1-4.ckpt --video CLIP --prompt ...; "
           "then minivid edit --method tcve --tuned <tune folder> --weights sd-v1-4.ckpt --video CLIP --prompt ...")
-    return {
-        "loss_fixed_batch_before": round(before, 6), "loss_fixed_batch_after": round(after, 6),
-        "tuning_losses": [round(v, 6) for v in result.losses], "checkpoint": str(result.checkpoint),
-        "note": "random weights: the edit is not meaningful",
-    }
+    return tuning_demo_results(before, after, result)
