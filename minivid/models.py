@@ -367,18 +367,9 @@ def _materialise(cls, config: SDConfig, dtype: torch.dtype) -> StableDiffusion:
 
 
 def _load_components(model: StableDiffusion, parts: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
-    _drop_missing_contrastive_head(model.text_encoder, parts["text"])
     weights.load_strict(model.unet, parts["unet"], source, "unet")
     weights.load_strict(model.vae, parts["vae"], source, "vae")
     weights.load_strict(model.text_encoder, parts["text"], source, "text encoder")
-
-
-def _drop_missing_contrastive_head(text: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
-    """OpenCLIP's contrastive head (text_projection, logit_scale) is never used by SD and diffusers
-    folders do not store it: a state dict without it loads into a model without it."""
-    if text.cfg.flavour == "openclip" and "text_projection" not in sd and "logit_scale" not in sd:
-        del text.text_projection
-        del text.logit_scale
 
 
 def _load_single_file(cls, path: Path, device, dtype, prediction, config) -> StableDiffusion:
@@ -414,7 +405,7 @@ def _load_single_file(cls, path: Path, device, dtype, prediction, config) -> Sta
 # ---------------------------------------------------------------- diffusers folders
 
 def _load_diffusers(cls, path: Path, device, dtype, prediction, config) -> StableDiffusion:
-    kind, reason = formats.folder_kind(path)
+    kind, reason = weights.detect_folder(path)
     if kind not in ("sd1", "sd2"):
         raise weights.WeightsError(f"{path}: not a Stable Diffusion 1.x/2.x pipeline folder: {reason}")
     log.info("%s: %s (%s)", path, weights.MODELS[kind], reason)
@@ -447,7 +438,7 @@ def _load_diffusers(cls, path: Path, device, dtype, prediction, config) -> Stabl
     parts = {
         "unet": weights.diffusers_to_original("unet", folder.pop("unet")),
         "vae": weights.diffusers_to_original("vae", folder.pop("vae")),
-        "text": weights.diffusers_to_original(text_table, formats.with_text_model_prefix(folder.pop("text_encoder"))),
+        "text": weights.diffusers_to_original(text_table, folder.pop("text_encoder")),
     }
     model = _materialise(cls, config, dtype)
     _load_components(model, parts, str(path))

@@ -98,7 +98,7 @@ def text_config_from_original(sd: Mapping[str, torch.Tensor], kind: str) -> CLIP
             "openclip", width=tok.shape[1], layers=_count(keys, "transformer.resblocks."), heads=16,
             mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act="gelu", vocab_size=tok.shape[0],
             context_length=sd["positional_embedding"].shape[0], conditioning_layer="penultimate",
-            projection_dim=proj.shape[1] if proj is not None else tok.shape[1],
+            projection_dim=proj.shape[1] if proj is not None else None,
         )
     except KeyError as e:
         raise weights.WeightsError(f"the text encoder lacks {e.args[0]!r}, which every SD {kind[-1]}.x text "
@@ -217,15 +217,15 @@ def vae_config_to_diffusers(cfg: VAEConfig, sample_size: int, scaling_factor: fl
 
 def text_config_from_transformers(cfg: Mapping[str, Any], kind: str) -> CLIPTextConfig:
     """transformers' CLIPTextConfig (text_encoder/config.json) -> CLIPTextConfig. A diffusers SD 2
-    text encoder holds exactly the layers SD 2 runs (23 of OpenCLIP's 24), so all of them run."""
+    text encoder holds exactly the layers SD 2 runs (23 of OpenCLIP's 24), so all of them run; like
+    SD 1.x's, it stores no contrastive head (text_projection, logit_scale), which SD never uses."""
     common = dict(width=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
                   mlp_width=cfg["intermediate_size"], act=cfg.get("hidden_act", "quick_gelu"),
                   vocab_size=cfg.get("vocab_size", 49408), context_length=cfg.get("max_position_embeddings", 77),
                   eps=cfg.get("layer_norm_eps", 1e-5))
     if kind == "sd1":
         return CLIPTextConfig("openai", **common)
-    return CLIPTextConfig("openclip", **common, conditioning_layer="last",
-                          projection_dim=cfg.get("projection_dim") or cfg["hidden_size"])
+    return CLIPTextConfig("openclip", **common, conditioning_layer="last")
 
 
 def text_config_to_transformers(cfg: CLIPTextConfig) -> dict[str, Any]:
@@ -288,29 +288,6 @@ def model_index() -> dict[str, Any]:
         "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
         "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
     }
-
-
-def with_text_model_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers >= 5 saves CLIPTextModel tensors without the `text_model.` level older files have."""
-    if any(k.startswith("text_model.") for k in sd):
-        return dict(sd)
-    return {"text_model." + k: v for k, v in sd.items()}
-
-
-def folder_kind(path: Path) -> tuple[str, str]:
-    """weights.detect_folder, which knows SD's official widths; for a folder of another size (a tiny
-    test model), SD 1.x and 2.x are told apart by the UNet's projection (conv / Linear), which
-    goes with the text encoder's activation (quick-GELU / GELU)."""
-    kind, reason = weights.detect_folder(path)
-    if kind != "unknown" or "of another size" not in reason:
-        return kind, reason
-    linear = read_json(path / "unet" / "config.json").get("use_linear_projection", False)
-    act = read_json(path / "text_encoder" / "config.json").get("hidden_act", "quick_gelu")
-    if not linear and act == "quick_gelu":
-        return "sd1", "SD 1.x layout of another size (conv proj_in, quick-GELU text encoder)"
-    if linear and act == "gelu":
-        return "sd2", "SD 2.x layout of another size (Linear proj_in, GELU text encoder)"
-    return kind, f"{reason}; text encoder hidden_act {act!r} does not match the UNet's projection"
 
 
 def write_tokenizer(folder: Path, pad: str, max_length: int) -> None:

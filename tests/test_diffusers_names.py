@@ -218,6 +218,17 @@ def test_tiny_text_sd2_round_trip_and_the_extra_resblock():
     _equal(W.diffusers_to_original("text_sd2", with_ids), original)
 
 
+@pytest.mark.parametrize("table, act", [("text_sd1", "quick_gelu"), ("text_sd2", "gelu")])
+def test_text_tables_read_transformers5_names_without_text_model(table, act):
+    """transformers 5 saves CLIPTextModel tensors without the `text_model.` level: the same tensors."""
+    theirs = _tiny_clip(2, act=act)
+    flat = {k.removeprefix("text_model."): v for k, v in theirs.items()}
+    original = W.diffusers_to_original(table, flat)
+    _equal(original, W.diffusers_to_original(table, theirs))
+    layout = TextSD2Layout(layers=2) if table == "text_sd2" else None
+    _equal(W.original_to_diffusers(table, original, layout), theirs)      # written with the level, as before
+
+
 def test_unknown_names_are_errors():
     with pytest.raises(WeightsError, match=r"1 tensor names of the unet state dict are not in its original-names table.*"
                                            r"input_blocks.1.0.bogus.weight"):

@@ -238,6 +238,16 @@ def test_detect_folder(tmp_path):
     _fake_pipeline(tmp_path / "xl", "StableDiffusionXLPipeline",
                    {"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, {})
     assert W.detect_folder(tmp_path / "xl")[0] == "unknown"
+    # other widths (tiny test models): SD 1.x / 2.x from the structure; a mix of both is refused
+    _fake_pipeline(tmp_path / "tiny1", "StableDiffusionPipeline", {"cross_attention_dim": 32}, {"hidden_act": "quick_gelu"})
+    assert W.detect_folder(tmp_path / "tiny1")[0] == "sd1"
+    _fake_pipeline(tmp_path / "tiny2", "StableDiffusionPipeline", {"cross_attention_dim": 48, "use_linear_projection": True},
+                   {"hidden_act": "gelu"})
+    assert W.detect_folder(tmp_path / "tiny2")[0] == "sd2"
+    _fake_pipeline(tmp_path / "mixed", "StableDiffusionPipeline", {"cross_attention_dim": 48, "use_linear_projection": True},
+                   {"hidden_act": "quick_gelu"})
+    kind, reason = W.detect_folder(tmp_path / "mixed")
+    assert kind == "unknown" and "mixing SD 1.x and 2.x" in reason
 
 
 # ----------------------------------------------------------------------------- splitting and strict loading

@@ -88,7 +88,7 @@ def describe_detection(keys_or_state_dict: Iterable[str] | Mapping, filename: st
         return "unknown", ("SDXL-style checkpoint (conditioner.embedders.1.* second text encoder and/or "
                            "model.diffusion_model.label_emb): minivid supports SD 1.x/2.x and SVD only")
     if not _has(keys, _UNET):
-        if _has(keys, "down_blocks.") or _has(keys, "text_model.encoder.") or _has(keys, "encoder.down_blocks."):
+        if any(_has(keys, p) for p in ("down_blocks.", "text_model.encoder.", "encoder.layers.", "encoder.down_blocks.")):
             return "unknown", ("diffusers-named tensors (one component of a diffusers folder): pass the pipeline "
                                "folder, whose layout detect_path reads")
         tops = sorted({k.split(".")[0] for k in keys})
@@ -181,16 +181,24 @@ def detect_folder(path: str | Path) -> tuple[str, str]:
             return "unknown", "diffusers UNet with added/class embeddings (SDXL or upscaler style), not SD 1.x/2.x"
         if unet.get("in_channels", 4) != 4:
             return "unknown", f"diffusers UNet with {unet.get('in_channels')} input channels (SD: 4)"
-        dim = unet.get("cross_attention_dim")
-        text = _read_json(path / "text_encoder" / "config.json")
-        if dim == 768 and not unet.get("use_linear_projection", False):
-            return "sd1", "diffusers StableDiffusionPipeline; unet cross_attention_dim 768, conv proj_in"
-        if dim == 1024 and unet.get("use_linear_projection", False):
-            return "sd2", (f"diffusers StableDiffusionPipeline; unet cross_attention_dim 1024, linear proj_in, "
-                           f"{text.get('num_hidden_layers', '?')}-layer text encoder")
-        return "unknown", (f"diffusers StableDiffusionPipeline of another size (cross_attention_dim {dim}, "
-                           f"use_linear_projection {unet.get('use_linear_projection')})")
+        return _sd_generation(unet, _read_json(path / "text_encoder" / "config.json"))
     return "unknown", f"{kind}: no StableDiffusion/StableVideoDiffusion pipeline in model_index.json"
+
+
+def _sd_generation(unet: dict, text: dict) -> tuple[str, str]:
+    """SD 1.x or 2.x from the structure, at any width: SD 1.x has 1x1-conv proj_in/proj_out and an
+    OpenAI CLIP text encoder (quick-GELU); SD 2.x Linear projections and OpenCLIP (GELU). A text
+    config that does not state its activation follows the UNet."""
+    linear = bool(unet.get("use_linear_projection", False))
+    act = text.get("hidden_act")
+    dims = (f"cross_attention_dim {unet.get('cross_attention_dim')}, "
+            f"{text.get('num_hidden_layers', '?')}-layer text encoder")
+    if not linear and act in (None, "quick_gelu"):
+        return "sd1", f"diffusers StableDiffusionPipeline; conv proj_in, quick-GELU text encoder (SD 1.x); {dims}"
+    if linear and act in (None, "gelu"):
+        return "sd2", f"diffusers StableDiffusionPipeline; Linear proj_in, GELU text encoder (SD 2.x); {dims}"
+    return "unknown", (f"diffusers StableDiffusionPipeline mixing SD 1.x and 2.x: use_linear_projection {linear} "
+                       f"with a {act!r} text encoder")
 
 
 # ------------------------------------------------------------------------------------ prediction type

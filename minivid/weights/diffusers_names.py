@@ -14,7 +14,9 @@ differently; this module renames them, in both directions, from one table per co
 Original keys are relative to the component prefix of the original file (`model.diffusion_model.`,
 `first_stage_model.`, SD 1.x text `cond_stage_model.transformer.`, SD 2.x text `cond_stage_model.model.`;
 see `minivid.weights.SD_PREFIXES`), i.e. the names of minivid's modules; diffusers keys are exactly
-as stored in the diffusers files (the text encoder's start with `text_model.`).
+as stored in the diffusers files. The text encoder's start with `text_model.` in files written by
+transformers < 5 (and by diffusers' converters, which is what this module writes); transformers 5
+saves them without that level. Both text tables read both forms.
 
 A table is a list of `Rule(original, diffusers, kind)` between MODULE paths; a tensor name
 is renamed by its longest listed module prefix, so `input_blocks.1.1` <-> `down_blocks.0.attentions.0`
@@ -70,7 +72,7 @@ class Rule:
     original: str | None   # path in the original file; None: diffusers-only
     diffusers: str | None  # path in the diffusers file; None: original-only
     kind: Kind = "same"
-    alias: bool = False    # an older diffusers spelling: read, never written
+    alias: bool = False    # another diffusers spelling (older, or transformers 5's): read, never written
 
 
 # ------------------------------------------------------------------------------------ UNet
@@ -230,10 +232,21 @@ def vae_rules(layout: VAELayout = VAELayout()) -> list[Rule]:
 # ------------------------------------------------------------------------------------ text encoders
 
 
+def _without_text_model_level(rules: list[Rule]) -> list[Rule]:
+    """`rules` plus, for every diffusers name under `text_model.`, the same name without that level
+    (transformers 5's CLIPTextModel files), read as an alias."""
+    prefix = "text_model."
+    return rules + [Rule(r.original, r.diffusers.removeprefix(prefix), r.kind, alias=True)
+                    for r in rules if r.diffusers is not None and r.diffusers.startswith(prefix)]
+
+
+HF_TEXT_PARTS = ("embeddings", "encoder", "final_layer_norm")
+
+
 def text_sd1_rules(layout: None = None) -> list[Rule]:
     """SD 1.x CLIP ViT-L/14 text: Hugging Face names on both sides (the file's prefix
     `cond_stage_model.transformer.` stripped); the table still refuses any other name."""
-    return [Rule("text_model", "text_model")]
+    return _without_text_model_level([Rule(f"text_model.{part}", f"text_model.{part}") for part in HF_TEXT_PARTS])
 
 
 @dataclass(frozen=True)
@@ -250,7 +263,7 @@ class TextSD2Layout:
     @classmethod
     def from_keys(cls, keys: Collection[str], naming: Naming) -> "TextSD2Layout":
         if naming == "diffusers":
-            n = max(_indices(keys, r"text_model\.encoder\.layers\.(\d+)\."), default=-1) + 1
+            n = max(_indices(keys, r"(?:text_model\.)?encoder\.layers\.(\d+)\."), default=-1) + 1
             return cls(n) if n else cls()
         return cls()
 
@@ -279,7 +292,7 @@ def text_sd2_rules(layout: TextSD2Layout = TextSD2Layout()) -> list[Rule]:
     for i in range(layout.layers):
         rules += [Rule(f"transformer.resblocks.{i}.{o}", f"text_model.encoder.layers.{i}.{d}", kind)
                   for o, d, kind in OPENCLIP_LAYER]
-    return rules
+    return _without_text_model_level(rules)
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -417,7 +430,7 @@ def original_only(component: str, original_keys: Collection[str], layout=None) -
     table = _table(component)
     layout = layout if layout is not None or table.layout is None else table.layout(original_keys, "original")
     rules = _rules(component, original_keys, "original", layout)
-    index = {r.original: r for r in rules if r.original is not None}
+    index = {r.original: r for r in rules if r.original is not None and not r.alias}
     extra = set(table.extra_original(original_keys, layout)) if table.extra_original else set()
     return sorted(k for k in original_keys if k in extra or (_lookup(index, k)[0] or Rule(k, k)).diffusers is None)
 
