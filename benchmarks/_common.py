@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: timing, peak memory, markdown tables."""
+"""Helpers shared by the benchmark scripts: timing, peak memory, random weights, markdown tables."""
 from __future__ import annotations
 
 import datetime
@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
@@ -52,6 +53,23 @@ def peak_memory(fn: Callable[[], object]) -> int:
         cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak
+
+
+def random_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fan-in-scaled uniform weights, norms at identity, small biases: finite O(1) activations, no
+    denormals (which would make the timings meaningless)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                bound = (3 / m.weight[0].numel()) ** 0.5
+                m.weight.uniform_(-bound, bound, generator=g)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.05, 0.05, generator=g)
+    return model
 
 
 def machine() -> str:

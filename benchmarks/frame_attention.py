@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, table, write_section  # noqa: E402
+from _common import interleaved, peak_memory, table, write_section  # noqa: E402
 
 from minivid.attention import Attention, sdpa  # noqa: E402
 from minivid.methods.ei2.blocks import FFAMProcessor  # noqa: E402
@@ -37,22 +37,6 @@ from minivid.methods.tuneavideo import sparse_causal  # noqa: E402
 CONFIGS = [(8, 64, 64, 320), (8, 32, 32, 640)]
 QUICK = [(4, 16, 16, 320), (4, 8, 8, 640)]
 HEADS = 8
-
-
-def peak_memory(fn) -> int:
-    """Peak bytes held by torch's CPU allocator while `fn` runs.
-
-    Like _common.peak_memory, but summing each profiler event's SELF allocations: the inclusive
-    `cpu_memory_usage` counts an allocation once per enclosing op (a clone of 1.25 MiB reads
-    2.5 MiB, an sdpa output 5.1 MiB).
-    """
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    peak = cur = 0
-    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, peak_memory, table, write_section  # noqa: E402
+from _common import interleaved, peak_memory, random_weights_, table, write_section  # noqa: E402
 
 from minivid.attention import call_state, processors, sdpa  # noqa: E402
 from minivid.methods import tuneavideo  # noqa: E402
@@ -50,22 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny-frames", type=int, default=8, help="frames of the tiny tuning step's clip (default 8, 32 px)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 avoids OpenMP stalls on a shared, loaded machine")
-
-
-def random_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fan-in-scaled uniform weights, norms at identity, small biases: finite O(1) activations."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                bound = (3 / m.weight[0].numel()) ** 0.5
-                m.weight.uniform_(-bound, bound, generator=g)
-                if m.bias is not None:
-                    m.bias.uniform_(-0.05, 0.05, generator=g)
-    return model
 
 
 @contextlib.contextmanager

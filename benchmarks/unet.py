@@ -14,14 +14,13 @@ import pathlib
 import sys
 
 import torch
-import torch.nn as nn
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
 from minivid.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, table, write_section  # noqa: E402
+from _common import interleaved, peak_memory, random_weights_, table, write_section  # noqa: E402
 
 # the ldm UNetModel parameters of v1-inference.yaml, as diffusers' config builder reads them
 SD14_LDM = dict(
@@ -34,22 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="32,64", help="latent sides to time, comma-separated (default 32,64)")
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per model and size (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-
-
-def random_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fan-in-scaled uniform weights (norms at identity): finite, O(1) activations, no denormals."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
-                bound = (3 / m.weight[0].numel()) ** 0.5
-                m.weight.uniform_(-bound, bound, generator=g)
-                if m.bias is not None:
-                    m.bias.uniform_(-0.05, 0.05, generator=g)
-    return model
 
 
 def build() -> tuple[UNet, UNet2DConditionModel]:
@@ -68,24 +51,6 @@ def build() -> tuple[UNet, UNet2DConditionModel]:
     return unet, ref.eval()
 
 
-def peak_allocated(fn) -> int:
-    """Peak bytes held by torch's CPU allocator while `fn` runs (profiler memory records).
-
-    Each allocation/free is counted once, from the op that made it (`self_cpu_memory_usage`);
-    _common.peak_memory sums the inclusive `cpu_memory_usage`, which counts an allocation once
-    per enclosing op (a conv output 4-5 times). A temporary allocated and freed inside one op
-    is not seen.
-    """
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    peak = cur = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
-
-
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             err = (fns["minivid"]() - fns["diffusers"]()).abs().max().item()
             times = interleaved(fns, repeats=args.repeats, warmup=0)
-            mem = {k: peak_allocated(f) / 2 ** 20 for k, f in fns.items()}
+            mem = {k: peak_memory(f) / 2 ** 20 for k, f in fns.items()}
         rows.append([
             f"{side}×{side}", times["minivid"], times["diffusers"], times["minivid"] / times["diffusers"],
             mem["minivid"], mem["diffusers"], mem["minivid"] / mem["diffusers"], f"{err:.1e}",
