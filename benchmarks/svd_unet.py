@@ -4,7 +4,7 @@ Both models hold the SAME tensors (diffusers' parameters are assigned minivid's,
 minivid.weights.svd_names, so the 1.5 B random fp32 weights exist once, ~6.1 GB), frozen
 (requires_grad False, as for inference or when only LoRA layers train), and get the same
 input: one clip (B = 1) of F frames at an h×w latent, c_noise of σ = 1, a random image embedding
-and SVD's default added time ids. Reported: the median of interleaved forward passes (no grad),
+and SVD's default added time ids. Reported: the median of forward passes (no grad) run in alternating order,
 their ratio, and the peak bytes torch's CPU allocator holds during one forward beyond the weights
 (profiler, self allocations). The outputs are compared too (after setting diffusers' ResBlock
 GroupNorm eps to sgm's 1e-5, the one architectural difference; docs/svd.md).
@@ -19,14 +19,32 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, table, write_section  # noqa: E402
+from _common import table, write_section  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=14, help="frames per clip (default 14, SVD's)")
     p.add_argument("--latent", type=int, default=8, help="latent side h = w (default 8, i.e. 64×64 pixels)")
-    p.add_argument("--repeats", type=int, default=3, help="timed forwards per model (median reported)")
+    p.add_argument("--repeats", type=int, default=6, help="timed forwards per model, in alternating order (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--trainable", action="store_true",
+                   help="leave the weights requiring grad (default: frozen, as for inference or LoRA tuning)")
+
+
+def alternating(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per function over `repeats` rounds, the order reversed every other round (a, b, b, a, ...),
+    so that neither model always runs right after the other."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def peak_memory(fn) -> int:
@@ -81,12 +99,12 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         ours = VideoUNet(cfg)
     random_fill_(ours)
-    ours.eval().requires_grad_(False)
+    ours.eval().requires_grad_(args.trainable)
     kwargs = {k: v for k, v in _unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
     with torch.device("meta"):
         ref = UNetSpatioTemporalConditionModel(**kwargs)
     ref.load_state_dict(original_to_diffusers("svd_unet", ours.state_dict()), strict=True, assign=True)
-    ref.eval().requires_grad_(False)                                       # both frozen, as for inference or LoRA tuning
+    ref.eval().requires_grad_(args.trainable)                              # frozen by default, as for inference or LoRA
     for name, m in ref.named_modules():
         if isinstance(m, nn.GroupNorm) and ".resnets." in name:
             m.eps = 1e-5
@@ -109,18 +127,21 @@ def run(args: argparse.Namespace) -> int:
             return ref(x, c_noise, embeds, ids).sample
 
     err = (run_ours() - run_ref()).abs().max().item()
-    times = interleaved({"minivid": run_ours, "diffusers": run_ref}, repeats=args.repeats, warmup=0)
+    times = alternating({"minivid": run_ours, "diffusers": run_ref}, repeats=args.repeats)
     mem = {"minivid": peak_memory(run_ours), "diffusers": peak_memory(run_ref)}
     rows = [[name, f"{times[name]:.3f}", f"{times[name] / times['diffusers']:.3f}", f"{mem[name] / 2**20:.1f}",
              f"{mem[name] / mem['diffusers']:.3f}"] for name in ("minivid", "diffusers")]
     body = (
-        f"Full-size SVD UNet (1.52 B parameters, fp32, random weights shared by both models: {shared}), one forward "
+        f"Full-size SVD UNet (1.52 B parameters, fp32, random weights shared by both models: {shared}, "
+        f"{'trainable' if args.trainable else 'frozen'}), one forward "
         f"without grad on B=1 clip of {F} frames at a {h}×{h} latent ({8 * h}×{8 * h} pixels); median of "
-        f"{args.repeats} interleaved runs, {torch.get_num_threads()} thread(s). Peak = torch CPU allocator high-water "
+        f"{args.repeats} runs in alternating order, {torch.get_num_threads()} thread(s). Peak = torch CPU allocator high-water "
         f"mark during one forward, beyond the weights. Max |minivid − diffusers| = {err:.2e} "
-        f"(diffusers' ResBlock GroupNorm eps set to sgm's 1e-5).\n\n"
+        f"(diffusers' ResBlock GroupNorm eps set to sgm's 1e-5). With frozen weights diffusers feeds strided token "
+        f"tensors to some Linear layers (proj_in ...), which torch then multiplies as a batched matmul of the "
+        f"expanded weight; minivid passes dense tensors. With trainable weights both take the same path.\n\n"
         f"Command: `minivid bench svd-unet --frames {F} --latent {h} --repeats {args.repeats}"
-        f"{f' --threads {args.threads}' if args.threads else ''}`.\n\n"
+        f"{f' --threads {args.threads}' if args.threads else ''}{' --trainable' if args.trainable else ''}`.\n\n"
         + table(["model", "CPU s (median)", "time ratio", "peak MiB", "memory ratio"], rows)
     )
     print(body)
