@@ -11,7 +11,7 @@
     unet_sd = weights.diffusers_to_original("unet", folder["unet"])  # -> input_blocks.1.1.proj_in.weight ...
 
 Files: files.py (reading), detect.py (which model), strict.py (checks and loading, manifests),
-diffusers_names.py (one rename table per component), tiny.py (a small random SD-style file).
+diffusers_names.py (one rename table per component; svd_names.py adds SVD's), tiny.py (a small random SD-style file).
 Every failure is a `WeightsError` (a ValueError) whose message names the file and what was expected.
 """
 from .detect import (MANIFEST_OF, MODELS, describe_detection, detect, detect_folder, detect_path,
@@ -24,6 +24,8 @@ from .files import (PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS
                     read_state_dict, shapes_of)
 from .strict import (HARMLESS_EXTRAS, MANIFESTS_DIR, REST, SCHEDULE_BUFFERS, SD_PREFIXES, Manifest, Report,
                      compare_to_manifest, is_harmless, load_manifest, load_strict, split_by_prefix)
+from .svd_names import (SVD_KNOWN_EXTRAS, SVD_PREFIXES, SVD_TABLES, check_identity_quant_conv,  # registers svd_* tables
+                        conditioning_encoder_difference, identity_quant_conv)
 
 __all__ = [
     "WeightsError", "TensorInfo", "read_state_dict", "read_shapes", "read_safetensors_header",
@@ -35,4 +37,6 @@ __all__ = [
     "HARMLESS_EXTRAS", "SCHEDULE_BUFFERS", "SD_PREFIXES", "REST", "MANIFESTS_DIR", "is_harmless",
     "original_to_diffusers", "diffusers_to_original", "original_only", "diffusers_only", "layout_of",
     "Rule", "UNetLayout", "VAELayout", "TextSD2Layout", "ComponentTable", "TABLES",
+    "SVD_PREFIXES", "SVD_KNOWN_EXTRAS", "SVD_TABLES", "check_identity_quant_conv", "identity_quant_conv",
+    "conditioning_encoder_difference",
 ]
