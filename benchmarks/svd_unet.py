@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import table, write_section  # noqa: E402
+from _common import peak_memory, table, write_section  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,17 +45,6 @@ def alternating(fns: dict, repeats: int) -> dict[str, float]:
             fns[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def peak_memory(fn) -> int:
-    """Peak bytes held by torch's CPU allocator while `fn` runs, summing self allocations."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    peak = cur = 0
-    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
 
 
 def random_fill_(model: nn.Module, seed: int = 0) -> None:
