@@ -276,5 +276,5 @@ def test_demo_runs_and_says_the_model_is_random(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "no real edits" in text
     record = json.loads((out / "record.json").read_text())
-    assert record["results"]["cove"]["inversion_steps"] == 4 and record["results"]["feature_grid"] == [16, 16]
+    assert record["results"]["cove"]["inversion_steps"] == 2 and record["results"]["feature_grid"] == [12, 12]
     assert (out / "correspondence.png").exists() and (out / "side_by_side.mp4").exists()

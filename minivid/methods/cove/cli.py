@@ -160,7 +160,7 @@ def moving_shapes(frames: int, size: int) -> torch.Tensor:
     down-left over a diagonal grey gradient; both move by a whole number of pixels per frame."""
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
     background = ((ys + xs) / (2 * size) * 0.8 - 0.6).expand(3, size, size)
-    r, side, step = size // 8, size // 4, max(1, size // (4 * max(frames - 1, 1)))
+    r, side, step = size // 8, size // 4, max(1, size // (3 * max(frames - 1, 1)))
     clip = []
     for f in range(frames):
         img = background.clone()
@@ -176,19 +176,20 @@ def moving_shapes(frames: int, size: int) -> torch.Tensor:
 def demo(args: argparse.Namespace, job: Job) -> dict:
     """`minivid demo --method cove`: COVE end to end on the tiny random SD 2-style model and a synthetic clip.
 
-    The clip is `moving_shapes` at 64 px (the demo parser's default 32 px becomes 64, so the
-    correspondence grid is 16×16; another --size is used as given). Step counts keep the paper's ratios:
-    inversion = 2 × sampling steps, injection in the first 80 % of the sampling steps. A random model makes
+    The clip is `moving_shapes` at 48 px (the demo parser's default 32 px becomes 48, so the
+    correspondence grid is 12×12; another --size is used as given). Inversion and sampling both take
+    --steps steps (the paper: 100 and 50; equal counts keep the demo well under a minute), injection the
+    first 80 % of the sampling steps, as the paper's 40 of 50. A random model makes
     no real edits: the output shows every stage running (features, correspondence, CGA with merging in
     inversion and sampling, feature injection).
     """
     from minivid.models import StableDiffusion
 
     model = "tiny_sd2"                                       # COVE is an SD 2 method, whatever --model says
-    size = 64 if args.size == 32 else args.size
+    size = 48 if args.size == 32 else args.size
     if args.steps < 1 or args.frames < 2 or size < 16 or size % 16:
         raise ValueError("--steps must be at least 1, --frames at least 2 and --size a multiple of 16")
-    config = COVEConfig(inversion_steps=2 * args.steps, steps=args.steps, inject_steps=math.floor(0.8 * args.steps),
+    config = COVEConfig(inversion_steps=args.steps, steps=args.steps, inject_steps=math.floor(0.8 * args.steps),
                         guidance=7.5)
     print("minivid demo --method cove: a tiny model with RANDOM weights and a synthetic clip (moving shapes).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every COVE stage: diffusion "
