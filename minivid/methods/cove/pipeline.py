@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -50,7 +49,6 @@ from .inject import FeatureBank, injection_layers, match_timesteps
 
 __all__ = ["COVEConfig", "COVEResult", "edit_video", "STORE_DTYPES"]
 
-log = logging.getLogger(__name__)
 
 STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
