@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.image and not args.tiny:
         raise ValueError("give --image PATH (the image to animate)")
     dtype = DTYPES[args.dtype]
+    if args.tiny and not args.threads:
+        torch.set_num_threads(1)   # the tiny model's small ops only lose time to thread synchronisation
     job = Job("animate", args.out, vars(args))
     with job.timed("load"):
         if args.weights:
