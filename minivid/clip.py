@@ -30,6 +30,7 @@ and drops it (a warning if it is not arange, whose values transformers ignores t
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -44,8 +45,8 @@ import torch.nn.functional as F
 from minivid.attention import AttnContext, Processor, sdpa
 
 __all__ = [
-    "CLIPTextConfig", "CLIPVisionConfig", "TEXT_PRESETS", "VISION_PRESETS", "CHECKPOINT_EXTRAS",
-    "CLIPTextModel", "OpenAICLIPTextModel", "OpenCLIPTextModel",
+    "TowerConfig", "CLIPTextConfig", "CLIPVisionConfig", "TEXT_PRESETS", "VISION_PRESETS", "CHECKPOINT_EXTRAS",
+    "CLIPTower", "CLIPTextModel", "OpenAICLIPTextModel", "OpenCLIPTextModel",
     "CLIPVisionModel", "OpenAICLIPVisionModel", "OpenCLIPVisionTransformer", "OpenCLIPModel",
     "QuickGELU", "SelfAttention", "FusedSelfAttention", "SplitSelfAttention",
     "Block", "ResidualAttentionBlock", "CLIPEncoderLayer", "run_blocks", "causal_mask",
@@ -64,8 +65,9 @@ CHECKPOINT_EXTRAS: tuple[str, ...] = ("text_model.embeddings.position_ids",)
 # ---------------------------------------------------------------- configs
 
 @dataclass(frozen=True)
-class CLIPTextConfig:
-    """A CLIP text tower. `conditioning_layer` says which block output `forward` returns."""
+class TowerConfig:
+    """What every CLIP transformer tower has: its key names (`flavour`), width, depth, heads, MLP width
+    and activation."""
 
     flavour: Flavour
     width: int
@@ -73,6 +75,20 @@ class CLIPTextConfig:
     heads: int
     mlp_width: int
     act: Activation
+
+    def __post_init__(self) -> None:
+        if self.flavour not in ("openai", "openclip"):
+            raise ValueError(f"flavour must be 'openai' (HF-CLIP names) or 'openclip', got {self.flavour!r}")
+        if self.act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"act must be 'quick_gelu' or 'gelu', got {self.act!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig(TowerConfig):
+    """A CLIP text tower. `conditioning_layer` says which block output `forward` returns."""
+
     vocab_size: int = 49408
     context_length: int = 77
     eps: float = 1e-5
@@ -80,7 +96,7 @@ class CLIPTextConfig:
     projection_dim: int | None = None        # text_projection (+ logit_scale for openclip); None: not stored
 
     def __post_init__(self) -> None:
-        _check_tower(self)
+        super().__post_init__()
         if self.conditioning_layer not in ("last", "penultimate"):
             raise ValueError(f"conditioning_layer must be 'last' or 'penultimate', got {self.conditioning_layer!r}")
 
@@ -93,22 +109,16 @@ class CLIPTextConfig:
 
 
 @dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(TowerConfig):
     """A CLIP ViT image tower: patchify, class token, pre-LN, blocks, LN on the class token, projection."""
 
-    flavour: Flavour
-    width: int
-    layers: int
-    heads: int
-    mlp_width: int
-    act: Activation
     projection_dim: int
     image_size: int = 224
     patch_size: int = 14
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        _check_tower(self)
+        super().__post_init__()
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
@@ -123,15 +133,6 @@ class CLIPVisionConfig:
         if name not in VISION_PRESETS:
             raise ValueError(f"unknown CLIP vision preset {name!r}; choose from {sorted(VISION_PRESETS)}")
         return dataclasses.replace(VISION_PRESETS[name], **changes)
-
-
-def _check_tower(cfg: CLIPTextConfig | CLIPVisionConfig) -> None:
-    if cfg.flavour not in ("openai", "openclip"):
-        raise ValueError(f"flavour must be 'openai' (HF-CLIP names) or 'openclip', got {cfg.flavour!r}")
-    if cfg.act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"act must be 'quick_gelu' or 'gelu', got {cfg.act!r}")
-    if cfg.width % cfg.heads:
-        raise ValueError(f"width {cfg.width} is not divisible by heads {cfg.heads}")
 
 
 TEXT_PRESETS: dict[str, CLIPTextConfig] = {
@@ -186,7 +187,7 @@ def causal_mask(n: int, device: torch.device | str | None = None) -> torch.Tenso
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(nn.Module, abc.ABC):
     """Multi-head self-attention; subclasses own the projections under their checkpoint names.
 
     The arithmetic is a minivid.attention processor `(q, k, v, ctx) -> out` on (B, heads, N, d).
@@ -197,9 +198,9 @@ class SelfAttention(nn.Module):
         self.heads, self.dim_head = heads, width // heads
         self.processor: Processor = sdpa
 
+    @abc.abstractmethod
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, D) -> q, k, v, each (B, N, D)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, D), mask (N, N) bool or None -> (B, N, D)."""
@@ -238,11 +239,20 @@ class SplitSelfAttention(SelfAttention):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)). Subclasses name the parts."""
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    `names` are the four parts' attribute names, the checkpoint's (e.g. ln_1, attn, ln_2, mlp)."""
+
+    def __init__(self, names: tuple[str, str, str, str], norm1: nn.Module, attn: SelfAttention, norm2: nn.Module,
+                 mlp: nn.Module):
+        super().__init__()
+        self.part_names = names
+        for name, part in zip(names, (norm1, attn, norm2, mlp)):
+            setattr(self, name, part)
 
     def parts(self) -> tuple[nn.Module, SelfAttention, nn.Module, nn.Module]:
-        """(norm1, attention, norm2, mlp) under the subclass's checkpoint names."""
-        raise NotImplementedError
+        """(norm1, attention, norm2, mlp)."""
+        return tuple(getattr(self, name) for name in self.part_names)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, D) -> (B, N, D)."""
@@ -255,15 +265,10 @@ class ResidualAttentionBlock(Block):
     """OpenCLIP names: ln_1, attn (fused), ln_2, mlp.c_fc, mlp.c_proj."""
 
     def __init__(self, width: int, heads: int, mlp_width: int, act: Activation, eps: float):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width, eps=eps)
-        self.attn = FusedSelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, mlp_width), gelu=_activation(act), c_proj=nn.Linear(mlp_width, width)))
-
-    def parts(self) -> tuple[nn.Module, SelfAttention, nn.Module, nn.Module]:
-        return self.ln_1, self.attn, self.ln_2, self.mlp
+        super().__init__(("ln_1", "attn", "ln_2", "mlp"), nn.LayerNorm(width, eps=eps),
+                         FusedSelfAttention(width, heads), nn.LayerNorm(width, eps=eps),
+                         nn.Sequential(OrderedDict(c_fc=nn.Linear(width, mlp_width), gelu=_activation(act),
+                                                   c_proj=nn.Linear(mlp_width, width))))
 
 
 class CLIPMLP(nn.Module):
@@ -281,17 +286,11 @@ class CLIPEncoderLayer(Block):
     """HF-CLIP names: layer_norm1, self_attn (q/k/v/out_proj), layer_norm2, mlp.fc1, mlp.fc2."""
 
     def __init__(self, width: int, heads: int, mlp_width: int, act: Activation, eps: float):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
-        self.self_attn = SplitSelfAttention(width, heads)
-        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = CLIPMLP(width, mlp_width, act)
-
-    def parts(self) -> tuple[nn.Module, SelfAttention, nn.Module, nn.Module]:
-        return self.layer_norm1, self.self_attn, self.layer_norm2, self.mlp
+        super().__init__(("layer_norm1", "self_attn", "layer_norm2", "mlp"), nn.LayerNorm(width, eps=eps),
+                         SplitSelfAttention(width, heads), nn.LayerNorm(width, eps=eps), CLIPMLP(width, mlp_width, act))
 
 
-def _blocks(cfg: CLIPTextConfig | CLIPVisionConfig) -> nn.ModuleList:
+def _blocks(cfg: TowerConfig) -> nn.ModuleList:
     block = CLIPEncoderLayer if cfg.flavour == "openai" else ResidualAttentionBlock
     return nn.ModuleList(block(cfg.width, cfg.heads, cfg.mlp_width, cfg.act, cfg.eps) for _ in range(cfg.layers))
 
@@ -299,7 +298,7 @@ def _blocks(cfg: CLIPTextConfig | CLIPVisionConfig) -> nn.ModuleList:
 class Transformer(nn.Module):
     """OpenCLIP's `transformer`: `resblocks.N`."""
 
-    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig):
+    def __init__(self, cfg: TowerConfig):
         super().__init__()
         self.resblocks = _blocks(cfg)
 
@@ -307,7 +306,7 @@ class Transformer(nn.Module):
 class CLIPEncoder(nn.Module):
     """HF-CLIP's `encoder`: `layers.N`."""
 
-    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig):
+    def __init__(self, cfg: TowerConfig):
         super().__init__()
         self.layers = _blocks(cfg)
 
@@ -320,9 +319,44 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None
     return x
 
 
+# ---------------------------------------------------------------- towers
+
+class CLIPTower(nn.Module, abc.ABC):
+    """A CLIP transformer tower, text or vision: embed, run the blocks, a final LayerNorm, project.
+
+    Each flavour says where its parts live under its checkpoint's names (`BLOCKS`, `FINAL_NORM`:
+    dotted module paths) and implements `embed` and `project`, which differ in more than names;
+    the modality's base class (`CLIPTextModel`, `CLIPVisionModel`) runs them in its `forward`.
+    """
+
+    BLOCKS: str          # the ModuleList of transformer blocks
+    FINAL_NORM: str      # the LayerNorm after them (text: on every token; vision: on the class token)
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order."""
+        return self.get_submodule(self.BLOCKS)
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self.get_submodule(self.FINAL_NORM)
+
+    @abc.abstractmethod
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """ids (B, N) or pixels (B, 3, S, S) -> token embeddings + positions (B, N, D)."""
+
+    @abc.abstractmethod
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, P) through the flavour's projection."""
+
+
 # ---------------------------------------------------------------- text
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(CLIPTower):
     """CLIP text encoder. `CLIPTextModel(cfg)` builds the flavour's subclass:
     `OpenAICLIPTextModel` (HF-CLIP keys, SD 1.x) or `OpenCLIPTextModel` (OpenCLIP keys, SD 2.x).
 
@@ -339,27 +373,7 @@ class CLIPTextModel(nn.Module):
         return super().__new__(cls)
 
     def __init__(self, cfg: CLIPTextConfig | str):
-        super().__init__()
-        self.cfg = _text_cfg(cfg)
-
-    # the parts a flavour provides under its own names
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, N) -> token + position embeddings (B, N, D)."""
-        raise NotImplementedError
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The transformer blocks, in order, under the flavour's names."""
-        raise NotImplementedError
-
-    @property
-    def final_norm(self) -> nn.LayerNorm:
-        """The final LayerNorm (`final_layer_norm` / `ln_final`)."""
-        raise NotImplementedError
-
-    def project(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, P) through text_projection."""
-        raise NotImplementedError
+        super().__init__(_text_cfg(cfg))
 
     def check_ids(self, ids: torch.Tensor) -> None:
         """Raise a clear error for ids the model cannot embed."""
@@ -436,6 +450,8 @@ class OpenAICLIPTextModel(CLIPTextModel):
     SD 1.x stores it under `cond_stage_model.transformer.`.
     """
 
+    BLOCKS, FINAL_NORM = "text_model.encoder.layers", "text_model.final_layer_norm"
+
     def __init__(self, cfg: CLIPTextConfig | str):
         super().__init__(cfg)
         cfg = self.cfg
@@ -445,14 +461,6 @@ class OpenAICLIPTextModel(CLIPTextModel):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.embeddings(ids)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.text_model.encoder.layers
-
-    @property
-    def final_norm(self) -> nn.LayerNorm:
-        return self.text_model.final_layer_norm
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.cfg.projection_dim is None:
@@ -466,6 +474,8 @@ class OpenCLIPTextModel(CLIPTextModel):
 
     SD 2.x stores it under `cond_stage_model.model.`.
     """
+
+    BLOCKS, FINAL_NORM = "transformer.resblocks", "ln_final"
 
     def __init__(self, cfg: CLIPTextConfig | str):
         super().__init__(cfg)
@@ -484,14 +494,6 @@ class OpenCLIPTextModel(CLIPTextModel):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.transformer.resblocks
-
-    @property
-    def final_norm(self) -> nn.LayerNorm:
-        return self.ln_final
-
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.cfg.projection_dim is None:
             raise RuntimeError("this text model has no text_projection (diffusers SD 2 folders do not store one)")
@@ -500,7 +502,7 @@ class OpenCLIPTextModel(CLIPTextModel):
 
 # ---------------------------------------------------------------- vision
 
-class CLIPVisionModel(nn.Module):
+class CLIPVisionModel(CLIPTower):
     """CLIP ViT image encoder. `CLIPVisionModel(cfg)` builds the flavour's subclass:
     `OpenAICLIPVisionModel` (HF-CLIP keys) or `OpenCLIPVisionTransformer` (OpenCLIP `visual`).
 
@@ -515,27 +517,14 @@ class CLIPVisionModel(nn.Module):
             cls = OpenAICLIPVisionModel if _vision_cfg(cfg).flavour == "openai" else OpenCLIPVisionTransformer
         return super().__new__(cls)
 
+    PRE_NORM: str        # the LayerNorm on all tokens before the blocks
+
     def __init__(self, cfg: CLIPVisionConfig | str):
-        super().__init__()
-        self.cfg = _vision_cfg(cfg)
-
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> class token + patch tokens + positions (B, 1 + G², D)."""
-        raise NotImplementedError
+        super().__init__(_vision_cfg(cfg))
 
     @property
-    def blocks(self) -> nn.ModuleList:
-        """The transformer blocks, in order, under the flavour's names."""
-        raise NotImplementedError
-
-    @property
-    def norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
-        """(pre-LN on all tokens, post-LN on the class token)."""
-        raise NotImplementedError
-
-    def project(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, P) through the visual projection."""
-        raise NotImplementedError
+    def pre_norm(self) -> nn.LayerNorm:
+        return self.get_submodule(self.PRE_NORM)
 
     def forward(self, pixels: torch.Tensor, output: Literal["embeds", "pooled"] = "embeds") -> torch.Tensor:
         """pixels [B, 3, S, S] -> image embedding [B, P] ("embeds") or class token after post-LN [B, D] ("pooled")."""
@@ -544,10 +533,9 @@ class CLIPVisionModel(nn.Module):
             raise ValueError(f"pixels must be [B, 3, {S}, {S}], got {getattr(pixels, 'shape', type(pixels))}")
         if output not in ("embeds", "pooled"):
             raise ValueError(f"output must be 'embeds' or 'pooled', got {output!r}")
-        pre, post = self.norms
-        x = pre(self.embed(pixels))                      # (B, 1 + G², D)
+        x = self.pre_norm(self.embed(pixels))            # (B, 1 + G², D): class token + patch tokens
         x = run_blocks(self.blocks, x)
-        pooled = post(x[:, 0])                           # (B, D) class token
+        pooled = self.final_norm(x[:, 0])                # (B, D) class token
         return pooled if output == "pooled" else self.project(pooled)
 
 
@@ -559,6 +547,8 @@ def _patchify(conv: nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
 class OpenCLIPVisionTransformer(CLIPVisionModel):
     """OpenCLIP `visual`: conv1 (no bias), class_embedding, positional_embedding, ln_pre,
     transformer.resblocks.*, ln_post, proj [D, P]."""
+
+    BLOCKS, PRE_NORM, FINAL_NORM = "transformer.resblocks", "ln_pre", "ln_post"
 
     def __init__(self, cfg: CLIPVisionConfig | str):
         super().__init__(cfg)
@@ -577,14 +567,6 @@ class OpenCLIPVisionTransformer(CLIPVisionModel):
         x = _patchify(self.conv1, pixels)                                 # (B, G², D)
         cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)  # (B, 1, D)
         return torch.cat([cls, x], dim=1) + self.positional_embedding
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.transformer.resblocks
-
-    @property
-    def norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
-        return self.ln_pre, self.ln_post
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled @ self.proj
@@ -621,6 +603,9 @@ class CLIPVisionTransformer(nn.Module):
 class OpenAICLIPVisionModel(CLIPVisionModel):
     """OpenAI CLIP vision tower under HF-CLIP keys: `vision_model.*`, `visual_projection` (no bias)."""
 
+    BLOCKS = "vision_model.encoder.layers"
+    PRE_NORM, FINAL_NORM = "vision_model.pre_layrnorm", "vision_model.post_layernorm"
+
     def __init__(self, cfg: CLIPVisionConfig | str):
         super().__init__(cfg)
         cfg = self.cfg
@@ -629,14 +614,6 @@ class OpenAICLIPVisionModel(CLIPVisionModel):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vision_model.embeddings(pixels)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.vision_model.encoder.layers
-
-    @property
-    def norms(self) -> tuple[nn.LayerNorm, nn.LayerNorm]:
-        return self.vision_model.pre_layrnorm, self.vision_model.post_layernorm
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.visual_projection(pooled)
