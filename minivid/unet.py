@@ -237,12 +237,11 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.use_linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)                    # [B, N, D]
+        # the permuted tokens are a transposed view: one copy here, or every LayerNorm of the
+        # residual stream copies it (and a frozen Linear proj_in takes a slow batched matmul)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1).contiguous()       # [B, N, D]
         if self.use_linear:
             h = self.proj_in(h)
-        # after a conv proj_in the tokens are a transposed view; the residual stream keeps the
-        # layout of its first operand, so without one copy here every LayerNorm would copy it
-        h = h.contiguous()
         for block in self.transformer_blocks:
             h = block(h, cond.context, hw=(H, W))
         if self.use_linear:
