@@ -12,15 +12,6 @@ IN_ATTN = [1, 2, 4, 5]
 OUT_ATTN = [3, 4, 5, 6, 7, 8]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: two OpenMP threads on the shared 2-core machines spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)

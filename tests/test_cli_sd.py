@@ -5,20 +5,11 @@ import json
 import sys
 import types
 
-import pytest
 import torch
 
 from minivid.cli import main
 from minivid.models import StableDiffusion
 from minivid.video import read_video, write_video
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def record(folder) -> dict:
@@ -89,7 +80,7 @@ def test_demo(tmp_path, capsys):
     assert set(rec["outputs"]) == {"generated.png", "clip.mp4", "clip_grid.png", "reconstruction.mp4",
                                    "side_by_side.mp4"}
     assert rec["results"]["psnr_db"] > 15 and "random weights" in rec["results"]["note"]
-    assert torch.get_num_threads() == 1                  # restored (the fixture's value)
+    assert torch.get_num_threads() == 1                  # restored (conftest's single thread)
 
 
 def test_demo_method(tmp_path, capsys, monkeypatch):

@@ -23,6 +23,8 @@ from minivid.clip import (
 )
 from minivid.tokenizer import CLIPTokenizer
 
+from _builders import max_err
+
 MANIFESTS = Path(__file__).resolve().parents[1] / "weights" / "manifests"
 TOL = 1e-5
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on mars, highly detailed", "", "🎉 café 日本"]
@@ -35,11 +37,6 @@ def manifest_group(name: str, prefix: str) -> dict[str, list[int]]:
 
 def shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def hf_text_config(cfg: CLIPTextConfig, **changes):

@@ -18,14 +18,6 @@ from minivid.tuning import TuneConfig, TuningError
 from minivid.unet import BasicTransformerBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: threads only add OpenMP stalls on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny():
     return StableDiffusion.from_config("tiny", seed=0)
 

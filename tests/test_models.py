@@ -23,35 +23,11 @@ from minivid.tokenizer import load_bpe
 from minivid.unet import UNetConfig
 from minivid.vae import VAEConfig
 
+from _builders import max_err
+
 TOL = 1e-5
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse, highly detailed", ""]
 SD2_PREFIX = "cond_stage_model.model."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on the shared CPU OpenMP spin-waits make them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """Random tiny models (read-only), built once per preset: tiny("tiny") / tiny("tiny_sd2")."""
-    cache = {}
-
-    def get(preset: str) -> StableDiffusion:
-        if preset not in cache:
-            cache[preset] = StableDiffusion.from_config(preset, seed=5)
-        return cache[preset]
-    return get
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -144,8 +120,8 @@ def test_from_config_is_deterministic_and_every_layer_is_random():
     assert a.kind == "sd1" and a.prediction == "eps" and a.latent_scale == 0.18215
 
 
-def test_public_api_shapes(tiny):
-    sd = tiny("tiny_sd2")
+def test_public_api_shapes(tiny_sd):
+    sd = tiny_sd("tiny_sd2", seed=5)
     ids = sd.tokenizer(["a prompt"])
     assert ids.dtype == torch.long and ids.shape == (1, 77) and int(ids[0, -1]) == 0   # SD 2 pads with 0
     with torch.no_grad():
@@ -206,10 +182,10 @@ def test_folder_written_by_diffusers_loads_with_equal_outputs(kind, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_sd2"])
-def test_minivid_diffusers_folder_loads_in_diffusers_with_equal_outputs(preset, tiny, tmp_path):
+def test_minivid_diffusers_folder_loads_in_diffusers_with_equal_outputs(preset, tiny_sd, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    sd = tiny(preset)
+    sd = tiny_sd(preset, seed=5)
     sd.save(tmp_path / "pipe", format="diffusers")
     assert sorted(p.name for p in (tmp_path / "pipe" / "tokenizer").iterdir()) == [
         "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
@@ -274,8 +250,8 @@ def converted_by_diffusers(path, cfg: SDConfig):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_sd2"])
-def test_original_file_round_trip_and_diffusers_converters(preset, tiny, tmp_path):
-    sd = tiny(preset)
+def test_original_file_round_trip_and_diffusers_converters(preset, tiny_sd, tmp_path):
+    sd = tiny_sd(preset, seed=5)
     path = sd.save(tmp_path / "model.safetensors")
     back = StableDiffusion.load(path)
     assert back.config == sd.config
@@ -333,8 +309,8 @@ def test_official_style_file_without_metadata(kind, name, prediction, tmp_path, 
     assert forced.prediction == "v" and "the prediction= argument" in caplog.text
 
 
-def test_prediction_argument_overrides_the_file_with_a_warning(tiny, tmp_path, caplog):
-    path = tiny("tiny").save(tmp_path / "tiny.safetensors")
+def test_prediction_argument_overrides_the_file_with_a_warning(tiny_sd, tmp_path, caplog):
+    path = tiny_sd("tiny", seed=5).save(tmp_path / "tiny.safetensors")
     with caplog.at_level(logging.INFO, logger="minivid.models"):
         sd = StableDiffusion.load(path, prediction="v")
     assert sd.prediction == "v" and sd.unet.cfg.prediction == "v"
@@ -355,8 +331,8 @@ def test_tiny_official_names_checkpoint_loads(tmp_path):
         StableDiffusion.load(write_tiny_checkpoint(tmp_path, "sd-v2-1"))
 
 
-def test_half_precision_files_load_into_any_dtype(tiny, tmp_path):
-    sd = tiny("tiny_sd2")
+def test_half_precision_files_load_into_any_dtype(tiny_sd, tmp_path):
+    sd = tiny_sd("tiny_sd2", seed=5)
     path = sd.save(tmp_path / "half.safetensors", dtype=torch.float16)
     assert {str(v.dtype) for v in safetensors.torch.load_file(str(path)).values()} == {"torch.float16"}
     full = StableDiffusion.load(path, dtype=torch.float32)
@@ -371,8 +347,8 @@ def test_half_precision_files_load_into_any_dtype(tiny, tmp_path):
 
 # ---------------------------------------------------------------- errors surface through load
 
-def test_load_errors(tiny, tmp_path):
-    sd = tiny("tiny")
+def test_load_errors(tiny_sd, tmp_path):
+    sd = tiny_sd("tiny", seed=5)
     with pytest.raises(W.WeightsError, match="no such file"):
         StableDiffusion.load(tmp_path / "missing.safetensors")
     (tmp_path / "empty").mkdir()
@@ -407,8 +383,8 @@ def test_load_errors(tiny, tmp_path):
         StableDiffusion.load(path, config=SDConfig.preset("tiny_sd2"))
 
 
-def test_folder_errors(tiny, tmp_path):
-    sd = tiny("tiny")
+def test_folder_errors(tiny_sd, tmp_path):
+    sd = tiny_sd("tiny", seed=5)
     folder = sd.save(tmp_path / "pipe", format="diffusers")
     with pytest.raises(W.WeightsError, match="one component"):
         StableDiffusion.load(folder / "unet")
@@ -429,8 +405,8 @@ def test_folder_errors(tiny, tmp_path):
         StableDiffusion.load(sched)
 
 
-def test_save_errors(tiny, tmp_path):
-    sd = tiny("tiny")
+def test_save_errors(tiny_sd, tmp_path):
+    sd = tiny_sd("tiny", seed=5)
     path = sd.save(tmp_path / "a.safetensors")
     with pytest.raises(FileExistsError):
         sd.save(path)
@@ -442,9 +418,9 @@ def test_save_errors(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]   # no temporary files left behind
 
 
-def test_config_argument(tiny, tmp_path):
+def test_config_argument(tiny_sd, tmp_path):
     """config= replaces the inferred configuration and states the prediction (an argument still wins)."""
-    sd = tiny("tiny_sd2")
+    sd = tiny_sd("tiny_sd2", seed=5)
     folder = sd.save(tmp_path / "pipe", format="diffusers")
     cfg = StableDiffusion.load(folder).config
     assert StableDiffusion.load(folder, config=cfg).config == cfg

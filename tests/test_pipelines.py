@@ -11,44 +11,21 @@ from minivid.models import StableDiffusion
 from minivid.pipelines import sd as P
 from minivid.samplers import ddim_timesteps
 
+from _builders import max_err
+
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on the shared CPU OpenMP spin-waits make them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(preset: str) -> StableDiffusion:
-        if preset not in cache:
-            cache[preset] = StableDiffusion.from_config(preset, seed=1)
-        return cache[preset]
-    return get
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.float() - b.float()).abs().max().item()
 
 
 # ---------------------------------------------------------------- parity with diffusers
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_sd2"])
-def test_text_to_image_equals_diffusers_pipeline(preset, models, tmp_path):
+def test_text_to_image_equals_diffusers_pipeline(preset, tiny_sd, tmp_path):
     """Same weights (minivid's diffusers folder), same initial latents, 4 DDIM steps, guidance 7.5,
     two prompts x two images with negative prompts: every step's latents, the final latents (≤ 1e-4)
     and the decoded images."""
     from diffusers import StableDiffusionPipeline
 
-    sd = models(preset)
+    sd = tiny_sd(preset, seed=1)
     sd.save(tmp_path / "pipe", format="diffusers")
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
     pipe.set_progress_bar_config(disable=True)
@@ -103,14 +80,14 @@ def test_inversion_is_exact_when_eps_ignores_x():
     assert max(seen) <= 1e-4 * inv.noise.abs().max()       # sampling step i lands on trajectory[n - i - 1]
 
 
-def test_inversion_round_trip_converges_first_order(models):
+def test_inversion_round_trip_converges_first_order(tiny_sd):
     """With a real (random) network DDIM inversion is approximate: step i evaluates the model at x_{i}
     but sampling evaluates it at x_{i+1}. The mismatch per step is O(1/n²), over n steps O(1/n): the
     round-trip error halves when the steps double. Measured on tiny_sd2 (v) from in-distribution
     latents (sampled with guidance 1): relative RMS error 0.21 / 0.11 / 0.058 at 10 / 20 / 40 steps
     (docs/pipelines.md has the ε numbers too). Asserted: ratios of a first-order method and an error
     at 32 steps below 10% of the latents' scale."""
-    sd = models("tiny_sd2")
+    sd = tiny_sd("tiny_sd2", seed=1)
     x0 = P.text_to_image(sd, "a fox", steps=10, guidance=1.0, seed=0, progress=False, decode=False).latents
     errors = []
     for steps in (8, 16, 32):
@@ -123,10 +100,10 @@ def test_inversion_round_trip_converges_first_order(models):
 
 # ---------------------------------------------------------------- videos
 
-def test_video_frames_run_as_one_batch(models):
+def test_video_frames_run_as_one_batch(tiny_sd):
     """invert_video equals inverting each frame alone (frames do not interact in the image model),
     chunking changes nothing, and processors see the frame count through the call state."""
-    sd = models("tiny")
+    sd = tiny_sd("tiny", seed=1)
     frames = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     whole = P.invert_video(sd, frames, "a fox", steps=3, progress=False)
     one = P.invert(sd, frames[1:2], "a fox", steps=3, progress=False)
@@ -148,8 +125,8 @@ def test_video_frames_run_as_one_batch(models):
     assert rec.images.shape == frames.shape
 
 
-def test_edit_video_is_inversion_then_sampling(models):
-    sd = models("tiny")
+def test_edit_video_is_inversion_then_sampling(tiny_sd):
+    sd = tiny_sd("tiny", seed=1)
     frames = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     calls = {"inversion": 0, "sampling": 0}
     edit = P.edit_video(sd, frames, "a bear", source_prompt="a fox", steps=3, guidance=5.0, progress=False,
@@ -164,8 +141,8 @@ def test_edit_video_is_inversion_then_sampling(models):
 
 # ---------------------------------------------------------------- seeds, callbacks, dtypes
 
-def test_seeds_generators_and_callbacks(models):
-    sd = models("tiny")
+def test_seeds_generators_and_callbacks(tiny_sd):
+    sd = tiny_sd("tiny", seed=1)
     a = P.text_to_image(sd, "a fox", steps=2, seed=5, progress=False, decode=False).latents
     b = P.text_to_image(sd, "a fox", steps=2, generator=torch.Generator().manual_seed(5), progress=False,
                         decode=False).latents
@@ -183,9 +160,9 @@ def test_seeds_generators_and_callbacks(models):
         P.text_to_image(sd, "a fox", steps=1, seed=1, generator=torch.Generator(), progress=False)
 
 
-def test_half_precision(models):
+def test_half_precision(tiny_sd):
     """A bf16 model, and a fp32 model under bf16 autocast: finite and close to fp32 (bf16 keeps ~3 digits)."""
-    sd = models("tiny_sd2")
+    sd = tiny_sd("tiny_sd2", seed=1)
     ref = P.text_to_image(sd, "a fox", steps=2, guidance=1.0, seed=0, progress=False, decode=False).latents
     auto = P.text_to_image(sd, "a fox", steps=2, guidance=1.0, seed=0, progress=False, decode=False,
                            dtype=torch.bfloat16).latents
@@ -203,8 +180,8 @@ def test_psnr():
     assert torch.allclose(P.psnr(a, b), torch.tensor([120.0, 20.0]), atol=1e-4)
 
 
-def test_errors(models):
-    sd = models("tiny")
+def test_errors(tiny_sd):
+    sd = tiny_sd("tiny", seed=1)
     with pytest.raises(ValueError, match="batch"):
         P.text_to_image(sd, PROMPTS, steps=1, latents=torch.zeros(3, 4, 8, 8), progress=False)
     with pytest.raises(ValueError, match="multiples of 4"):

@@ -18,21 +18,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from minivid.unet import BasicTransformerBlock, UNet, UNetConfig
 
+from _builders import max_err
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
 
 
 # ---------------------------------------------------------------- helpers
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machines two OpenMP threads spin-wait on each
-    other whenever another process holds a core, which makes these small forwards ~30× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights that keep activations O(1), including the zero-initialised output layers
@@ -100,10 +92,6 @@ def random_unet(preset: str, seed: int = 0, **changes) -> UNet:
     with torch.device("meta"):
         unet = UNet(UNetConfig.preset(preset, **changes))
     return randomize_(unet.to_empty(device="cpu"), seed).eval()
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 @pytest.fixture(scope="module")

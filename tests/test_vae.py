@@ -16,19 +16,11 @@ from minivid.vae import (
     SD_LATENT_SCALE, AutoencoderKL, TemporalAutoencoder, VAEConfig, build_vae,
 )
 
+from _builders import max_err
+
 MANIFESTS = Path(__file__).resolve().parents[1] / "weights" / "manifests"
 PREFIX = "first_stage_model."
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared CPU OpenMP oversubscription
-    makes them ~10x slower; run this file single-threaded and restore afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -56,11 +48,6 @@ def manifest_keys(name: str) -> dict[str, list]:
 
 def original_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v.clone() for k, v in model.state_dict().items()}
-
-
-def maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 # ---------------------------------------------------------------- full-size key sets
@@ -112,8 +99,8 @@ def test_sd_vae_parity_with_diffusers():
         s = post.sample(torch.Generator().manual_seed(3))
         ds = dpost.sample(torch.Generator().manual_seed(3))
     assert post.mean.shape == (2, 4, 6, 10) and out.shape == (2, 3, 24, 40)
-    errs = {"mean": maxabs(post.mean, dpost.mean), "std": maxabs(post.std, dpost.std),
-            "decode": maxabs(out, dout), "sample": maxabs(s, ds)}
+    errs = {"mean": max_err(post.mean, dpost.mean), "std": max_err(post.std, dpost.std),
+            "decode": max_err(out, dout), "sample": max_err(s, ds)}
     assert max(errs.values()) <= TOL, errs
     assert torch.equal(post.mode(), post.mean)
     assert out.abs().max() > 0.1 and post.std.std() > 0        # a non-degenerate comparison
@@ -173,8 +160,8 @@ def test_chunked_encode_decode_equal_unchunked():
                 assert torch.equal(enc.mean, full_enc.mean) and torch.equal(enc.std, full_enc.std)
                 assert torch.equal(vae.decode(z, chunk=n), full_dec)
         # default (oneDNN) kernels: equal up to their batch-size-dependent rounding
-        assert maxabs(vae.decode(z, chunk=2), vae.decode(z)) <= TOL
-        assert maxabs(vae.encode(x, chunk=2).mean, vae.encode(x).mean) <= TOL
+        assert max_err(vae.decode(z, chunk=2), vae.decode(z)) <= TOL
+        assert max_err(vae.encode(x, chunk=2).mean, vae.encode(x).mean) <= TOL
 
 
 # ---------------------------------------------------------------- SVD temporal VAE parity
@@ -250,7 +237,7 @@ def test_svd_vae_parity_with_diffusers(svd_pair):
     with torch.no_grad():
         post, dpost = vae.encode(x), dvae.encode(x).latent_dist
         out, dout = vae.decode(z, num_frames=F_), dvae.decode(z, num_frames=F_).sample
-    errs = {"mean": maxabs(post.mean, dpost.mean), "std": maxabs(post.std, dpost.std), "decode": maxabs(out, dout)}
+    errs = {"mean": max_err(post.mean, dpost.mean), "std": max_err(post.std, dpost.std), "decode": max_err(out, dout)}
     assert max(errs.values()) <= TOL, errs
     assert out.abs().max() > 0.1
 
@@ -268,9 +255,9 @@ def test_svd_decode_chunk_size_matches_diffusers_pipeline(svd_pair):
         ours = vae.decode(z, num_frames=F_, decode_chunk_size=n)
         full = vae.decode(z, num_frames=F_)
     ours = ours.unflatten(0, (B, F_)).transpose(1, 2)
-    assert maxabs(ours, ref) <= TOL
+    assert max_err(ours, ref) <= TOL
     # decoding pieces as separate clips changes the result: it is a documented option, not the default
-    assert maxabs(ours, full.unflatten(0, (B, F_)).transpose(1, 2)) > 1e-3
+    assert max_err(ours, full.unflatten(0, (B, F_)).transpose(1, 2)) > 1e-3
 
 
 def test_svd_clip_chunking_is_exact_and_clips_are_independent(svd_pair):
@@ -294,7 +281,7 @@ def test_svd_decoder_mixes_frames_within_a_clip(svd_pair):
     z2[0] += 1.0
     with torch.no_grad():
         a, b = vae.decode(z, num_frames=3), vae.decode(z2, num_frames=3)
-        assert maxabs(a[1], b[1]) > 1e-3 and maxabs(a[2], b[2]) > 1e-3   # stacked (3,1,1) convs reach 2 frames away
+        assert max_err(a[1], b[1]) > 1e-3 and max_err(a[2], b[2]) > 1e-3   # stacked (3,1,1) convs reach 2 frames away
         sd = randomize(AutoencoderKL("tiny"))
         assert torch.equal(sd.decode(z)[1], sd.decode(z2)[1])
 
