@@ -110,6 +110,27 @@ def read_source(args: argparse.Namespace, sd, images: bool = False) -> torch.Ten
     return fit(frames, source_size(args, sd), multiple=multiple, source=args.video)
 
 
+# ---------------------------------------------------------------- handing over to a method
+
+def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
+    """`minivid <action> --method NAME`: run `minivid.methods.<name>.cli.<action>(args, job)` in a job
+    folder of its own and write its record. `hint`: what to do instead when the method has none."""
+    from minivid.methods import method_cli
+
+    try:
+        mod = method_cli(args.method)
+    except ModuleNotFoundError:
+        mod = None
+    if mod is None or not hasattr(mod, action):
+        raise ValueError(f"method {args.method!r} has no {action} in this installation "
+                         f"(minivid.methods.{args.method}.cli.{action}){hint}")
+    job = Job(f"{action}-{args.method}", args.out, vars(args))
+    results = getattr(mod, action)(args, job)
+    record = job.finish(**(results or {}))
+    print(f"wrote {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
+    return 0
+
+
 # ---------------------------------------------------------------- outputs
 
 def write_edit(job: Job, source: torch.Tensor, edited: torch.Tensor, fps: float = 8) -> None:
@@ -141,6 +162,13 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
     """A tuning demo needs at least one sampling step, two frames and a size the tiny models take."""
     if args.steps < 1 or args.frames < 2 or args.size < 16 or args.size % 16:
         raise ValueError("--steps must be at least 1, --frames at least 2 and --size a multiple of 16")
+
+
+def fixed_batch_loss(loss_fn) -> float:
+    """A tuning loss_fn(step, generator) evaluated on one fixed draw (noise, t, posterior sample), without
+    gradients: the same batch before and after tuning shows whether the tuning works."""
+    with torch.no_grad():
+        return float(loss_fn(0, torch.Generator().manual_seed(1234)))
 
 
 def tuning_demo_results(before: float, after: float, result) -> dict:

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from minivid.cli.common import add_run_arguments
+from minivid.cli.common import add_run_arguments, run_method
 from minivid.jobs import Job
 
 help = "run generation and an inversion round trip on a tiny random model (no weights needed)"
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         # each other make it ~10x slower (--threads overrides)
         torch.set_num_threads(1)
     try:
-        return run_method(args) if args.method else run_tiny(args)
+        return run_method(args, "demo", "; run `minivid demo` without --method") if args.method else run_tiny(args)
     finally:
         torch.set_num_threads(threads)
 
@@ -102,21 +102,3 @@ def _interpolated_noise(sd, frames: int, size: int, seed: int) -> torch.Tensor:
     b = initial_noise(sd, 1, size, size, seed=seed + 1)
     angles = torch.linspace(0, math.pi / 2, frames, device=a.device).view(-1, 1, 1, 1)
     return torch.cos(angles) * a + torch.sin(angles) * b
-
-
-def run_method(args: argparse.Namespace) -> int:
-    """`--method NAME`: the method's own demo, if it has one."""
-    from minivid.methods import method_cli
-
-    try:
-        mod = method_cli(args.method)
-    except ModuleNotFoundError:
-        mod = None
-    if mod is None or not hasattr(mod, "demo"):
-        raise ValueError(f"method {args.method!r} has no demo in this installation "
-                         f"(minivid.methods.{args.method}.cli.demo); run `minivid demo` without --method")
-    job = Job(f"demo-{args.method}", args.out, vars(args))
-    results = mod.demo(args, job)
-    record = job.finish(**(results or {}))
-    print(f"wrote {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
-    return 0

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import add_model_arguments, add_video_arguments
-from minivid.jobs import Job
+from minivid.cli.common import add_model_arguments, add_video_arguments, run_method
 from minivid.methods import METHODS, available_clis
 
 help = "edit a video with COVE, EI² or TCVE"
@@ -24,11 +23,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    mod = available_clis().get(args.method)
-    if mod is None:
-        raise ValueError(f"method {args.method!r} is not available in this installation")
-    job = Job(f"edit-{args.method}", args.out, vars(args))
-    results = mod.edit(args, job)
-    record = job.finish(**(results or {}))
-    print(f"wrote {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
-    return 0
+    return run_method(args, "edit")

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import add_model_arguments, add_video_arguments
-from minivid.jobs import Job
+from minivid.cli.common import add_model_arguments, add_video_arguments, run_method
 from minivid.methods import available_clis
 
 help = "one-shot tuning on a source video (EI², TCVE)"
@@ -28,11 +27,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    mod = available_clis().get(args.method)
-    if mod is None or not hasattr(mod, "tune"):
-        raise ValueError(f"method {args.method!r} has no tuning in this installation")
-    job = Job(f"tune-{args.method}", args.out, vars(args))
-    results = mod.tune(args, job)
-    record = job.finish(**(results or {}))
-    print(f"wrote {job.dir}; record: {record}")
-    return 0
+    return run_method(args, "tune")

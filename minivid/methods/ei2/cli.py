@@ -18,7 +18,8 @@ import logging
 import torch
 
 from minivid.cli.common import (
-    DTYPES, check_demo_arguments, load_sd, read_source, tiny_base, tuning_demo_results, tuning_summary, write_edit,
+    DTYPES, check_demo_arguments, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
+    tuning_summary, write_edit,
 )
 from minivid.jobs import Job
 from minivid.methods.ei2.model import ORDERS, EI2Config
@@ -160,12 +161,11 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     with torch.no_grad():
         mean, std = encode_video(sd, clip)
         fixed = diffusion_loss(model, mean, sd.encode_prompt([DEMO_SOURCE]), sd.schedule, sd.prediction, refresh=False)
-        before = float(fixed(0, torch.Generator().manual_seed(1234)))
+    before = fixed_batch_loss(fixed)
     with job.timed("tuning"):
         _, result = tune_video(sd, clip, DEMO_SOURCE, job.path("tuning"), model=model,
                                cfg=TuneConfig(steps=DEMO_TUNE_STEPS, lr=DEMO_LR, seed=args.seed, progress=False))
-    with torch.no_grad():
-        after = float(fixed(0, torch.Generator().manual_seed(1234)))
+    after = fixed_batch_loss(fixed)
     with job.timed("edit"):
         out = ei2_edit(sd, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=False)
     job.write_video("source.mp4", clip.cpu())

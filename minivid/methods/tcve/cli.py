@@ -21,7 +21,8 @@ import math
 import torch
 
 from minivid.cli.common import (
-    DTYPES, check_demo_arguments, load_sd, read_source, tiny_base, tuning_demo_results, tuning_summary, write_edit,
+    DTYPES, check_demo_arguments, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
+    tuning_summary, write_edit,
 )
 from minivid.jobs import Job
 from minivid.methods.tcve.stu import ABLATIONS
@@ -171,12 +172,11 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     mean, _ = encode_video(sd, clip)
     with torch.no_grad():
         fixed = diffusion_loss(model, mean, sd.encode_prompt([DEMO_SOURCE]), len(clip), sd.schedule, sd.prediction)
-        before = float(fixed(0, torch.Generator().manual_seed(1234)))
+    before = fixed_batch_loss(fixed)
     with job.timed("tuning"):
         result = tune_tcve(sd, model, clip, DEMO_SOURCE, tune_config(steps=DEMO_TUNE_STEPS, lr=DEMO_LR, seed=args.seed,
                                                                      progress=False), job.path("tuning"))
-    with torch.no_grad():
-        after = float(fixed(0, torch.Generator().manual_seed(1234)))
+    after = fixed_batch_loss(fixed)
     with job.timed("edit"):
         out = edit_tcve(sd, model, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=False)
     job.write_video("source.mp4", clip.cpu())
