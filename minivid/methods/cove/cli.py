@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from minivid.cli.common import DTYPES, check_demo_arguments, load_sd, read_source, write_edit
 from minivid.jobs import Job
 
 from .pipeline import STORE_DTYPES, COVEConfig, edit_video
@@ -81,40 +82,12 @@ def _point(args: argparse.Namespace) -> tuple[float, float]:
     return y, x
 
 
-def _load_sd(args: argparse.Namespace):
-    from minivid.cli.common import DTYPES, require_weights
-    from minivid.models import StableDiffusion
-
-    require_weights(args)
-    dtype = DTYPES[args.dtype]
-    if args.weights:
-        sd = StableDiffusion.load(args.weights, device=args.device, dtype=dtype)
-        if sd.kind != "sd2":
-            log.warning("COVE is built on SD 2.1; %s is an %s model (the injection layers assume SD's layout)",
-                        args.weights, sd.kind)
-        return sd
-    log.warning("--tiny: a tiny SD 2-style model with RANDOM weights (seed %d); it makes no real edits", args.seed)
-    return StableDiffusion.from_config("tiny_sd2", device=args.device, dtype=dtype, seed=args.seed)
-
-
-def _source(args: argparse.Namespace, sd) -> torch.Tensor:
-    """The source clip [F, 3, H, W]: --frames frames every --stride, resized to --size (with --tiny the
-    default 512 becomes the tiny model's size) and cropped to a multiple the UNet accepts."""
-    from minivid.video import fit, read_video
-
-    size = sd.config.image_size if args.tiny and args.size == 512 else args.size
-    multiple = sd.config.downsample_factor * sd.config.unet.downsample_factor
-    frames = read_video(args.video, num_frames=args.frames, stride=args.stride)
-    return fit(frames, size, multiple=multiple, source=args.video)
-
-
 def _write(job: Job, source: torch.Tensor, out, point: tuple[float, float], fps: float) -> None:
-    source, edited = source.cpu(), out.images.cpu()
+    """The outputs of every edit, and COVE's correspondence picture (Appendix C)."""
+    write_edit(job, source, out.images, fps=fps)
     with job.timed("write"):
-        job.write_video("edited.mp4", edited, fps=fps)
-        job.write_grid("grid.png", torch.cat([source, edited]), cols=len(source))
-        job.write_side_by_side("side_by_side.mp4", source, edited, fps=fps)
-        job.write_grid("correspondence.png", correspondence_picture(source, out.correspondence, point), cols=len(source))
+        job.write_grid("correspondence.png", correspondence_picture(source.cpu(), out.correspondence, point),
+                       cols=len(source))
 
 
 def _results(out, config: COVEConfig, frames: torch.Tensor, point: tuple[float, float]) -> dict:
@@ -134,13 +107,11 @@ def _results(out, config: COVEConfig, frames: torch.Tensor, point: tuple[float, 
 
 def edit(args: argparse.Namespace, job: Job) -> dict:
     """`minivid edit --method cove`: correspondence on the source, inversion and sampling with CGA and injection."""
-    from minivid.cli.common import DTYPES
-
     config = config_from_args(args)
     point = _point(args)
     with job.timed("load"):
-        sd = _load_sd(args)
-        frames = _source(args, sd)
+        sd = load_sd(args, "COVE", base="sd2")
+        frames = read_source(args, sd)
     job.record["model"] = {"kind": sd.kind, "prediction": sd.prediction}
     with job.timed("edit"):
         out = edit_video(sd, frames, args.prompt, args.source_prompt, config, seed=args.seed, dtype=DTYPES[args.dtype])
@@ -186,9 +157,8 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.models import StableDiffusion
 
     model = "tiny_sd2"                                       # COVE is an SD 2 method, whatever --model says
+    check_demo_arguments(args)
     size = 48 if args.size == 32 else args.size
-    if args.steps < 1 or args.frames < 2 or size < 16 or size % 16:
-        raise ValueError("--steps must be at least 1, --frames at least 2 and --size a multiple of 16")
     config = COVEConfig(inversion_steps=args.steps, steps=args.steps, inject_steps=math.floor(0.8 * args.steps),
                         guidance=7.5)
     print("minivid demo --method cove: a tiny model with RANDOM weights and a synthetic clip (moving shapes).\n"
