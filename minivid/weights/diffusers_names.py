@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Collection, Literal, Mapping
+from typing import Callable, ClassVar, Collection, Literal, Mapping
 
 import torch
 
@@ -59,6 +59,7 @@ __all__ = [
     "Rule", "UNetLayout", "VAELayout", "TextSD2Layout", "ComponentTable", "TABLES",
     "unet_rules", "vae_rules", "text_sd1_rules", "text_sd2_rules",
     "original_to_diffusers", "diffusers_to_original", "original_only", "diffusers_only", "layout_of",
+    "Naming", "Kind", "key_indices", "pair_rules", "vae_attention_rules",
 ]
 
 Naming = Literal["original", "diffusers"]
@@ -85,26 +86,29 @@ class UNetLayout:
     levels: int = 4                                # len(channel_mult)
     num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels whose res-blocks are followed by a SpatialTransformer
+    what: ClassVar[str] = "UNet"                   # in error messages (SVD's layout says "SVD UNet")
 
     @classmethod
     def from_keys(cls, keys: Collection[str], naming: Naming) -> "UNetLayout":
+        """The layout of a UNet whose tensor names are `keys`, in `naming`; the same for sgm's VideoUNet,
+        whose input/output blocks are numbered like ldm's."""
         if naming == "original":
-            ops = _indices(keys, r"input_blocks\.(\d+)\.0\.op\.")
-            n_input = max(_indices(keys, r"input_blocks\.(\d+)\."), default=-1) + 1
+            ops = key_indices(keys, r"input_blocks\.(\d+)\.0\.op\.")
+            n_input = max(key_indices(keys, r"input_blocks\.(\d+)\."), default=-1) + 1
             levels = len(ops) + 1
             res, rem = divmod(n_input, levels)
             if n_input == 0 or rem or res < 2:
-                raise WeightsError(f"cannot read the UNet layout from these keys: {n_input} input_blocks and "
+                raise WeightsError(f"cannot read the {cls.what} layout from these keys: {n_input} input_blocks and "
                                    f"{len(ops)} downsamplers do not make levels x (res blocks + 1).")
             res -= 1
             first = [1 + level * (res + 1) for level in range(levels)]
             att = tuple(lv for lv in range(levels)
                         if any(k.startswith(f"input_blocks.{first[lv] + j}.1.") for k in keys for j in range(res)))
             return cls(levels, res, att)
-        levels = max(_indices(keys, r"down_blocks\.(\d+)\."), default=-1) + 1
-        res = max(_indices(keys, r"down_blocks\.\d+\.resnets\.(\d+)\."), default=-1) + 1
+        levels = max(key_indices(keys, r"down_blocks\.(\d+)\."), default=-1) + 1
+        res = max(key_indices(keys, r"down_blocks\.\d+\.resnets\.(\d+)\."), default=-1) + 1
         if levels == 0 or res == 0:
-            raise WeightsError("cannot read the UNet layout from these keys: no down_blocks.N.resnets.M found.")
+            raise WeightsError(f"cannot read the {cls.what} layout from these keys: no down_blocks.N.resnets.M found.")
         att = tuple(lv for lv in range(levels) if any(k.startswith(f"down_blocks.{lv}.attentions.") for k in keys))
         return cls(levels, res, att)
 
@@ -120,7 +124,8 @@ UNET_RESNET = [
 ]
 
 
-def _resnet(original: str, diffusers: str, leaves=UNET_RESNET) -> list[Rule]:
+def pair_rules(original: str, diffusers: str, leaves: list[tuple[str, str]]) -> list[Rule]:
+    """One "same" rule per (original leaf, diffusers leaf) under the modules `original` <-> `diffusers`."""
     return [Rule(f"{original}.{o}", f"{diffusers}.{d}") for o, d in leaves]
 
 
@@ -138,21 +143,21 @@ def unet_rules(layout: UNetLayout = UNetLayout()) -> list[Rule]:
     for level in range(L):
         first = 1 + level * (R + 1)
         for j in range(R):
-            rules += _resnet(f"input_blocks.{first + j}.0", f"down_blocks.{level}.resnets.{j}")
+            rules += pair_rules(f"input_blocks.{first + j}.0", f"down_blocks.{level}.resnets.{j}", UNET_RESNET)
             if level in att:
                 rules.append(Rule(f"input_blocks.{first + j}.1", f"down_blocks.{level}.attentions.{j}"))
         if level < L - 1:
             rules.append(Rule(f"input_blocks.{first + R}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
     # middle: ResBlock, SpatialTransformer, ResBlock
-    rules += _resnet("middle_block.0", "mid_block.resnets.0")
+    rules += pair_rules("middle_block.0", "mid_block.resnets.0", UNET_RESNET)
     rules.append(Rule("middle_block.1", "mid_block.attentions.0"))
-    rules += _resnet("middle_block.2", "mid_block.resnets.1")
+    rules += pair_rules("middle_block.2", "mid_block.resnets.1", UNET_RESNET)
     # decoder: up level u (u = 0 deepest) = R + 1 x (ResBlock [+ SpatialTransformer]), the last with an upsampler
     for up in range(L):
         level = L - 1 - up
         for j in range(R + 1):
             i = up * (R + 1) + j
-            rules += _resnet(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}")
+            rules += pair_rules(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}", UNET_RESNET)
             if level in att:
                 rules.append(Rule(f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}"))
             if j == R and up < L - 1:
@@ -174,11 +179,11 @@ class VAELayout:
     @classmethod
     def from_keys(cls, keys: Collection[str], naming: Naming) -> "VAELayout":
         if naming == "original":
-            levels = max(_indices(keys, r"encoder\.down\.(\d+)\."), default=-1) + 1
-            res = max(_indices(keys, r"encoder\.down\.\d+\.block\.(\d+)\."), default=-1) + 1
+            levels = max(key_indices(keys, r"encoder\.down\.(\d+)\."), default=-1) + 1
+            res = max(key_indices(keys, r"encoder\.down\.\d+\.block\.(\d+)\."), default=-1) + 1
         else:
-            levels = max(_indices(keys, r"encoder\.down_blocks\.(\d+)\."), default=-1) + 1
-            res = max(_indices(keys, r"encoder\.down_blocks\.\d+\.resnets\.(\d+)\."), default=-1) + 1
+            levels = max(key_indices(keys, r"encoder\.down_blocks\.(\d+)\."), default=-1) + 1
+            res = max(key_indices(keys, r"encoder\.down_blocks\.\d+\.resnets\.(\d+)\."), default=-1) + 1
         if levels == 0 or res == 0:
             raise WeightsError("cannot read the VAE layout from these keys: no encoder down blocks found.")
         return cls(levels, res)
@@ -188,7 +193,7 @@ VAE_RESNET = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv
               ("nin_shortcut", "conv_shortcut")]
 
 
-def _vae_attention(original: str, diffusers: str) -> list[Rule]:
+def vae_attention_rules(original: str, diffusers: str) -> list[Rule]:
     """ldm AttnBlock (1x1 convs) <-> diffusers Attention (Linear); older diffusers files say query/key/value/proj_attn."""
     rules = [
         Rule(f"{original}.norm", f"{diffusers}.group_norm"),
@@ -211,19 +216,19 @@ def vae_rules(layout: VAELayout = VAELayout()) -> list[Rule]:
             Rule(f"{part}.norm_out", f"{part}.conv_norm_out"),
             Rule(f"{part}.conv_out", f"{part}.conv_out"),
         ]
-        rules += _resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", VAE_RESNET)
-        rules += _vae_attention(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0")
-        rules += _resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", VAE_RESNET)
+        rules += pair_rules(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", VAE_RESNET)
+        rules += vae_attention_rules(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0")
+        rules += pair_rules(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", VAE_RESNET)
     for i in range(L):
         for j in range(R):
-            rules += _resnet(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET)
+            rules += pair_rules(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET)
         if i < L - 1:
             rules.append(Rule(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"))
     # the decoder's `up` list is indexed from the highest resolution; diffusers' up_blocks from the lowest
     for i in range(L):
         u = L - 1 - i
         for j in range(R + 1):
-            rules += _resnet(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{u}.resnets.{j}", VAE_RESNET)
+            rules += pair_rules(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{u}.resnets.{j}", VAE_RESNET)
         if i > 0:
             rules.append(Rule(f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{u}.upsamplers.0.conv"))
     return rules
@@ -263,7 +268,7 @@ class TextSD2Layout:
     @classmethod
     def from_keys(cls, keys: Collection[str], naming: Naming) -> "TextSD2Layout":
         if naming == "diffusers":
-            n = max(_indices(keys, r"(?:text_model\.)?encoder\.layers\.(\d+)\."), default=-1) + 1
+            n = max(key_indices(keys, r"(?:text_model\.)?encoder\.layers\.(\d+)\."), default=-1) + 1
             return cls(n) if n else cls()
         return cls()
 
@@ -309,7 +314,7 @@ class ComponentTable:
 
 def _text_sd2_extra(keys: Collection[str], layout: TextSD2Layout) -> list[str]:
     """Original resblocks beyond the layers SD 2 runs: original-only."""
-    stored = max(_indices(keys, r"transformer\.resblocks\.(\d+)\."), default=-1) + 1
+    stored = max(key_indices(keys, r"transformer\.resblocks\.(\d+)\."), default=-1) + 1
     if 0 < stored < layout.layers:
         raise WeightsError(
             f"this SD 2 text state dict stores {stored} resblocks but the layout says SD 2 runs {layout.layers}; "
@@ -345,7 +350,8 @@ def _rules(component: str, keys: Collection[str], naming: Naming, layout) -> lis
     return table.rules(layout if layout is not None else table.layout(keys, naming))
 
 
-def _indices(keys: Collection[str], pattern: str) -> set[int]:
+def key_indices(keys: Collection[str], pattern: str) -> set[int]:
+    """The integers that group 1 of `pattern` matches at the start of `keys` (block numbers, layer numbers)."""
     rx = re.compile(pattern)
     return {int(m[1]) for k in keys if (m := rx.match(k))}
 

@@ -39,14 +39,13 @@ Two facts the tables cannot express, handled by functions here:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Collection, Mapping
+from typing import ClassVar, Collection, Mapping
 
 import torch
 
 from .diffusers_names import (OPENCLIP_LAYER, TABLES, UNET_RESNET, VAE_RESNET, ComponentTable, Naming, Rule,
-                              _vae_attention)
+                              UNetLayout, key_indices, pair_rules, vae_attention_rules)
 from .files import WeightsError
 
 __all__ = [
@@ -71,47 +70,15 @@ SVD_KNOWN_EXTRAS = {
 }
 
 
-def _indices(keys: Collection[str], pattern: str) -> set[int]:
-    rx = re.compile(pattern)
-    return {int(m[1]) for k in keys if (m := rx.match(k))}
-
-
-def _pairs(original: str, diffusers: str, leaves) -> list[Rule]:
-    return [Rule(f"{original}.{o}", f"{diffusers}.{d}") for o, d in leaves]
-
-
 # ------------------------------------------------------------------------------------ UNet
 
 
 @dataclass(frozen=True)
-class SVDUNetLayout:
-    """What the names of sgm's VideoUNet depend on (SVD: the defaults)."""
+class SVDUNetLayout(UNetLayout):
+    """What the names of sgm's VideoUNet depend on (SVD: the defaults); its blocks are numbered like
+    ldm's UNetModel's, so `from_keys` is UNetLayout's."""
 
-    levels: int = 4
-    num_res_blocks: int = 2
-    attention_levels: tuple[int, ...] = (0, 1, 2)
-
-    @classmethod
-    def from_keys(cls, keys: Collection[str], naming: Naming) -> "SVDUNetLayout":
-        if naming == "original":
-            ops = _indices(keys, r"input_blocks\.(\d+)\.0\.op\.")
-            n_input = max(_indices(keys, r"input_blocks\.(\d+)\."), default=-1) + 1
-            levels = len(ops) + 1
-            res, rem = divmod(n_input, levels)
-            if n_input == 0 or rem or res < 2:
-                raise WeightsError(f"cannot read the SVD UNet layout from these keys: {n_input} input_blocks and "
-                                   f"{len(ops)} downsamplers do not make levels x (res blocks + 1).")
-            res -= 1
-            first = [1 + level * (res + 1) for level in range(levels)]
-            att = tuple(lv for lv in range(levels)
-                        if any(k.startswith(f"input_blocks.{first[lv] + j}.1.") for k in keys for j in range(res)))
-            return cls(levels, res, att)
-        levels = max(_indices(keys, r"down_blocks\.(\d+)\."), default=-1) + 1
-        res = max(_indices(keys, r"down_blocks\.\d+\.resnets\.(\d+)\."), default=-1) + 1
-        if levels == 0 or res == 0:
-            raise WeightsError("cannot read the SVD UNet layout from these keys: no down_blocks.N.resnets.M found.")
-        att = tuple(lv for lv in range(levels) if any(k.startswith(f"down_blocks.{lv}.attentions.") for k in keys))
-        return cls(levels, res, att)
+    what: ClassVar[str] = "SVD UNet"
 
 
 # sgm time_stack (openaimodel ResBlock, dims=3) leaves -> diffusers TemporalResnetBlock leaves
@@ -121,7 +88,7 @@ TEMPORAL_RESNET = [(f"time_stack.{o}", f"temporal_res_block.{d}") for o, d in UN
 def _video_resblock(original: str, diffusers: str) -> list[Rule]:
     """sgm VideoResBlock <-> diffusers SpatioTemporalResBlock."""
     spatial = [(o, f"spatial_res_block.{d}") for o, d in UNET_RESNET]
-    return _pairs(original, diffusers, spatial + TEMPORAL_RESNET + [("time_mixer", "time_mixer")])
+    return pair_rules(original, diffusers, spatial + TEMPORAL_RESNET + [("time_mixer", "time_mixer")])
 
 
 def _video_transformer(original: str, diffusers: str) -> list[Rule]:
@@ -130,7 +97,7 @@ def _video_transformer(original: str, diffusers: str) -> list[Rule]:
               ("proj_out", "proj_out"), ("time_stack", "temporal_transformer_blocks"),
               ("time_pos_embed.0", "time_pos_embed.linear_1"), ("time_pos_embed.2", "time_pos_embed.linear_2"),
               ("time_mixer", "time_mixer")]
-    return _pairs(original, diffusers, leaves)
+    return pair_rules(original, diffusers, leaves)
 
 
 def svd_unet_rules(layout: SVDUNetLayout = SVDUNetLayout()) -> list[Rule]:
@@ -183,8 +150,8 @@ class SVDVAELayout:
     def from_keys(cls, keys: Collection[str], naming: Naming) -> "SVDVAELayout":
         down = r"encoder\.down\.(\d+)\." if naming == "original" else r"encoder\.down_blocks\.(\d+)\."
         block = r"encoder\.down\.\d+\.block\.(\d+)\." if naming == "original" else r"encoder\.down_blocks\.\d+\.resnets\.(\d+)\."
-        levels = max(_indices(keys, down), default=-1) + 1
-        res = max(_indices(keys, block), default=-1) + 1
+        levels = max(key_indices(keys, down), default=-1) + 1
+        res = max(key_indices(keys, block), default=-1) + 1
         if levels == 0 or res == 0:
             raise WeightsError("cannot read the SVD VAE layout from these keys: no encoder down blocks found.")
         return cls(levels, res)
@@ -195,7 +162,7 @@ def _vae_video_resblock(original: str, diffusers: str) -> list[Rule]:
     spatial = [(o, f"spatial_res_block.{d}") for o, d in VAE_RESNET]
     temporal = [(f"time_stack.{o}", f"temporal_res_block.{d}") for o, d in UNET_RESNET
                 if o not in ("skip_connection", "emb_layers.1")]
-    return _pairs(original, diffusers, spatial + temporal + [("mix_factor", "time_mixer.mix_factor")])
+    return pair_rules(original, diffusers, spatial + temporal + [("mix_factor", "time_mixer.mix_factor")])
 
 
 def svd_vae_rules(layout: SVDVAELayout = SVDVAELayout()) -> list[Rule]:
@@ -211,15 +178,15 @@ def svd_vae_rules(layout: SVDVAELayout = SVDVAELayout()) -> list[Rule]:
         Rule("decoder.conv_out", "decoder.conv_out"),
         Rule("decoder.conv_out.time_mix_conv", "decoder.time_conv_out"),
     ]
-    rules += _pairs("encoder.mid.block_1", "encoder.mid_block.resnets.0", VAE_RESNET)
-    rules += _vae_attention("encoder.mid.attn_1", "encoder.mid_block.attentions.0")
-    rules += _pairs("encoder.mid.block_2", "encoder.mid_block.resnets.1", VAE_RESNET)
+    rules += pair_rules("encoder.mid.block_1", "encoder.mid_block.resnets.0", VAE_RESNET)
+    rules += vae_attention_rules("encoder.mid.attn_1", "encoder.mid_block.attentions.0")
+    rules += pair_rules("encoder.mid.block_2", "encoder.mid_block.resnets.1", VAE_RESNET)
     rules += _vae_video_resblock("decoder.mid.block_1", "decoder.mid_block.resnets.0")
-    rules += _vae_attention("decoder.mid.attn_1", "decoder.mid_block.attentions.0")
+    rules += vae_attention_rules("decoder.mid.attn_1", "decoder.mid_block.attentions.0")
     rules += _vae_video_resblock("decoder.mid.block_2", "decoder.mid_block.resnets.1")
     for i in range(L):
         for j in range(R):
-            rules += _pairs(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET)
+            rules += pair_rules(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET)
         if i < L - 1:
             rules.append(Rule(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"))
     for i in range(L):  # decoder.up is indexed from the highest resolution, diffusers' up_blocks from the lowest
@@ -291,7 +258,7 @@ class ImageEncoderLayout:
     @classmethod
     def from_keys(cls, keys: Collection[str], naming: Naming) -> "ImageEncoderLayout":
         rx = r"visual\.transformer\.resblocks\.(\d+)\." if naming == "original" else r"vision_model\.encoder\.layers\.(\d+)\."
-        n = max(_indices(keys, rx), default=-1) + 1
+        n = max(key_indices(keys, rx), default=-1) + 1
         if n == 0:
             raise WeightsError("cannot read the image encoder layout from these keys: no transformer layers found.")
         return cls(n)
