@@ -197,6 +197,11 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool = False):
         super().__init__()
+        self.add_block_layers(dim, heads, dim_head, context_dim, upcast)
+
+    def add_block_layers(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool) -> None:
+        """norm1/attn1, norm2/attn2, norm3/ff, created in this order (it fixes a seeded random init).
+        sgm's VideoTransformerBlock creates its own layers first, then these."""
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, None, heads, dim_head, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)

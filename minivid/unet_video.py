@@ -40,9 +40,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minivid.attention import Attention
 from minivid.layers import FeedForward, normalization, timestep_embedding, zero_module
-from minivid.unet import Cond, ResBlock, SpatialTransformer, UNet, UNetConfig
+from minivid.unet import BasicTransformerBlock, Cond, ResBlock, SpatialTransformer, UNet, UNetConfig
 
 __all__ = [
     "VideoUNetConfig", "VIDEO_PRESETS", "VideoUNet", "VideoCond", "AlphaBlender", "TemporalResBlock",
@@ -206,7 +205,7 @@ class VideoResBlock(ResBlock):
 
 # ---------------------------------------------------------------- spatio-temporal transformer
 
-class VideoTransformerBlock(nn.Module):
+class VideoTransformerBlock(BasicTransformerBlock):
     """sgm VideoTransformerBlock (one entry of `time_stack`): attention over the frames of each token.
 
     x: [(B·F), N, D] is rearranged to [(B·N), F, D]; then
@@ -218,23 +217,16 @@ class VideoTransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool = False):
-        super().__init__()
+        nn.Module.__init__(self)                   # sgm's order: norm_in/ff_in first, then the image block's layers
         self.norm_in = nn.LayerNorm(dim)
         self.ff_in = FeedForward(dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, None, heads, dim_head, upcast=upcast)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, context_dim, heads, dim_head, upcast=upcast)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
+        self.add_block_layers(dim, heads, dim_head, context_dim, upcast)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int, hw: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int,  # type: ignore[override]
+                hw: tuple[int, int]) -> torch.Tensor:
         _, N, D = x.shape
         x = to_video(x, frames).transpose(1, 2).reshape(-1, frames, D)  # [(B·N), F, D]
-        x = x + self.ff_in(self.norm_in(x))
-        x = x + self.attn1(self.norm1(x), hw=hw)
-        x = x + self.attn2(self.norm2(x), context, hw=hw)
-        x = x + self.ff(self.norm3(x))
+        x = super().forward(x + self.ff_in(self.norm_in(x)), context, hw)   # then attn1, attn2, ff as the image block
         return to_frames(x.reshape(-1, N, frames, D).transpose(1, 2).contiguous())   # [(B·F), N, D], dense for the Linears
 
 
