@@ -25,14 +25,6 @@ from minivid.unet import UNet, UNetConfig, Upsample
 from minivid.video import write_video
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return StableDiffusion.from_config("tiny_sd2", seed=0)

@@ -24,16 +24,10 @@ from minivid.weights import WeightsError, load_manifest
 from minivid.weights.diffusers_names import original_to_diffusers
 from minivid.weights.svd_names import SVD_KNOWN_EXTRAS, identity_quant_conv
 
+from _builders import max_err
+
 PIPE_TOL = 1e-4
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -49,11 +43,6 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
     return model.eval()
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def sgm_groupnorm_eps_(unet: nn.Module) -> nn.Module:

@@ -24,19 +24,11 @@ from minivid.weights import load_manifest
 from minivid.weights.diffusers_names import diffusers_to_original, original_to_diffusers
 from minivid.weights import svd_names  # noqa: F401  (registers the svd_* tables)
 
+from _builders import max_err
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny ops gain nothing from two, and on the shared machine OpenMP
-    threads spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -82,11 +74,6 @@ def to_diffusers(unet: VideoUNet, sgm_eps: bool = True) -> UNetSpatioTemporalCon
     oracle = UNetSpatioTemporalConditionModel(**diffusers_kwargs(unet.cfg)).eval()
     oracle.load_state_dict(original_to_diffusers("svd_unet", unet.state_dict()), strict=True)
     return sgm_groupnorm_eps_(oracle) if sgm_eps else oracle
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def inputs(cfg: VideoUNetConfig, B: int, F: int, h: int, w: int, seed: int = 0):
