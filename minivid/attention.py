@@ -31,7 +31,7 @@ import torch.nn.functional as F
 __all__ = [
     "Attention", "AttnContext", "Processor", "sdpa", "explicit", "attention_probs",
     "name_layers", "attention_layers", "set_processor", "processors",
-    "call_state", "capture", "inject", "capture_outputs", "replace_outputs", "AttentionStore",
+    "call_state", "wrap_processors", "capture", "inject", "capture_outputs", "replace_outputs", "AttentionStore",
 ]
 
 
@@ -274,15 +274,23 @@ def _check_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _wrapped(model: nn.Module, pattern: str, wrap: Callable[[Processor], Processor]) -> Iterator[None]:
-    layers = attention_layers(model, pattern)
-    if not layers:
-        raise ValueError(f"no attention layer matches {pattern!r}")
+def wrap_processors(
+    model: nn.Module, pattern: str | list[str], wrap: Callable[[Processor], Processor]
+) -> Iterator[list[str]]:
+    """Wrap the current processor of every layer matching `pattern` (a glob, or a list of globs or
+    exact names) as `wrap(processor)`; the previous processors come back on exit. The building
+    block of `capture` and `inject`, and of methods' own recorders."""
+    layers: dict[str, Attention] = {}
+    for pat in [pattern] if isinstance(pattern, str) else pattern:
+        found = attention_layers(model, pat)
+        if not found:
+            raise ValueError(f"no attention layer matches {pat!r}")
+        layers.update(found)
     saved = {n: m.processor for n, m in layers.items()}
     try:
         for n, m in layers.items():
             m.processor = wrap(saved[n])
-        yield
+        yield list(layers)
     finally:
         for n, m in layers.items():
             m.processor = saved[n]
@@ -304,7 +312,7 @@ def capture(
     """
     kinds = _check_kinds(kinds)
     store = AttentionStore()
-    with _wrapped(model, pattern, lambda inner: _Capture(inner, store, kinds, detach, to)):
+    with wrap_processors(model, pattern, lambda inner: _Capture(inner, store, kinds, detach, to)):
         yield store
 
 
@@ -322,7 +330,7 @@ def inject(
     choose another index (e.g. from `ctx.state["step"]`) or None to leave a call alone.
     """
     kinds = _check_kinds(kinds)
-    with _wrapped(model, pattern, lambda inner: _Inject(inner, store, kinds, select)):
+    with wrap_processors(model, pattern, lambda inner: _Inject(inner, store, kinds, select)):
         yield
 
 

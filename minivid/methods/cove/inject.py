@@ -44,7 +44,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from minivid.attention import AttnContext, Processor, attention_layers, replace_outputs
+from minivid.attention import AttnContext, Processor, attention_layers, replace_outputs, wrap_processors
 from minivid.samplers import ddim_timesteps
 
 __all__ = ["FLATTEN_RESNETS", "FLATTEN_ATTENTIONS", "injection_layers", "match_timesteps", "FeatureBank"]
@@ -150,7 +150,7 @@ class FeatureBank:
         with contextlib.ExitStack() as stack:
             for name in self.resnets:
                 stack.enter_context(replace_outputs(unet, name, keep))
-            stack.enter_context(_wrapped(unet, self.attentions, wrap))
+            stack.enter_context(wrap_processors(unet, self.attentions, wrap))
             yield self
 
     # ------------------------------------------------------------ injection (sampling)
@@ -193,24 +193,5 @@ class FeatureBank:
         with contextlib.ExitStack() as stack:
             for name in self.resnets:
                 stack.enter_context(replace_outputs(unet, name, replace))
-            stack.enter_context(_wrapped(unet, self.attentions, wrap))
+            stack.enter_context(wrap_processors(unet, self.attentions, wrap))
             yield self
-
-
-@contextlib.contextmanager
-def _wrapped(unet: nn.Module, names: list[str], wrap) -> Iterator[None]:
-    """Wrap the current processor of each named attention layer; restore them on exit."""
-    layers = {}
-    for name in names:
-        found = attention_layers(unet, name)
-        if name not in found:
-            raise ValueError(f"no attention layer named {name!r}")
-        layers[name] = found[name]
-    saved = {n: m.processor for n, m in layers.items()}
-    try:
-        for n, m in layers.items():
-            m.processor = wrap(saved[n])
-        yield
-    finally:
-        for n, m in layers.items():
-            m.processor = saved[n]
