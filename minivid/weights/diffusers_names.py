@@ -57,7 +57,7 @@ from .files import WeightsError
 
 __all__ = [
     "Rule", "UNetLayout", "VAELayout", "TextSD2Layout", "ComponentTable", "TABLES",
-    "unet_rules", "vae_rules", "text_sd1_rules", "text_sd2_rules",
+    "unet_rules", "unet_resblock", "unet_transformer", "UNET_HEAD", "vae_rules", "text_sd1_rules", "text_sd2_rules",
     "original_to_diffusers", "diffusers_to_original", "original_only", "diffusers_only", "layout_of",
     "Naming", "Kind", "key_indices", "pair_rules", "vae_attention_rules",
 ]
@@ -129,37 +129,59 @@ def pair_rules(original: str, diffusers: str, leaves: list[tuple[str, str]]) -> 
     return [Rule(f"{original}.{o}", f"{diffusers}.{d}") for o, d in leaves]
 
 
-def unet_rules(layout: UNetLayout = UNetLayout()) -> list[Rule]:
-    """The SD UNet: ldm `UNetModel` <-> diffusers `UNet2DConditionModel`."""
+def unet_resblock(original: str, diffusers: str) -> list[Rule]:
+    """An ldm ResBlock <-> a diffusers ResnetBlock2D."""
+    return pair_rules(original, diffusers, UNET_RESNET)
+
+
+def unet_transformer(original: str, diffusers: str) -> list[Rule]:
+    """An ldm SpatialTransformer <-> a diffusers Transformer2DModel (same inner names)."""
+    return [Rule(original, diffusers)]
+
+
+UNET_HEAD = [
+    Rule("time_embed.0", "time_embedding.linear_1"),
+    Rule("time_embed.2", "time_embedding.linear_2"),
+    Rule("input_blocks.0.0", "conv_in"),
+    Rule("out.0", "conv_norm_out"),
+    Rule("out.2", "conv_out"),
+]
+
+
+def unet_rules(
+    layout: UNetLayout = UNetLayout(),
+    resblock: Callable[[str, str], list[Rule]] = unet_resblock,
+    transformer: Callable[[str, str], list[Rule]] = unet_transformer,
+    head: list[Rule] = UNET_HEAD,
+) -> list[Rule]:
+    """The SD UNet: ldm `UNetModel` <-> diffusers `UNet2DConditionModel`.
+
+    The block numbering is shared with SVD's UNet, which passes its own `resblock` /
+    `transformer` rules and `head` (svd_names.svd_unet_rules).
+    """
     L, R, att = layout.levels, layout.num_res_blocks, set(layout.attention_levels)
-    rules = [
-        Rule("time_embed.0", "time_embedding.linear_1"),
-        Rule("time_embed.2", "time_embedding.linear_2"),
-        Rule("input_blocks.0.0", "conv_in"),
-        Rule("out.0", "conv_norm_out"),
-        Rule("out.2", "conv_out"),
-    ]
+    rules = list(head)
     # encoder: input_blocks 1.. = per level R x (ResBlock [+ SpatialTransformer]), then a downsampler
     for level in range(L):
         first = 1 + level * (R + 1)
         for j in range(R):
-            rules += pair_rules(f"input_blocks.{first + j}.0", f"down_blocks.{level}.resnets.{j}", UNET_RESNET)
+            rules += resblock(f"input_blocks.{first + j}.0", f"down_blocks.{level}.resnets.{j}")
             if level in att:
-                rules.append(Rule(f"input_blocks.{first + j}.1", f"down_blocks.{level}.attentions.{j}"))
+                rules += transformer(f"input_blocks.{first + j}.1", f"down_blocks.{level}.attentions.{j}")
         if level < L - 1:
             rules.append(Rule(f"input_blocks.{first + R}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
     # middle: ResBlock, SpatialTransformer, ResBlock
-    rules += pair_rules("middle_block.0", "mid_block.resnets.0", UNET_RESNET)
-    rules.append(Rule("middle_block.1", "mid_block.attentions.0"))
-    rules += pair_rules("middle_block.2", "mid_block.resnets.1", UNET_RESNET)
+    rules += resblock("middle_block.0", "mid_block.resnets.0")
+    rules += transformer("middle_block.1", "mid_block.attentions.0")
+    rules += resblock("middle_block.2", "mid_block.resnets.1")
     # decoder: up level u (u = 0 deepest) = R + 1 x (ResBlock [+ SpatialTransformer]), the last with an upsampler
     for up in range(L):
         level = L - 1 - up
         for j in range(R + 1):
             i = up * (R + 1) + j
-            rules += pair_rules(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}", UNET_RESNET)
+            rules += resblock(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}")
             if level in att:
-                rules.append(Rule(f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}"))
+                rules += transformer(f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}")
             if j == R and up < L - 1:
                 slot = 2 if level in att else 1
                 rules.append(Rule(f"output_blocks.{i}.{slot}.conv", f"up_blocks.{up}.upsamplers.0.conv"))

@@ -44,8 +44,8 @@ from typing import ClassVar, Collection, Mapping
 
 import torch
 
-from .diffusers_names import (OPENCLIP_LAYER, TABLES, UNET_RESNET, VAE_RESNET, ComponentTable, Naming, Rule,
-                              UNetLayout, key_indices, pair_rules, vae_attention_rules)
+from .diffusers_names import (OPENCLIP_LAYER, TABLES, UNET_HEAD, UNET_RESNET, VAE_RESNET, ComponentTable, Naming, Rule,
+                              UNetLayout, key_indices, pair_rules, unet_rules, vae_attention_rules)
 from .files import WeightsError
 
 __all__ = [
@@ -100,40 +100,18 @@ def _video_transformer(original: str, diffusers: str) -> list[Rule]:
     return pair_rules(original, diffusers, leaves)
 
 
+SVD_UNET_HEAD = [
+    *UNET_HEAD[:2],
+    Rule("label_emb.0.0", "add_embedding.linear_1"),
+    Rule("label_emb.0.2", "add_embedding.linear_2"),
+    *UNET_HEAD[2:],
+]
+
+
 def svd_unet_rules(layout: SVDUNetLayout = SVDUNetLayout()) -> list[Rule]:
-    """SVD's UNet: sgm `VideoUNet` <-> diffusers `UNetSpatioTemporalConditionModel`."""
-    L, R, att = layout.levels, layout.num_res_blocks, set(layout.attention_levels)
-    rules = [
-        Rule("time_embed.0", "time_embedding.linear_1"),
-        Rule("time_embed.2", "time_embedding.linear_2"),
-        Rule("label_emb.0.0", "add_embedding.linear_1"),
-        Rule("label_emb.0.2", "add_embedding.linear_2"),
-        Rule("input_blocks.0.0", "conv_in"),
-        Rule("out.0", "conv_norm_out"),
-        Rule("out.2", "conv_out"),
-    ]
-    for level in range(L):
-        first = 1 + level * (R + 1)
-        for j in range(R):
-            rules += _video_resblock(f"input_blocks.{first + j}.0", f"down_blocks.{level}.resnets.{j}")
-            if level in att:
-                rules += _video_transformer(f"input_blocks.{first + j}.1", f"down_blocks.{level}.attentions.{j}")
-        if level < L - 1:
-            rules.append(Rule(f"input_blocks.{first + R}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
-    rules += _video_resblock("middle_block.0", "mid_block.resnets.0")
-    rules += _video_transformer("middle_block.1", "mid_block.attentions.0")
-    rules += _video_resblock("middle_block.2", "mid_block.resnets.1")
-    for up in range(L):
-        level = L - 1 - up
-        for j in range(R + 1):
-            i = up * (R + 1) + j
-            rules += _video_resblock(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}")
-            if level in att:
-                rules += _video_transformer(f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}")
-            if j == R and up < L - 1:
-                slot = 2 if level in att else 1
-                rules.append(Rule(f"output_blocks.{i}.{slot}.conv", f"up_blocks.{up}.upsamplers.0.conv"))
-    return rules
+    """SVD's UNet: sgm `VideoUNet` <-> diffusers `UNetSpatioTemporalConditionModel`
+    (SD's block numbering with video ResBlocks and spatio-temporal transformers)."""
+    return unet_rules(layout, _video_resblock, _video_transformer, SVD_UNET_HEAD)
 
 
 # ------------------------------------------------------------------------------------ VAE
