@@ -199,13 +199,13 @@ class SelfAttention(nn.Module, abc.ABC):
         self.processor: Processor = sdpa
 
     @abc.abstractmethod
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, D) -> q, k, v, each (B, N, D)."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, D), mask (N, N) bool or None -> (B, N, D)."""
         B, N, D = x.shape
-        q, k, v = (t.view(B, N, self.heads, self.dim_head).transpose(1, 2) for t in self.qkv(x))  # (B, h, N, d)
+        q, k, v = (t.view(B, N, self.heads, self.dim_head).transpose(1, 2) for t in self.project_qkv(x))  # (B, h, N, d)
         ctx = AttnContext(module=self, name="", is_cross=False, scale=self.dim_head ** -0.5, upcast=False,
                           hw=None, state={}, mask=mask)
         out = self.processor(q, k, v, ctx)                            # (B, h, N, d)
@@ -222,7 +222,7 @@ class FusedSelfAttention(SelfAttention):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
 
 
@@ -234,7 +234,7 @@ class SplitSelfAttention(SelfAttention):
         self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
         self.v_proj, self.out_proj = nn.Linear(width, width), nn.Linear(width, width)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 

@@ -1,0 +1,172 @@
+"""`minivid eval VIDEO`: the automatic metrics the four papers report, from minivid's own encoders.
+
+    minivid eval edited.mp4 --prompt "a cat in the snow" --source source.mp4 --json metrics.json
+
+CLIP textual alignment (needs --prompt) and frame consistency (CLIP ViT-L/14, or OpenCLIP
+ViT-H/14 with --clip), subject consistency (DINO ViT-B/16) and aesthetic quality (LAION's predictor
+on CLIP ViT-L/14); definitions and sources in docs/eval.md. The weights are looked for in weights/
+(see weights/README.md). With --source the same metrics of the source video are shown beside.
+`--tiny` uses tiny RANDOM encoders (the machinery only: the numbers mean nothing); `--write-tiny
+DIR` writes such encoders in the official file layouts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+help = "score a video with the papers' metrics (CLIP text alignment / frame consistency, subject consistency, aesthetic quality)"
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_eval_weights_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--clip, --dino, --aesthetic (with `prefix`, e.g. "eval-" for `minivid edit --eval`)."""
+    from minivid.eval.loading import DEFAULT_FILES
+
+    for key, meta in (("clip", "CLIP ViT-L/14 (transformers' model.safetensors) or OpenCLIP ViT-H/14"),
+                      ("dino", "DINO ViT-B/16 (dino_vitbase16_pretrain.pth)"),
+                      ("aesthetic", "LAION aesthetic predictor (sa_0_4_vit_l_14_linear.pth)")):
+        p.add_argument(f"--{prefix}{key}", metavar="WEIGHTS", dest=f"{prefix.replace('-', '_')}{key}",
+                       help=f"{meta} (default {DEFAULT_FILES[key].path})")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minivid.eval.metrics import METRICS
+
+    p.add_argument("video", nargs="?", help="the video to score (mp4/gif/webm, or a folder of frames)")
+    p.add_argument("--prompt", help="the edit prompt (for CLIP textual alignment)")
+    p.add_argument("--source", help="the source video: its metrics are shown beside for reference")
+    add_eval_weights_arguments(p)
+    p.add_argument("--metrics", default=",".join(METRICS),
+                   help=f"comma-separated subset of {', '.join(METRICS)} (default: all; text alignment needs --prompt)")
+    p.add_argument("--frames", type=int, help="number of frames to read (default: all)")
+    p.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help=f"torch device (default {DEFAULT_DEVICE})")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny RANDOM encoders instead of weights (tests and trying the command: the numbers mean nothing)")
+    p.add_argument("--write-tiny", metavar="DIR",
+                   help="write tiny random encoders in the official layouts to DIR (tiny-clip.safetensors, "
+                        "tiny-openclip.safetensors, tiny-dino.pth, tiny-aesthetic.pth) and exit")
+
+
+def parse_metrics(text: str, prompt: str | None) -> tuple[str, ...]:
+    from minivid.eval.metrics import METRICS
+
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"--metrics: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METRICS)}")
+    if prompt is None:
+        names = tuple(m for m in names if m != "clip_text_alignment")
+        if not names:
+            raise ValueError("clip_text_alignment needs --prompt")
+    return names
+
+
+def build_evaluator(args: argparse.Namespace, metrics: tuple[str, ...], prefix: str = ""):
+    """The Evaluator the options ask for (weights checked before anything is loaded)."""
+    from minivid.eval.loading import load_evaluator, tiny_evaluator
+
+    progress = not getattr(args, "quiet", False) and sys.stderr.isatty()
+    if args.tiny:
+        return tiny_evaluator(metrics, seed=getattr(args, "seed", 0) or 0, device=args.device, progress=progress)
+    key = prefix.replace("-", "_")
+    paths = {k: getattr(args, f"{key}{k}", None) for k in ("clip", "dino", "aesthetic")}
+    return load_evaluator(paths, metrics, device=args.device, progress=progress)
+
+
+def _read(path: str, args: argparse.Namespace) -> torch.Tensor:
+    from minivid.video import read_video
+
+    return read_video(path, num_frames=args.frames, stride=args.stride)
+
+
+def _check_output(path: Path, inputs: list[str | None]) -> None:
+    target = path.resolve()
+    for source in inputs:
+        if source and (target == Path(source).resolve() or Path(source).resolve() in target.parents):
+            raise FileExistsError(f"{path}: is (or lies inside) the input {source}; choose another --json file")
+
+
+def write_json(path: str | Path, data: dict, inputs: list[str | None]) -> Path:
+    """Write JSON to a temporary file beside `path` and rename it into place; never onto an input."""
+    path = Path(path)
+    _check_output(path, inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(results: dict[str, Any], source: dict[str, Any] | None = None) -> str:
+    """One line per metric: value (and the source video's), the papers that report it."""
+    from minivid.eval.metrics import METRICS
+
+    rows = []
+    for name, (_, papers) in METRICS.items():
+        if name not in results:
+            continue
+        r = results[name]
+        value = f"{r['value']:.4f}"
+        src = f"{source[name]['value']:.4f}" if source and name in source else ""
+        rows.append((name, value, src, papers))
+        if name == "clip_frame_consistency":
+            rows.append(("  (all pairs)", f"{r['all_pairs']:.4f}",
+                         f"{source[name]['all_pairs']:.4f}" if source and name in source else "", ""))
+        if name == "clip_text_alignment":
+            rows.append(("  (CLIP score, 100 x cos)", f"{r['clip_score']:.2f}",
+                         f"{source[name]['clip_score']:.2f}" if source and name in source else "", ""))
+    head = ("metric", "video", "source" if source is not None else "", "reported by")
+    widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(4)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]]
+    return "\n".join(lines)
+
+
+def evaluate_videos(evaluator, video: torch.Tensor, prompt: str | None, source: torch.Tensor | None = None) -> dict:
+    out: dict[str, Any] = {"frames": int(video.shape[0]), "size": list(video.shape[-2:]), "metrics": evaluator(video, prompt)}
+    if source is not None:
+        out["source"] = {"frames": int(source.shape[0]), "size": list(source.shape[-2:]),
+                         "metrics": evaluator(source, prompt)}
+    if evaluator.clip is not None and video.shape[0] < 2:
+        out["note"] = "one frame: the consistency metrics need at least two"
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.write_tiny:
+        from minivid.eval.loading import write_tiny_encoders
+
+        for name, path in write_tiny_encoders(args.write_tiny).items():
+            print(f"wrote {path} ({name}, tiny random weights)")
+        return 0
+    if not args.video:
+        raise ValueError("give the VIDEO to score (or --write-tiny DIR)")
+    metrics = parse_metrics(args.metrics, args.prompt)
+    if args.json:
+        _check_output(Path(args.json), [args.video, args.source, args.clip, args.dino, args.aesthetic])
+    for path in (args.video, args.source):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    evaluator = build_evaluator(args, metrics)
+    video = _read(args.video, args)
+    source = _read(args.source, args) if args.source else None
+    result = {"video": args.video, "source_video": args.source, "prompt": args.prompt, "tiny": bool(args.tiny),
+              **evaluate_videos(evaluator, video, args.prompt, source)}
+    if args.tiny:
+        result["note_tiny"] = "tiny RANDOM encoders: the numbers mean nothing"
+    print(f"{args.video}: {result['frames']} frames {result['size'][0]}x{result['size'][1]}"
+          + (" (tiny random encoders: the numbers mean nothing)" if args.tiny else ""))
+    print(format_table(result["metrics"], result["source"]["metrics"] if source is not None else None))
+    if args.json:
+        print(f"wrote {write_json(args.json, result, [args.video, args.source])}")
+    return 0

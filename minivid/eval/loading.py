@@ -1,0 +1,137 @@
+"""Which files the metrics need, checking them before any compute, and tiny random stand-ins.
+
+`DEFAULT_FILES`: where each encoder is looked for (weights/ of the working directory) and where it
+comes from. `check_files` lists every missing file at once; `load_evaluator` loads what the asked
+metrics need. `write_tiny_encoders(dir)` writes tiny RANDOM encoders in the official layouts (for
+tests and for trying the command without downloads: the numbers they give mean nothing);
+`tiny_evaluator()` builds the same in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from minivid.eval.encoders import (
+    AESTHETIC_SOURCE, CLIP_SOURCE, DINO_SOURCE, AestheticPredictor, DINOViT, build_clip, load_aesthetic, load_clip,
+    load_dino, missing_message,
+)
+from minivid.eval.metrics import METRICS, Evaluator
+
+__all__ = ["WeightsFile", "DEFAULT_FILES", "needed", "check_files", "load_evaluator", "write_tiny_encoders",
+           "tiny_evaluator", "TINY_FILES"]
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    path: Path
+    what: str
+    source: str
+
+
+DEFAULT_FILES: dict[str, WeightsFile] = {
+    "clip": WeightsFile(Path("weights/clip-vit-large-patch14.safetensors"), "CLIP ViT-L/14", CLIP_SOURCE),
+    "dino": WeightsFile(Path("weights/dino_vitbase16_pretrain.pth"), "DINO ViT-B/16", DINO_SOURCE),
+    "aesthetic": WeightsFile(Path("weights/sa_0_4_vit_l_14_linear.pth"), "the LAION aesthetic predictor",
+                             AESTHETIC_SOURCE),
+}
+TINY_FILES = {"clip": "tiny-clip.safetensors", "openclip": "tiny-openclip.safetensors", "dino": "tiny-dino.pth",
+              "aesthetic": "tiny-aesthetic.pth"}
+
+
+def needed(metrics: Iterable[str]) -> list[str]:
+    """The encoders ("clip", "dino", "aesthetic") the metrics need; aesthetic also needs CLIP ViT-L/14."""
+    keys = []
+    for m in metrics:
+        if m not in METRICS:
+            raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
+        need = METRICS[m][0]
+        for k in (["clip", "aesthetic"] if need == "aesthetic" else [need]):
+            if k not in keys:
+                keys.append(k)
+    return keys
+
+
+def check_files(paths: dict[str, str | Path | None], metrics: Iterable[str]) -> dict[str, Path]:
+    """The file of every encoder the metrics need (given, or the default in weights/).
+    FileNotFoundError listing every missing one, with where it comes from, before anything is loaded."""
+    chosen, missing = {}, []
+    for key in needed(metrics):
+        default = DEFAULT_FILES[key]
+        path = Path(paths.get(key) or default.path)
+        if not path.exists():
+            missing.append(missing_message(path, default.what, default.source))
+        chosen[key] = path
+    if missing:
+        raise FileNotFoundError("missing weights for the asked metrics (choose fewer with --metrics):\n  "
+                                + "\n  ".join(missing))
+    return chosen
+
+
+def load_evaluator(paths: dict[str, str | Path | None], metrics: Iterable[str], device: str | torch.device = "cpu",
+                   progress: bool = False) -> Evaluator:
+    """check_files, then load each encoder once; the aesthetic metric embeds with the --clip model,
+    which must then be CLIP ViT-L/14 (the predictor's input)."""
+    metrics = tuple(metrics)
+    files = check_files(paths, metrics)
+    clip = load_clip(files["clip"], device) if "clip" in files else None
+    dino = load_dino(files["dino"], device) if "dino" in files else None
+    aesthetic = load_aesthetic(files["aesthetic"], device) if "aesthetic" in files else None
+    if aesthetic is not None and clip.embed_dim != aesthetic.in_features:
+        raise ValueError(f"aesthetic quality embeds the frames with CLIP ViT-L/14 (the LAION predictor's input, "
+                         f"{aesthetic.in_features} dims); {files['clip']} is {clip.preset} ({clip.embed_dim} dims). "
+                         f"Give --clip a ViT-L/14 file, or leave aesthetic_quality out of --metrics")
+    return Evaluator(clip=clip, dino=dino, aesthetic=aesthetic, aesthetic_clip=clip if aesthetic is not None else None,
+                     progress=progress, metrics=metrics)
+
+
+def _seeded(seed: int, build):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _tiny_models(seed: int = 0):
+    clip = _seeded(seed, lambda: build_clip("tiny_openai"))
+    openclip = _seeded(seed + 1, lambda: build_clip("tiny_openclip"))
+    dino = _seeded(seed + 2, lambda: DINOViT("tiny_dino").eval())
+    aesthetic = _seeded(seed + 3, lambda: AestheticPredictor(clip.embed_dim).eval())
+    return clip, openclip, dino, aesthetic
+
+
+def tiny_evaluator(metrics: Iterable[str] = tuple(METRICS), seed: int = 0, device: str | torch.device = "cpu",
+                   progress: bool = False) -> Evaluator:
+    """Tiny RANDOM encoders (CLIP width 32 on 32 px, DINO width 32 on 32 px): the machinery, no meaning."""
+    metrics = tuple(metrics)
+    keys = needed(metrics)
+    clip, _, dino, aesthetic = _tiny_models(seed)
+    clip.model.to(device)
+    return Evaluator(clip=clip if "clip" in keys else None, dino=dino.to(device) if "dino" in keys else None,
+                     aesthetic=aesthetic.to(device) if "aesthetic" in keys else None,
+                     aesthetic_clip=clip if "aesthetic" in keys else None, progress=progress, metrics=metrics)
+
+
+def write_tiny_encoders(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write tiny RANDOM encoders in the official layouts: tiny-clip.safetensors (transformers'
+    CLIPModel keys), tiny-openclip.safetensors (OpenCLIP's), tiny-dino.pth (DINO's), tiny-aesthetic.pth
+    (LAION's Linear). Returns name -> path."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clip, openclip, dino, aesthetic = _tiny_models(seed)
+    out = {k: folder / v for k, v in TINY_FILES.items()}
+    for key, model in (("clip", clip.model), ("openclip", openclip.model)):
+        tmp = out[key].with_name(out[key].name + ".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.replace(out[key])
+    for key, model in (("dino", dino), ("aesthetic", aesthetic)):
+        tmp = out[key].with_name(out[key].name + ".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(out[key])
+    return out

@@ -1,0 +1,187 @@
+"""The papers' automatic metrics, each as its source defines it (docs/eval.md cites them).
+
+On embeddings (pure functions, any device):
+
+- `clip_text_alignment(image_embeds [F, P], text_embed [P])`: mean over frames of
+  cos(CLIP image embedding of frame i, CLIP text embedding of the prompt)  (EI², TCVE, LOVEU-TGVE;
+  LOVEU-TGVE's script reports it as 100 · cos, CLIP's logit scale: `clip_score` in the results);
+- `clip_frame_consistency(image_embeds, pairs)`: mean cos over frame pairs, "consecutive"
+  (i, i+1) or "all" (every i != j, LOVEU-TGVE's script: the off-diagonal mean of the cosine matrix);
+- `subject_consistency(features [F, D])`: VBench's, on DINO ViT-B/16 class tokens:
+  1/(F-1) · Σ_{i>=1} ½ (max(0, cos(d_{i-1}, d_i)) + max(0, cos(d_0, d_i)));
+- `aesthetic_quality(scores [F])`: VBench's, the mean LAION aesthetic score (1..10) / 10.
+
+`Evaluator` runs the encoders with each metric's own preprocessing (minivid.eval.preprocess) on a
+video's frames and returns every metric with its per-frame values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from minivid.eval.encoders import AestheticPredictor, CLIPEncoder, DINOViT
+from minivid.eval.preprocess import clip_preprocess_hf, clip_preprocess_vbench, dino_preprocess_vbench, to_uint8
+
+__all__ = [
+    "cosine_matrix", "clip_text_alignment", "clip_frame_consistency", "subject_consistency", "aesthetic_quality",
+    "Evaluator", "METRICS", "CLIP_SCORE_SCALE",
+]
+
+Pairs = Literal["consecutive", "all"]
+CLIP_SCORE_SCALE = 100.0     # CLIP's trained logit scale exp(logit_scale), capped at 100: LOVEU-TGVE's "CLIP score"
+
+# metric name -> (what it needs, the papers that report it)
+METRICS: dict[str, tuple[str, str]] = {
+    "clip_text_alignment": ("clip", "EI², TCVE (LOVEU-TGVE's definition)"),
+    "clip_frame_consistency": ("clip", "EI², TCVE, I2VEdit, LOVEU-TGVE"),
+    "subject_consistency": ("dino", "COVE (VBench's definition)"),
+    "aesthetic_quality": ("aesthetic", "COVE (VBench's definition)"),
+}
+
+
+def _check_embeds(x: torch.Tensor, what: str, min_frames: int = 1) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{what} must be [F, D], got {getattr(x, 'shape', type(x))}")
+    if x.shape[0] < min_frames:
+        raise ValueError(f"{what}: needs at least {min_frames} frames, got {x.shape[0]}")
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[A, D], [B, D] -> [A, B] cosine similarities (float32 or wider)."""
+    a, b = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a, b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def clip_text_alignment(image_embeds: torch.Tensor, text_embed: torch.Tensor) -> tuple[float, list[float]]:
+    """Mean over frames of cos(image_i, text) -> (mean, per-frame cosines)."""
+    _check_embeds(image_embeds, "image_embeds")
+    text_embed = text_embed.reshape(1, -1)
+    if text_embed.shape[1] != image_embeds.shape[1]:
+        raise ValueError(f"text embedding has {text_embed.shape[1]} dims, image embeddings {image_embeds.shape[1]}")
+    per_frame = cosine_matrix(image_embeds, text_embed)[:, 0]
+    return per_frame.mean().item(), per_frame.tolist()
+
+
+def clip_frame_consistency(image_embeds: torch.Tensor, pairs: Pairs = "consecutive") -> tuple[float, list[float]]:
+    """Mean cos over frame pairs -> (mean, the pair values: consecutive (i, i+1) in order, or for
+    "all" each unordered pair i < j in row-major order; the mean over ordered pairs i != j is the same)."""
+    _check_embeds(image_embeds, "image_embeds", min_frames=2)
+    sim = cosine_matrix(image_embeds, image_embeds)
+    n = sim.shape[0]
+    if pairs == "consecutive":
+        values = sim.diagonal(offset=1)
+    elif pairs == "all":
+        i, j = torch.triu_indices(n, n, offset=1)
+        values = sim[i, j]
+    else:
+        raise ValueError(f"pairs must be 'consecutive' or 'all', got {pairs!r}")
+    return values.mean().item(), values.tolist()
+
+
+def subject_consistency(features: torch.Tensor) -> tuple[float, list[float]]:
+    """VBench's subject consistency of one video -> (value, per-frame terms for frames 1..F-1)."""
+    _check_embeds(features, "features", min_frames=2)
+    sim = cosine_matrix(features, features)
+    idx = torch.arange(1, sim.shape[0])
+    previous = sim[idx, idx - 1].clamp(min=0.0)
+    first = sim[idx, 0].clamp(min=0.0)
+    terms = (previous + first) / 2
+    return terms.mean().item(), terms.tolist()
+
+
+def aesthetic_quality(scores: torch.Tensor) -> tuple[float, list[float]]:
+    """VBench's aesthetic quality: mean over frames of the LAION score / 10 -> (value, per-frame scores 1..10)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or not len(scores):
+        raise ValueError(f"scores must be [F] with F >= 1, got {getattr(scores, 'shape', type(scores))}")
+    return (scores.float() / 10).mean().item(), scores.float().tolist()
+
+
+# ---------------------------------------------------------------- running the encoders on a video
+
+def _batches(x: torch.Tensor, size: int) -> Iterable[torch.Tensor]:
+    for i in range(0, len(x), size):
+        yield x[i:i + size]
+
+
+@dataclass
+class Evaluator:
+    """The encoders of the metrics to compute (None: that metric is not computed).
+
+    `clip` feeds the CLIP text alignment and frame consistency (transformers' CLIPImageProcessor
+    preprocessing); `aesthetic_clip` (CLIP ViT-L/14) feeds the aesthetic predictor with VBench's
+    preprocessing; `dino` gives subject consistency with VBench's DINO preprocessing.
+    """
+
+    clip: CLIPEncoder | None = None
+    dino: DINOViT | None = None
+    aesthetic: AestheticPredictor | None = None
+    aesthetic_clip: CLIPEncoder | None = None
+    batch_size: int = 16
+    progress: bool = False
+    metrics: tuple[str, ...] = field(default_factory=lambda: tuple(METRICS))
+
+    def __post_init__(self) -> None:
+        if self.aesthetic is not None:
+            clip = self.aesthetic_clip
+            if clip is None:
+                raise ValueError("aesthetic quality needs a CLIP ViT-L/14 (aesthetic_clip) to embed the frames")
+            if clip.embed_dim != self.aesthetic.in_features:
+                raise ValueError(f"the aesthetic predictor takes {self.aesthetic.in_features}-dim CLIP ViT-L/14 image "
+                                 f"embeddings; the CLIP given ({clip.preset}) gives {clip.embed_dim}")
+
+    def _device(self, module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+        p = next(module.parameters())
+        return p.device, p.dtype
+
+    @torch.no_grad()
+    def _encode(self, fn, module: torch.nn.Module, pixels: torch.Tensor, label: str) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        device, dtype = self._device(module)
+        out = [fn(b.to(device=device, dtype=dtype)).float().cpu()
+               for b in tqdm(list(_batches(pixels, self.batch_size)), desc=label, disable=not self.progress, leave=False)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def __call__(self, frames: torch.Tensor, prompt: str | None = None) -> dict[str, Any]:
+        """frames [F, 3, H, W] (uint8, or float in [-1, 1]) -> {metric: {"value": ..., ...}} for every
+        metric whose encoders are present (text alignment only with a prompt)."""
+        u8 = to_uint8(frames)
+        out: dict[str, Any] = {}
+        if self.clip is not None:
+            clip = self.clip
+            pixels = clip_preprocess_hf(u8, clip.image_size)
+            image = self._encode(clip.encode_image, clip.model, pixels, "CLIP image")
+            info = {"encoder": clip.preset, "preprocess": "clip_preprocess_hf"}
+            if prompt is not None and "clip_text_alignment" in self.metrics:
+                device, _ = self._device(clip.model)
+                ids = clip.tokenizer()([prompt]).to(device)
+                text = clip.encode_text(ids).float().cpu()
+                value, per_frame = clip_text_alignment(image, text[0])
+                out["clip_text_alignment"] = {"value": value, "clip_score": CLIP_SCORE_SCALE * value,
+                                              "per_frame": per_frame, "prompt": prompt, **info}
+            if "clip_frame_consistency" in self.metrics and len(u8) >= 2:
+                value, per_pair = clip_frame_consistency(image, "consecutive")
+                value_all, _ = clip_frame_consistency(image, "all")
+                out["clip_frame_consistency"] = {"value": value, "pairs": "consecutive", "all_pairs": value_all,
+                                                 "per_pair": per_pair, **info}
+        if self.dino is not None and "subject_consistency" in self.metrics and len(u8) >= 2:
+            size = self.dino.cfg.image_size
+            feats = torch.cat([self._encode(self.dino, self.dino, dino_preprocess_vbench(chunk, size), "DINO")
+                               for chunk in _batches(u8, self.batch_size)])
+            value, terms = subject_consistency(feats)
+            out["subject_consistency"] = {"value": value, "per_frame": terms, "encoder": "dino_vitb16",
+                                          "preprocess": "dino_preprocess_vbench"}
+        if self.aesthetic is not None and "aesthetic_quality" in self.metrics:
+            clip = self.aesthetic_clip
+            pixels = clip_preprocess_vbench(u8, clip.image_size)
+            image = self._encode(clip.encode_image, clip.model, pixels, "CLIP image (aesthetic)")
+            device, dtype = self._device(self.aesthetic)
+            scores = self.aesthetic(image.to(device=device, dtype=dtype)).float().cpu()
+            value, per_frame = aesthetic_quality(scores)
+            out["aesthetic_quality"] = {"value": value, "per_frame_score": per_frame, "encoder": clip.preset,
+                                        "preprocess": "clip_preprocess_vbench"}
+        return out
