@@ -1,4 +1,9 @@
-"""`minivid edit --method NAME ...`: edit a video with one of the methods."""
+"""`minivid edit --method NAME ...`: edit a video with one of the methods.
+
+`--eval` then scores the written edited.mp4 (against the source clip) with `minivid eval`'s metrics
+and adds them to the job's record.json under results.eval; the weights it needs are checked
+before the edit starts.
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,9 +23,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the method's)")
     add_model_arguments(p)
     add_video_arguments(p)
+    add_eval_arguments(p.add_argument_group("evaluation (--eval)"))
     for name, mod in available_clis().items():
         mod.add_arguments(p.add_argument_group(f"{name} options"))
 
 
+def add_eval_arguments(group) -> None:
+    from minivid.cli.eval import add_eval_weights_arguments
+    from minivid.eval.metrics import METRICS
+
+    group.add_argument("--eval", action="store_true",
+                       help="score edited.mp4 with `minivid eval`'s metrics (prompt = --prompt, source = --video) and "
+                            "add them to record.json (results.eval); with --tiny, tiny random encoders")
+    add_eval_weights_arguments(group, prefix="eval-")
+    group.add_argument("--eval-metrics", default=",".join(METRICS), help="metrics of --eval (default: all)")
+
+
 def run(args: argparse.Namespace) -> int:
-    return run_method(args, "edit")
+    if not getattr(args, "eval", False):
+        return run_method(args, "edit")
+    from minivid.cli.eval import parse_metrics
+    from minivid.eval.loading import check_files
+    from minivid.jobs import default_out_dir
+
+    metrics = parse_metrics(args.eval_metrics, args.prompt)
+    if not args.tiny:      # every weights file the metrics need, before the edit runs
+        check_files({k: getattr(args, f"eval_{k}") for k in ("clip", "dino", "aesthetic")}, metrics,
+                    option="--eval-metrics")
+    if not args.out:
+        args.out = str(default_out_dir(f"edit-{args.method}"))
+    code = run_method(args, "edit")
+    if code == 0:
+        append_eval(args, metrics)
+    return code
+
+
+def append_eval(args: argparse.Namespace, metrics: tuple[str, ...]) -> None:
+    """Score the job's edited.mp4 (and the source clip) and write the results into its record.json."""
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    from minivid.cli.eval import build_evaluator, evaluate_videos, format_table
+    from minivid.video import read_video
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    evaluator = build_evaluator(args, metrics, prefix="eval-")
+    edited = read_video(out / "edited.mp4")
+    source = read_video(args.video, num_frames=args.frames, stride=args.stride)
+    result = {"video": "edited.mp4", "source_video": args.video, "prompt": args.prompt, "tiny": bool(args.tiny),
+              **evaluate_videos(evaluator, edited, args.prompt, source)}
+    path = out / "record.json"
+    record = json.loads(path.read_text())
+    record["results"]["eval"] = result
+    record["timings_s"]["eval"] = round(time.perf_counter() - t0, 4)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    print(format_table(result["metrics"], result["source"]["metrics"]))
+    print(f"added the metrics to {path} (results.eval)")

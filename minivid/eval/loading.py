@@ -54,7 +54,7 @@ def needed(metrics: Iterable[str]) -> list[str]:
     return keys
 
 
-def check_files(paths: dict[str, str | Path | None], metrics: Iterable[str]) -> dict[str, Path]:
+def check_files(paths: dict[str, str | Path | None], metrics: Iterable[str], option: str = "--metrics") -> dict[str, Path]:
     """The file of every encoder the metrics need (given, or the default in weights/).
     FileNotFoundError listing every missing one, with where it comes from, before anything is loaded."""
     chosen, missing = {}, []
@@ -65,7 +65,7 @@ def check_files(paths: dict[str, str | Path | None], metrics: Iterable[str]) -> 
             missing.append(missing_message(path, default.what, default.source))
         chosen[key] = path
     if missing:
-        raise FileNotFoundError("missing weights for the asked metrics (choose fewer with --metrics):\n  "
+        raise FileNotFoundError(f"missing weights for the asked metrics (choose fewer with {option}):\n  "
                                 + "\n  ".join(missing))
     return chosen
 
@@ -82,7 +82,7 @@ def load_evaluator(paths: dict[str, str | Path | None], metrics: Iterable[str], 
     if aesthetic is not None and clip.embed_dim != aesthetic.in_features:
         raise ValueError(f"aesthetic quality embeds the frames with CLIP ViT-L/14 (the LAION predictor's input, "
                          f"{aesthetic.in_features} dims); {files['clip']} is {clip.preset} ({clip.embed_dim} dims). "
-                         f"Give --clip a ViT-L/14 file, or leave aesthetic_quality out of --metrics")
+                         f"Give a CLIP ViT-L/14 file, or leave aesthetic_quality out of --metrics")
     return Evaluator(clip=clip, dino=dino, aesthetic=aesthetic, aesthetic_clip=clip if aesthetic is not None else None,
                      progress=progress, metrics=metrics)
 
