@@ -79,7 +79,7 @@ def load_evaluator(paths: dict[str, str | Path | None], metrics: Iterable[str], 
     clip = load_clip(files["clip"], device) if "clip" in files else None
     dino = load_dino(files["dino"], device) if "dino" in files else None
     aesthetic = load_aesthetic(files["aesthetic"], device) if "aesthetic" in files else None
-    if aesthetic is not None and clip.embed_dim != aesthetic.in_features:
+    if aesthetic is not None and (clip.kind != "openai" or clip.embed_dim != aesthetic.in_features):
         raise ValueError(f"aesthetic quality embeds the frames with CLIP ViT-L/14 (the LAION predictor's input, "
                          f"{aesthetic.in_features} dims); {files['clip']} is {clip.preset} ({clip.embed_dim} dims). "
                          f"Give a CLIP ViT-L/14 file, or leave aesthetic_quality out of --metrics")

@@ -128,7 +128,7 @@ class Evaluator:
             clip = self.aesthetic_clip
             if clip is None:
                 raise ValueError("aesthetic quality needs a CLIP ViT-L/14 (aesthetic_clip) to embed the frames")
-            if clip.embed_dim != self.aesthetic.in_features:
+            if clip.kind != "openai" or clip.embed_dim != self.aesthetic.in_features:
                 raise ValueError(f"the aesthetic predictor takes {self.aesthetic.in_features}-dim CLIP ViT-L/14 image "
                                  f"embeddings; the CLIP given ({clip.preset}) gives {clip.embed_dim}")
 
