@@ -117,6 +117,9 @@ def test_openai_clip_matches_transformers(tmp_path):
         assert max_err(enc.encode_text(ids), features(oracle.get_text_features(input_ids=ids))) <= TOL
         assert max_err(enc.encode_image(pixels), features(oracle.get_image_features(pixel_values=pixels))) <= TOL
         assert enc.model.logit_scale.item() == oracle.logit_scale.item()
+    (tmp_path / "snapshot").mkdir()                                # a Hub snapshot folder works too
+    save_safetensors(oracle.state_dict(), tmp_path / "snapshot" / "model.safetensors")
+    assert load_clip(tmp_path / "snapshot").preset == "tiny_openai"
 
 
 def test_openclip_matches_transformers(tmp_path):
