@@ -157,9 +157,13 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.video, args.source):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
-    evaluator = build_evaluator(args, metrics)
+    if not args.tiny:          # every weights file first, then the videos, then the encoders
+        from minivid.eval.loading import check_files
+
+        check_files({k: getattr(args, k) for k in ("clip", "dino", "aesthetic")}, metrics)
     video = _read(args.video, args)
     source = _read(args.source, args) if args.source else None
+    evaluator = build_evaluator(args, metrics)
     result = {"video": args.video, "source_video": args.source, "prompt": args.prompt, "tiny": bool(args.tiny),
               **evaluate_videos(evaluator, video, args.prompt, source)}
     if args.tiny:

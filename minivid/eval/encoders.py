@@ -261,6 +261,14 @@ def _read(path: str | Path, what: str, source: str) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
+def _load_strict(build: Callable[[], nn.Module], state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Build on the meta device (no random init of a full-size model) and take the file's tensors, strict."""
+    with torch.device("meta"):
+        model = build()
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    return model
+
+
 def missing_message(path: Path, what: str, source: str) -> str:
     return f"{path}: not found; {what} is expected there. It comes from {source} (see weights/README.md)."
 
@@ -328,8 +336,7 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     cls = OpenAICLIPModel if kind == "openai" else OpenCLIPModel
     builders = {name: (lambda t=t, v=v: cls(t, v)) for name, (t, v) in presets.items()}
     name, build = match_preset(path, sd, builders, f"a CLIP model ({kind} layout)", drop=POSITION_IDS)
-    model = build()
-    model.load_state_dict(sd, strict=True)
+    model = _load_strict(build, sd)
     return CLIPEncoder(model.to(device=device, dtype=dtype).eval(), kind, name)
 
 
@@ -338,8 +345,7 @@ def load_dino(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     sd = _read(path, "DINO ViT-B/16", DINO_SOURCE)
     builders = {name: (lambda c=c: DINOViT(c)) for name, c in DINO_PRESETS.items()}
     _, build = match_preset(path, sd, builders, "DINO ViT-B/16 (dino_vitbase16_pretrain.pth)")
-    model = build()
-    model.load_state_dict(sd, strict=True)
+    model = _load_strict(build, sd)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -348,8 +354,7 @@ def load_aesthetic(path: str | Path, device: str | torch.device = "cpu", dtype: 
     sd = _read(path, "the LAION aesthetic predictor", AESTHETIC_SOURCE)
     builders = {name: (lambda d=d: AestheticPredictor(d)) for name, d in AESTHETIC_PRESETS.items()}
     _, build = match_preset(path, sd, builders, "the LAION aesthetic predictor (Linear(768, 1): weight, bias)")
-    model = build()
-    model.load_state_dict(sd, strict=True)
+    model = _load_strict(build, sd)
     return model.to(device=device, dtype=dtype).eval()
 
 
