@@ -17,7 +17,7 @@ from minivid.clip import CLIP_MEAN, CLIP_STD
 from minivid.eval import (
     AestheticPredictor, DINOViT, EncoderError, Evaluator, OpenAICLIPModel, aesthetic_quality, build_clip,
     clip_frame_consistency, clip_preprocess_hf, clip_preprocess_vbench, clip_text_alignment, dino_preprocess_vbench,
-    load_aesthetic, load_clip, load_dino, pil_resize, subject_consistency, to_uint8, write_tiny_encoders,
+    load_aesthetic, load_clip, load_dino, pil_resize, subject_consistency, to_uint8,
 )
 from minivid.eval.encoders import CLIP_PRESETS, DINO_PRESETS, OPENCLIP_PRESETS
 from minivid.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -25,7 +25,7 @@ from minivid.tokenizer import CLIPTokenizer
 from minivid.video import write_video
 
 from _builders import max_err
-from test_clip import MANIFESTS, manifest_group, openclip_visual_to_hf, randomize, shapes
+from test_clip import manifest_group, openclip_visual_to_hf, randomize, shapes
 
 TOL = 1e-5
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on mars", ""]
@@ -503,6 +503,8 @@ def test_eval_cli_errors(tmp_path, tiny_files, capsys):
     assert "not a whole CLIP model" in capsys.readouterr().err
     assert main(eval_args(video, {**tiny_files, "dino": tiny_files["aesthetic"]})) == 1
     assert "not DINO ViT-B/16" in capsys.readouterr().err
+    with pytest.raises(EncoderError, match=r"missing \(150\): cls_token"):      # listed against the official layout
+        load_dino(tiny_files["aesthetic"])
     assert main(eval_args(video, {**tiny_files, "clip": tiny_files["openclip"]})) == 1    # aesthetic needs ViT-L/14
     assert "ViT-L/14" in capsys.readouterr().err
     assert main(eval_args(video, tiny_files, "--metrics", "fvd")) == 1

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -356,7 +356,3 @@ def load_aesthetic(path: str | Path, device: str | torch.device = "cpu", dtype: 
     _, build = match_preset(path, sd, builders, "the LAION aesthetic predictor (Linear(768, 1): weight, bias)")
     model = _load_strict(build, sd)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    return {"parameters": sum(p.numel() for p in model.parameters())}
