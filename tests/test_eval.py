@@ -162,6 +162,18 @@ def test_dino_matches_transformers_vit(tmp_path):
         assert max_err(ours(pixels), oracle(pixel_values=pixels).last_hidden_state[:, 0]) <= TOL
 
 
+def test_dino_attention_processor_is_swappable():
+    from minivid.attention import explicit
+
+    model = DINOViT("tiny_dino").eval()
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        ref = model(x)
+        for block in model.blocks:
+            block.attn.processor = explicit
+        assert max_err(model(x), ref) <= TOL
+
+
 def test_dino_position_resize_is_dinos():
     """Another grid than the trained one: DINO's interpolate_pos_encoding, restated here from its
     definition (bicubic with scale factors (n + 0.1) / G, not to a size as transformers' ViT does)."""
