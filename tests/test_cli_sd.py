@@ -86,9 +86,9 @@ def test_demo(tmp_path, capsys):
 def test_demo_method(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--method", "nope", "--out", str(tmp_path / "a")]) == 1
     assert "unknown method" in capsys.readouterr().err
-    fake = types.ModuleType("minivid.methods.cove.cli")     # a method CLI without a demo
+    fake = types.ModuleType("minivid.cli.cove")     # a method CLI without a demo
     fake.add_arguments = lambda group: None
-    monkeypatch.setitem(sys.modules, "minivid.methods.cove.cli", fake)
+    monkeypatch.setitem(sys.modules, "minivid.cli.cove", fake)
     assert main(["demo", "--method", "cove", "--out", str(tmp_path / "b")]) == 1
     assert "has no demo" in capsys.readouterr().err
 

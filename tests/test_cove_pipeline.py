@@ -11,7 +11,7 @@ from minivid.attention import call_state, capture, capture_outputs, processors
 from minivid.cli import main
 from minivid.methods.cove import attention as cove_attention
 from minivid.methods.cove.attention import spatio_temporal
-from minivid.methods.cove.cli import config_from_args, moving_shapes
+from minivid.cli.cove import config_from_args, moving_shapes
 from minivid.methods.cove.correspondence import Correspondence
 from minivid.methods.cove.features import default_feature_layer, diffusion_features
 from minivid.methods.cove.inject import FeatureBank, injection_layers, match_timesteps

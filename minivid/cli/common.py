@@ -1,12 +1,14 @@
 """What the jobs share: their options, loading the model they ask for, reading the source video,
 and the outputs every edit writes. Used by the subcommands and by the methods' CLIs
-(`minivid.methods.<name>.cli`), so each of those keeps only what its paper adds.
+(`minivid.cli.<method>`), so each of those keeps only what its paper adds.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -112,18 +114,39 @@ def read_source(args: argparse.Namespace, sd, images: bool = False) -> torch.Ten
 
 # ---------------------------------------------------------------- handing over to a method
 
-def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
-    """`minivid <action> --method NAME`: run `minivid.methods.<name>.cli.<action>(args, job)` in a job
-    folder of its own and write its record. `hint`: what to do instead when the method has none."""
-    from minivid.methods import method_cli
+def method_cli(name: str) -> ModuleType:
+    """The command-line glue of method `name`: the module `minivid.cli.<name>`."""
+    from minivid.methods import METHODS
 
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return importlib.import_module(f"minivid.cli.{name}")
+
+
+def available_clis() -> dict[str, ModuleType]:
+    """Method CLIs that are present in this checkout (a method without its package or glue is skipped)."""
+    from minivid.methods import METHODS
+
+    found = {}
+    for name in METHODS:
+        try:
+            found[name] = method_cli(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (f"minivid.methods.{name}", f"minivid.cli.{name}"):
+                raise
+    return found
+
+
+def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
+    """`minivid <action> --method NAME`: run `minivid.cli.<name>.<action>(args, job)` in a job
+    folder of its own and write its record. `hint`: what to do instead when the method has none."""
     try:
         mod = method_cli(args.method)
     except ModuleNotFoundError:
         mod = None
     if mod is None or not hasattr(mod, action):
         raise ValueError(f"method {args.method!r} has no {action} in this installation "
-                         f"(minivid.methods.{args.method}.cli.{action}){hint}")
+                         f"(minivid.cli.{args.method}.{action}){hint}")
     job = Job(f"{action}-{args.method}", args.out, vars(args))
     results = getattr(mod, action)(args, job)
     record = job.finish(**(results or {}))

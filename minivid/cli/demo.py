@@ -8,7 +8,7 @@ and that inversion followed by reconstruction gives the clip back (approximately
 is first order, its error halves when the steps double). The round trip starts from the clip's
 latents, not from re-encoded pixels, because a random VAE is not an autoencoder.
 
-`--method NAME` hands over to a method's own demo, `minivid.methods.<name>.cli.demo(args, job)`,
+`--method NAME` hands over to a method's own demo, `minivid.cli.<name>.demo(args, job)`,
 where a method provides one.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--frames", type=int, default=8, help="frames of the generated clip (default 8)")
     p.add_argument("--size", type=int, default=32, help="image size in pixels (multiple of 16; default 32)")
-    p.add_argument("--method", help="run a method's demo instead (minivid.methods.<name>.cli.demo), where it has one")
+    p.add_argument("--method", help="run a method's demo instead (minivid.cli.<name>.demo), where it has one")
     add_run_arguments(p, device="cpu")
 
 

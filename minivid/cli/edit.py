@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import add_model_arguments, add_video_arguments, run_method
-from minivid.methods import METHODS, available_clis
+from minivid.cli.common import add_model_arguments, add_video_arguments, available_clis, run_method
+from minivid.methods import METHODS
 
 help = "edit a video with COVE, EI² or TCVE"
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import add_model_arguments, add_video_arguments, run_method
-from minivid.methods import available_clis
+from minivid.cli.common import add_model_arguments, add_video_arguments, available_clis, run_method
 
 help = "one-shot tuning on a source video (EI², TCVE)"
 TUNING = ("ei2", "tcve")

@@ -20,8 +20,8 @@ import torch
 from minivid.cli.common import DTYPES, check_demo_arguments, load_sd, read_source, write_edit
 from minivid.jobs import Job
 
-from .pipeline import STORE_DTYPES, COVEConfig, edit_video
-from .visualize import correspondence_picture
+from minivid.methods.cove.pipeline import STORE_DTYPES, COVEConfig, edit_video
+from minivid.methods.cove.visualize import correspondence_picture
 
 log = logging.getLogger(__name__)
 
