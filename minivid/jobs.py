@@ -185,11 +185,13 @@ class Job:
             fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".minivid-write-test.")
             os.close(fd)
             os.remove(probe)
-        except PermissionError as e:
+        except OSError as e:
             for p in missing:
                 with contextlib.suppress(OSError):
                     p.rmdir()
-            raise PermissionError(f"--out {self.dir}: cannot write there ({e.strerror}); choose another --out") from None
+            kind = PermissionError if isinstance(e, PermissionError) else OSError
+            raise kind(f"--out {self.dir}: cannot create or write a folder there ({e.strerror or e}); "
+                       f"choose another --out") from None
         return missing
 
     def path(self, name: str) -> pathlib.Path:

@@ -33,16 +33,18 @@ def _range_text(low, high, low_open: bool = False) -> str:
     return f"in {'(' if low_open else '['}{low}, {high}]"
 
 
-def integer(low: int = 1, high: int | None = None, odd: bool = False):
-    """An argparse type: an integer in [low, high] (high None: no bound); odd=True: odd only."""
+def integer(low: int = 1, high: int | None = None, odd: bool = False, high_text: str | None = None):
+    """An argparse type: an integer in [low, high] (high None: no bound); odd=True: odd only.
+    `high_text`: how the message writes the upper bound (default: the number)."""
+    rng = f"in [{low}, {high_text}]" if high_text else _range_text(low, high)
+
     def parse(text: str) -> int:
         try:
             value = int(text, 10)
         except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"must be an integer {_range_text(low, high)}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {text!r}") from None
         if value < low or (high is not None and value > high) or (odd and value % 2 == 0):
-            raise argparse.ArgumentTypeError(f"must be {'an odd' if odd else 'an'} integer {_range_text(low, high)}, "
-                                             f"got {value}")
+            raise argparse.ArgumentTypeError(f"must be {'an odd' if odd else 'an'} integer {rng}, got {value}")
         return value
     parse.__name__ = "integer"
     return parse
@@ -99,7 +101,7 @@ def relative_point(text: str) -> tuple[float, float]:
 
 
 # the ranges every subcommand shares
-SEED = integer(0, 2 ** 63 - 1)
+SEED = integer(0, 2 ** 63 - 1, high_text="2^63 - 1")
 THREADS = integer(1, 4096)
 STEPS = integer(1, 1000)                 # DDIM over 1000 training timesteps: at most one step per timestep
 FRAMES = integer(1, 100_000)

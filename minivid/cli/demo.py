@@ -56,11 +56,11 @@ def run_tiny(args: argparse.Namespace) -> int:
     from minivid.models import SDConfig, StableDiffusion
     from minivid.pipelines.sd import invert, psnr, reconstruct, text_to_image
 
+    check_job_memory_config(SDConfig.preset(args.model), max(args.frames, len(PROMPTS)), args.size, args.size,
+                            args.device, what=f"a {args.frames}-frame clip at {args.size} px")
     print("minivid demo: a tiny model with RANDOM weights. It makes no real images (expect coloured noise);\n"
           "it runs every stage: text encoding, DDIM sampling with guidance, VAE decoding, DDIM inversion and "
           "reconstruction.")
-    check_job_memory_config(SDConfig.preset(args.model), max(args.frames, len(PROMPTS)), args.size, args.size,
-                            args.device, what=f"a {args.frames}-frame clip at {args.size} px")
     job = Job("demo", args.out, vars(args))
     job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
     with job.timed("build"):
