@@ -159,6 +159,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     model = "tiny_sd2"                                       # COVE is an SD 2 method, whatever --model says
     check_demo_arguments(args, model)
     size = 48 if args.size == 32 else args.size
+    job.ran(model=model, frames=args.frames, size=[size, size], dtype="fp32", device=str(args.device))
     config = COVEConfig(inversion_steps=args.steps, steps=args.steps, inject_steps=math.floor(0.8 * args.steps),
                         guidance=7.5)
     print("minivid demo --method cove: a tiny model with RANDOM weights and a synthetic clip (moving shapes).\n"

@@ -151,6 +151,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.tuning import TuneConfig
 
     check_demo_arguments(args)
+    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
     print("minivid demo --method ei2: a tiny model with RANDOM weights and a synthetic clip (moving squares).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every EI² stage: "
           f"inflation (FFAM + STAM), {DEMO_TUNE_STEPS} tuning steps, DDIM inversion and editing.")

@@ -162,6 +162,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.models import StableDiffusion
 
     check_demo_arguments(args)
+    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
     print("minivid demo --method tcve: a tiny model with RANDOM weights and a synthetic clip (a rolling ball).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every TCVE stage: "
           f"Tune-A-Video inflation, temporal UNet + STUs, {DEMO_TUNE_STEPS} tuning steps, DDIM inversion and editing.")
