@@ -245,7 +245,7 @@ class StableDiffusion(nn.Module):
         full-size key sets with the official manifests).
         """
         config = SDConfig.preset(config) if isinstance(config, str) else config
-        device = torch.device(device)
+        device, dtype = torch.device(device), parse_dtype(dtype)
         if device.type == "meta":
             with torch.device("meta"):
                 return cls(config).to(dtype)

@@ -225,8 +225,9 @@ class StableVideoDiffusion(nn.Module):
     @classmethod
     def from_config(cls, config: SVDConfig | str = "tiny", device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> "StableVideoDiffusion":
-        """A randomly initialised model of a preset ("svd", "svd_xt", "tiny") or config."""
-        return cls(config).to(device=device, dtype=dtype).eval()
+        """A randomly initialised model of a preset ("svd", "svd_xt", "tiny") or config; `dtype` a torch
+        dtype or its name ("fp32", "fp16", "bf16")."""
+        return cls(config).to(device=device, dtype=parse_dtype(dtype)).eval()
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -309,6 +309,9 @@ def test_api_dtype_names(files):
         StableDiffusion.load(files / "sd.safetensors", dtype="fp8")
     with pytest.raises(ValueError, match="floating dtype"):
         StableVideoDiffusion.load(files / "svd.safetensors", dtype=torch.int8)
+    assert StableDiffusion.from_config("tiny", dtype="bf16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="got 'half-ish'"):
+        StableVideoDiffusion.from_config("tiny", dtype="half-ish")
     with pytest.raises(WeightsError, match=r"2 tensor\(s\) hold NaN/Inf: .*in_layers.2.weight \(1 values\)"):
         StableDiffusion.load(files / "sd_nan.safetensors")
     assert not torch.isfinite(StableDiffusion.load(files / "sd_nan.safetensors", allow_nonfinite=True)
