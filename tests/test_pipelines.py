@@ -107,8 +107,10 @@ def test_video_frames_run_as_one_batch(tiny_sd):
     Batched and per-frame (or chunked) calls run GEMMs and convolutions of different shapes, which
     BLAS sums in different orders (blocking, and the kernel itself differs between CPU vendors: MKL on
     AMD EPYC is not MKL on Xeon). In float32 that reordering is ~1 ulp per reduction, amplified by the
-    random network over 3 steps to ~4e-6 on values ≤ 1.8 here (1.1e-5 on another EPYC): no fixed fp32
-    tolerance is a bound. So the property is checked with the UNet and VAE in float64, where two
+    random network over 3 steps: 4.5e-6 with AVX-512 kernels, 1.1086e-5 with AVX2 kernels
+    (ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 reproduces the
+    1.109e-5 seen on an EPYC), 5.8e-6 with SSE4.2 ones, on values ≤ 1.8: no fixed fp32 tolerance is
+    a bound. So the property is checked with the UNet and VAE in float64, where two
     summation orders differ by ≤ K·2⁻⁵³·Σ|ab| (K ≤ 3·3·128 here: ~1e-13 relative), 6 orders below
     float32's ulp: the float32 latents the pipeline keeps between steps then round to the same
     values (measured: 0.0 for three seeds), and at most a rare single-ulp flip (1.2e-7 at |x| < 2)
