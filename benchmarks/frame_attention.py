@@ -144,7 +144,7 @@ def tuning_step(frames: int, size: int, variant: str):
 
     from minivid.attention import call_state
     from minivid.methods.ei2 import EI2Config, EI2Model
-    from minivid.methods.ei2.cli import moving_squares
+    from minivid.cli.ei2 import moving_squares
     from minivid.methods.ei2.tune import CHECKPOINTED_BLOCKS, diffusion_loss, encode_video, tuned_tensors
     from minivid.models import StableDiffusion
     from minivid.tuning import freeze_all_but, gradient_checkpointing

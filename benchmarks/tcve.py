@@ -36,7 +36,7 @@ from _common import interleaved, peak_memory, random_weights_, table, write_sect
 
 from minivid.attention import call_state, processors, sdpa  # noqa: E402
 from minivid.methods import tuneavideo  # noqa: E402
-from minivid.methods.tcve.cli import rolling_ball  # noqa: E402
+from minivid.cli.tcve import rolling_ball  # noqa: E402
 from minivid.methods.tcve.model import TCVEModel  # noqa: E402
 from minivid.methods.tcve.tune import diffusion_loss, encode_video  # noqa: E402
 from minivid.tuning import select_parameters  # noqa: E402

@@ -1,22 +1,32 @@
 """What every command-line job writes: one output folder per run with the result video,
 a PNG frame grid, a source|result side-by-side video, pictures the method offers and
-`record.json` (every setting, seed, versions, timings, peak memory).
+`record.json` (every setting, what effectively ran, seed, versions, git commit, timings, peak memory).
 
 The output folder is the job's own: by default a file the job writes replaces the one of an
 earlier run in the same folder (a resumed tuning run writes its source grid again). What the
-job reads is never replaced: a write onto an input (the --video/--image/--weights path, or into
-it when it is a folder) is refused with FileExistsError.
+job reads is never replaced: the folder must be disjoint from every input (the --video/--image/
+--weights/--tuned paths: not one of them, not inside one, not holding one), which is checked, with
+the folder's writability, when the job starts, before any compute; a write onto an input is refused
+again at write time with FileExistsError.
+
+A job that fails or is interrupted is `abort`ed: the files it wrote under their final names are
+removed and so is the folder when the job created it and nothing else is left in it (a tuning
+run's checkpoints stay, to resume from). `record.json` is written last, with `allow_nan=False`:
+a non-finite number becomes null and its place is listed under "non_finite".
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Iterable, Iterator
 
@@ -26,7 +36,14 @@ from minivid import __version__
 
 
 # settings whose values are paths the job reads: never written onto
-INPUT_SETTINGS = ("video", "image", "weights")
+INPUT_SETTINGS = ("video", "image", "weights", "tuned", "first_frame", "lora")
+ACTIVE: list["Job"] = []          # jobs started and not finished (the CLI aborts them on an error)
+FAILED_RECORD = "record.failed.json"
+
+
+def now() -> str:
+    """The local time, ISO 8601 with its UTC offset (2026-12-01T21:04:05+00:00)."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def default_out_dir(job: str) -> pathlib.Path:
@@ -40,8 +57,78 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def versions() -> dict[str, str]:
-    return {"minivid": __version__, "torch": torch.__version__, "python": platform.python_version()}
+def peak_memory() -> dict[str, Any]:
+    """Peak RSS of the process and torch's peak allocated bytes per accelerator (torch's allocator
+    statistics exist for CUDA only; on a CPU-only run the entry is null)."""
+    out: dict[str, Any] = {"cpu_rss": peak_rss_bytes(), "torch_allocated": None}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_allocated"] = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+        out["cuda"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def git_commit() -> dict[str, Any] | None:
+    """The commit of the checkout minivid runs from ({"commit", "dirty"}), None when not a git checkout."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=5, check=True).stdout.strip()
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, Any]:
+    return {"minivid": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "git": git_commit()}
+
+
+def json_safe(value: Any, where: str = "", bad: list[str] | None = None) -> Any:
+    """`value` with every non-finite float replaced by None (its place appended to `bad`); tensors and
+    numpy scalars become numbers or lists, other objects their str."""
+    bad = [] if bad is None else bad
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    elif hasattr(value, "item") and hasattr(value, "dtype"):          # numpy scalar
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            bad.append(where or "(top)")
+            return None
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v, f"{where}.{k}" if where else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, f"{where}[{i}]", bad) for i, v in enumerate(value)]
+    return str(value)
+
+
+def write_json(path: pathlib.Path, data: dict) -> pathlib.Path:
+    """Write `data` as strict JSON (allow_nan=False; non-finite numbers become null, listed under
+    "non_finite"), to a temporary name renamed into place."""
+    bad: list[str] = []
+    clean = json_safe(data, bad=bad)
+    if bad:
+        clean["non_finite"] = bad
+    text = json.dumps(clean, indent=2, allow_nan=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _disjoint(out: pathlib.Path, inputs: list[tuple[str, pathlib.Path]]) -> None:
+    for option, source in inputs:
+        if out == source or source in out.parents:
+            raise FileExistsError(f"--out {out}: is (or lies inside) the input {option}{source}; the job never "
+                                  f"writes onto what it reads; choose another --out")
+        if out in source.parents:
+            raise FileExistsError(f"--out {out}: holds the input {option}{source}; the output folder must be apart "
+                                  f"from every input (a result could replace it); choose another --out")
 
 
 class Job:
@@ -62,21 +149,50 @@ class Job:
                  overwrite: bool = True, inputs: Iterable[str | os.PathLike] | None = None):
         self.name = name
         self.dir = pathlib.Path(out_dir) if out_dir else default_out_dir(name)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.overwrite = overwrite
         if inputs is None:
-            inputs = [settings[k] for k in INPUT_SETTINGS if settings.get(k)]
-        self.inputs = [pathlib.Path(p).resolve() for p in inputs]
+            named = [(f"--{k.replace('_', '-')} ", settings[k]) for k in INPUT_SETTINGS if settings.get(k)]
+        else:
+            named = [("", p) for p in inputs]
+        self.named_inputs = [(k, pathlib.Path(p).resolve()) for k, p in named]
+        self.inputs = [p for _, p in self.named_inputs]
+        _disjoint(self.dir.resolve(), self.named_inputs)
+        self._created = self._make_dir()
+        self._written: list[pathlib.Path] = []
         self.record: dict[str, Any] = {
             "job": name,
-            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "started": now(),
             "settings": {k: v for k, v in settings.items() if not k.startswith("_")},
+            "ran": {},
             "versions": versions(),
             "timings_s": {},
             "outputs": [],
             "results": {},
         }
         self._t0 = time.perf_counter()
+        ACTIVE.append(self)
+
+    def _make_dir(self) -> list[pathlib.Path]:
+        """Create the folder (and missing parents) and check it is writable; the folders created, deepest first."""
+        missing = [p for p in [self.dir, *self.dir.parents] if not p.exists()]
+        for p in [self.dir, *self.dir.parents]:
+            if p.exists():
+                if not p.is_dir():
+                    raise NotADirectoryError(f"--out {self.dir}: {p} is a file, not a folder")
+                break
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".minivid-write-test.")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            for p in missing:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            kind = PermissionError if isinstance(e, PermissionError) else OSError
+            raise kind(f"--out {self.dir}: cannot create or write a folder there ({e.strerror or e}); "
+                       f"choose another --out") from None
+        return missing
 
     def path(self, name: str) -> pathlib.Path:
         return self.dir / name
@@ -102,11 +218,18 @@ class Job:
         finally:
             self.record["timings_s"][label] = round(self.record["timings_s"].get(label, 0.0) + time.perf_counter() - t0, 4)
 
-    def add_output(self, path: pathlib.Path) -> pathlib.Path:
-        """List a file of the folder in the record's outputs (once)."""
+    def add_output(self, path: pathlib.Path, keep: bool = False) -> pathlib.Path:
+        """List a file of the folder in the record's outputs (once). keep=True: a file `abort` leaves
+        (a checkpoint to resume from)."""
         if path.name not in self.record["outputs"]:
             self.record["outputs"].append(path.name)
+        if not keep and path not in self._written:
+            self._written.append(path)
         return path
+
+    def ran(self, **what: Any) -> None:
+        """Record what effectively ran (size, frames, model preset, dtype, ...), beside the settings asked for."""
+        self.record["ran"].update(what)
 
     def write_video(self, name: str, frames: torch.Tensor, fps: float = 8) -> pathlib.Path:
         from minivid.video import write_video
@@ -124,13 +247,44 @@ class Job:
         return self.write_video(name, side_by_side(source, result), fps=fps)
 
     def finish(self, **results: Any) -> pathlib.Path:
+        """Write record.json (the results, timings, finished time, peak memory); the job is done."""
         self.record["results"].update(results)
+        self.record["finished"] = now()
         self.record["timings_s"]["total"] = round(time.perf_counter() - self._t0, 4)
-        self.record["peak_memory_bytes"] = {"cpu_rss": peak_rss_bytes()}
-        if torch.cuda.is_available():
-            self.record["peak_memory_bytes"]["cuda"] = torch.cuda.max_memory_allocated()
-        path = self.path("record.json")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2, default=str))
-        os.replace(tmp, path)
+        self.record["peak_memory_bytes"] = peak_memory()
+        path = write_json(self.path("record.json"), self.record)
+        with contextlib.suppress(ValueError):
+            ACTIVE.remove(self)
         return path
+
+    def abort(self, error: BaseException | None = None, keep_record: bool = False) -> pathlib.Path | None:
+        """The job failed or was interrupted: remove what it wrote under final names this run (not the
+        files added with keep=True), temporary files of its writes, and the folders it created that are
+        now empty. keep_record=True writes record.failed.json (the settings and the error) and returns it."""
+        with contextlib.suppress(ValueError):
+            ACTIVE.remove(self)
+        for path in self._written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if self.dir.is_dir():
+            for tmp in [*self.dir.glob(".*.tmp*"), *self.dir.glob(".minivid-write-test.*")]:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            for sub in sorted((p for p in self.dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()                         # only empty ones
+        record = None
+        if keep_record and self.dir.is_dir():
+            self.record["failed"] = now()
+            self.record["error"] = f"{type(error).__name__}: {error}" if error is not None else None
+            self.record["timings_s"]["total"] = round(time.perf_counter() - self._t0, 4)
+            self.record["peak_memory_bytes"] = peak_memory()
+            record = write_json(self.path(FAILED_RECORD), self.record)
+        for folder in self._created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()                          # only when empty
+        return record
+
+    def kept(self) -> list[str]:
+        """What is left in the folder (after `abort`): file names, sorted."""
+        return sorted(str(p.relative_to(self.dir)) for p in self.dir.rglob("*") if p.is_file()) if self.dir.is_dir() else []

@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from minivid import sd_formats as formats
 from minivid import weights
+from minivid.checks import parse_dtype
 from minivid.clip import CLIPTextConfig, CLIPTextModel
 from minivid.samplers import DDPMSchedule
 from minivid.tokenizer import CLIPTokenizer
@@ -244,7 +245,7 @@ class StableDiffusion(nn.Module):
         full-size key sets with the official manifests).
         """
         config = SDConfig.preset(config) if isinstance(config, str) else config
-        device = torch.device(device)
+        device, dtype = torch.device(device), parse_dtype(dtype)
         if device.type == "meta":
             with torch.device("meta"):
                 return cls(config).to(dtype)
@@ -275,19 +276,24 @@ class StableDiffusion(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             prediction: Prediction | None = None, config: SDConfig | None = None) -> "StableDiffusion":
+             prediction: Prediction | None = None, config: SDConfig | None = None,
+             allow_nonfinite: bool = False) -> "StableDiffusion":
         """An official single file (.ckpt/.safetensors of SD 1.4, 2.1, 2.1-base) or a diffusers folder.
 
         SD 1.x/2.x is detected from the keys; ε/v as the module docstring says; sizes from the shapes
         (or from `config`). Every tensor is checked by name and shape (weights.load_strict): a wrong file
-        fails with a WeightsError naming it. fp16/bf16 files load into `dtype`.
+        fails with a WeightsError naming it. fp16/bf16 files load into `dtype` (a torch dtype or its name:
+        "fp32", "fp16", "bf16"). Weights holding NaN/Inf are refused naming the first tensors, unless
+        allow_nonfinite=True (for inspection).
         """
         path = Path(path)
+        dtype = parse_dtype(dtype)
         layout, _ = weights.detect_path(path)
-        if layout == "single-file":
-            return _load_single_file(cls, path, device, dtype, prediction, config)
-        if layout == "diffusers-sd":
-            return _load_diffusers(cls, path, device, dtype, prediction, config)
+        if layout in ("single-file", "diffusers-sd"):
+            load = _load_single_file if layout == "single-file" else _load_diffusers
+            model = load(cls, path, device, dtype, prediction, config)
+            weights.check_finite(model.original_state_dict().items(), str(path), allow=allow_nonfinite)
+            return model
         if layout == "diffusers-svd":
             raise weights.WeightsError(f"{path}: a Stable Video Diffusion folder; load it with "
                                        f"minivid.StableVideoDiffusion.load")

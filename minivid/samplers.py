@@ -12,6 +12,7 @@ models and easy to test:
 Every convention below is the one diffusers uses for Stable Diffusion (DDIMScheduler /
 DDIMInverseScheduler) and for Stable Video Diffusion (EulerDiscreteScheduler); docs/samplers.md gives the
 equations and the facts verified in diffusers' source. Parity with diffusers is tested step by step.
+Every loop stops at the first non-finite latent with `minivid.checks.NonFiniteError` (loop, step, hint).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from minivid.checks import step_done
 
 Prediction = Literal["eps", "v"]
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], Optional[Tensor]]
@@ -210,6 +213,7 @@ def ddim_sample(
         if callback is not None:
             replaced = callback(i, t_in, x, pred_x0)
             x = x if replaced is None else replaced
+        step_done("DDIM sampling", i, len(ts), x)
     return x
 
 
@@ -256,6 +260,7 @@ def ddim_invert(
         if callback is not None:
             replaced = callback(i, torch.tensor(t, dtype=torch.int64, device=x.device), x, pred_x0)
             x = x if replaced is None else replaced
+        step_done("DDIM inversion", i, num_steps, x)
         trajectory.append(x)
     return (x, trajectory) if return_trajectory else x
 
@@ -408,6 +413,7 @@ def euler_sample(
         if callback is not None:
             replaced = callback(i, sigmas[i], x, denoised)
             x = x if replaced is None else replaced
+        step_done("Euler sampling", i, len(sigmas) - 1, x)
     return x
 
 
@@ -449,6 +455,7 @@ def edm_invert(
         if callback is not None:
             replaced = callback(i, levels[i], x, denoised)
             x = x if replaced is None else replaced
+        step_done("Euler inversion", i, len(levels) - 1, x)
         trajectory.append(x)
     return (x, trajectory) if return_trajectory else x
 

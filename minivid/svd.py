@@ -33,11 +33,12 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from minivid.checks import parse_dtype
 from minivid.clip import (CLIP_MEAN, CLIP_STD, CLIPTextConfig, CLIPVisionConfig, OpenCLIPModel,
                           OpenCLIPVisionTransformer, svd_preprocess)
 from minivid.unet_video import VideoUNet, VideoUNetConfig
 from minivid.vae import SD_LATENT_SCALE, TemporalAutoencoder, VAEConfig
-from minivid.weights import (WeightsError, describe_detection, detect_folder, load_strict, read_diffusers_folder,
+from minivid.weights import (WeightsError, check_finite, describe_detection, detect_folder, load_strict, read_diffusers_folder,
                              read_state_dict, split_by_prefix)
 from minivid.weights.diffusers_names import diffusers_to_original, original_to_diffusers
 from minivid.weights.svd_names import (SVD_PREFIXES, check_identity_quant_conv, conditioning_encoder_difference,
@@ -73,8 +74,12 @@ class SVDConfig:
     vision: CLIPVisionConfig
     text: CLIPTextConfig
     latent_scale: float = SD_LATENT_SCALE
+    image_size: tuple[int, int] = (576, 1024)     # (height, width) the model was trained at: the default size
 
     def __post_init__(self) -> None:
+        if len(self.image_size) != 2 or any(int(v) < 8 or int(v) % self.vae.downsample_factor for v in self.image_size):
+            raise ValueError(f"SVDConfig: image_size (height, width) must be two multiples of "
+                             f"{self.vae.downsample_factor}, got {self.image_size}")
         if self.vision.projection_dim != self.unet.context_dim:
             raise ValueError(f"SVDConfig: the image embedding width ({self.vision.projection_dim}) must equal the "
                              f"UNet's context_dim ({self.unet.context_dim})")
@@ -109,8 +114,11 @@ class SVDConfig:
     def from_json(cls, text: str) -> "SVDConfig":
         d = json.loads(text)
         tup = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}  # noqa: E731
-        return cls(VideoUNetConfig(**tup(d["unet"])), VAEConfig(**tup(d["vae"])), CLIPVisionConfig(**tup(d["vision"])),
-                   CLIPTextConfig(**tup(d["text"])), d["latent_scale"])
+        unet = VideoUNetConfig(**tup(d["unet"]))
+        # files written before the size was recorded: the preset with this UNet, else SVD's
+        size = tuple(d["image_size"]) if "image_size" in d else _preset_size(unet)
+        return cls(unet, VAEConfig(**tup(d["vae"])), CLIPVisionConfig(**tup(d["vision"])),
+                   CLIPTextConfig(**tup(d["text"])), d["latent_scale"], size)
 
 
 _SVD_TEXT = CLIPTextConfig.preset("sd2", layers=0)
@@ -124,9 +132,14 @@ SVD_PRESETS: dict[str, SVDConfig] = {
         VideoUNetConfig.preset("tiny"), VAEConfig.preset("tiny_svd"),
         CLIPVisionConfig("openclip", width=32, layers=2, heads=4, mlp_width=64, act="gelu", projection_dim=32,
                          image_size=224, patch_size=32),
-        CLIPTextConfig.preset("tiny_sd2", layers=0, vocab_size=1000),
+        CLIPTextConfig.preset("tiny_sd2", layers=0, vocab_size=1000), image_size=(48, 64),
     ),
 }
+
+
+def _preset_size(unet: VideoUNetConfig) -> tuple[int, int]:
+    """The default (height, width) of the preset with this UNet, else SVD's 576x1024."""
+    return next((c.image_size for c in SVD_PRESETS.values() if c.unet == unet), (576, 1024))
 
 
 # ---------------------------------------------------------------- the model
@@ -212,23 +225,30 @@ class StableVideoDiffusion(nn.Module):
     @classmethod
     def from_config(cls, config: SVDConfig | str = "tiny", device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> "StableVideoDiffusion":
-        """A randomly initialised model of a preset ("svd", "svd_xt", "tiny") or config."""
-        return cls(config).to(device=device, dtype=dtype).eval()
+        """A randomly initialised model of a preset ("svd", "svd_xt", "tiny") or config; `dtype` a torch
+        dtype or its name ("fp32", "fp16", "bf16")."""
+        return cls(config).to(device=device, dtype=parse_dtype(dtype)).eval()
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-             config: SVDConfig | str | None = None, variant: str | None = None) -> "StableVideoDiffusion":
+             config: SVDConfig | str | None = None, variant: str | None = None,
+             allow_nonfinite: bool = False) -> "StableVideoDiffusion":
         """Load an official single file (svd.safetensors, svd_xt.safetensors, or one written by `save`)
-        or a diffusers folder (unet/, vae/, image_encoder/ ...). fp16/bf16 files load into `dtype`.
+        or a diffusers folder (unet/, vae/, image_encoder/ ...). fp16/bf16 files load into `dtype` (a torch
+        dtype or its name: "fp32", "fp16", "bf16").
 
         `config` overrides the architecture of a single file (default: from the file's minivid
-        metadata, else the detected official preset). Raises WeightsError naming what does not match.
+        metadata, else the detected official preset). Raises WeightsError naming what does not match,
+        and naming the first tensors holding NaN/Inf unless allow_nonfinite=True (for inspection).
         """
         path = Path(path)
+        dtype = parse_dtype(dtype)
         if path.is_dir():
             model = _load_diffusers(cls, path, dtype, variant)
         else:
             model = _load_original(cls, path, dtype, config)
+        check_finite(((SVD_PREFIXES[comp] + k, v) for comp in ("unet", "vae", "image_encoder")
+                      for k, v in getattr(model, comp).state_dict().items()), str(path), allow=allow_nonfinite)
         return model.to(device=device).eval()
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
@@ -397,7 +417,8 @@ def _load_diffusers(cls, path: Path, dtype: torch.dtype, variant: str | None) ->
     vae_json = _read_json(path / "vae" / "config.json")
     cfg = SVDConfig(unet_cfg, _vae_config_from_diffusers(vae_json),
                     _vision_config_from_transformers(_read_json(path / "image_encoder" / "config.json")),
-                    SVD_PRESETS["svd"].text, vae_json.get("scaling_factor", SD_LATENT_SCALE))
+                    SVD_PRESETS["svd"].text, vae_json.get("scaling_factor", SD_LATENT_SCALE),
+                    _preset_size(unet_cfg))
     folder = read_diffusers_folder(path, ("unet", "vae", "image_encoder"), variant=variant)
     check_identity_quant_conv(folder["vae"], str(path / "vae"))
     with torch.device("meta"):

@@ -55,8 +55,10 @@ def test_invert_video_and_image(tmp_path, capsys):
     rec = record(out)
     assert set(rec["outputs"]) == {"source_grid.png", "reconstruction_grid.png", "reconstruction.mp4",
                                    "side_by_side.mp4", "latents.safetensors"}
-    assert read_video(out / "reconstruction.mp4").shape == (3, 3, 32, 32)     # fitted to the tiny model's 32 px
-    assert read_video(out / "side_by_side.mp4").shape == (3, 3, 32, 64)
+    # short side to the tiny model's 32 px (48x40 -> 38x32), cropped only to its VAE factor 4 -> 36x32
+    assert read_video(out / "reconstruction.mp4").shape == (3, 3, 32, 36)
+    assert rec["ran"]["size"] == [32, 36] and rec["ran"]["frames"] == 3 and rec["ran"]["model"] == "tiny"
+    assert read_video(out / "side_by_side.mp4").shape == (3, 3, 32, 72)
     res = rec["results"]
     assert len(res["psnr_db_per_frame"]) == 3 and res["psnr_db"] > 0 and res["vae_psnr_db"] > 0
     assert res["latent_relative_rmse"] >= 0
@@ -86,9 +88,9 @@ def test_demo(tmp_path, capsys):
 def test_demo_method(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--method", "nope", "--out", str(tmp_path / "a")]) == 1
     assert "unknown method" in capsys.readouterr().err
-    fake = types.ModuleType("minivid.methods.cove.cli")     # a method CLI without a demo
+    fake = types.ModuleType("minivid.cli.cove")     # a method CLI without a demo
     fake.add_arguments = lambda group: None
-    monkeypatch.setitem(sys.modules, "minivid.methods.cove.cli", fake)
+    monkeypatch.setitem(sys.modules, "minivid.cli.cove", fake)
     assert main(["demo", "--method", "cove", "--out", str(tmp_path / "b")]) == 1
     assert "has no demo" in capsys.readouterr().err
 

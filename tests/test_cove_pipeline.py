@@ -11,7 +11,7 @@ from minivid.attention import call_state, capture, capture_outputs, processors
 from minivid.cli import main
 from minivid.methods.cove import attention as cove_attention
 from minivid.methods.cove.attention import spatio_temporal
-from minivid.methods.cove.cli import config_from_args, moving_shapes
+from minivid.cli.cove import config_from_args, moving_shapes
 from minivid.methods.cove.correspondence import Correspondence
 from minivid.methods.cove.features import default_feature_layer, diffusion_features
 from minivid.methods.cove.inject import FeatureBank, injection_layers, match_timesteps
@@ -245,7 +245,7 @@ def test_edit_cli_end_to_end_on_the_tiny_model(tmp_path):
     assert res["bank_megabytes"] > 0 and res["bank_steps"] == 2
     assert set(res["stage_seconds"]) == {"encode", "features", "correspondence", "inversion", "sampling", "decode"}
     assert record["peak_memory_bytes"]["cpu_rss"] > 0 and record["timings_s"]["edit"] > 0
-    assert record["settings"]["cove_point"] == "0.25,0.3"
+    assert record["settings"]["cove_point"] == [0.25, 0.3]              # parsed (and checked) by the option type
 
 
 def test_cli_options_and_errors(tmp_path, capsys):
@@ -258,8 +258,9 @@ def test_cli_options_and_errors(tmp_path, capsys):
     write_video(video, clip(3, 32), fps=4)
     base = ["edit", "--method", "cove", "--video", str(video), "--prompt", "x", "--out", str(tmp_path / "o")]
     assert main(base) == 1 and "--tiny" in capsys.readouterr().err
-    assert main(base + ["--tiny", "--cove-point", "middle"]) == 1 and "cove-point" in capsys.readouterr().err
-    assert main(base + ["--tiny", "--cove-window", "4"]) == 1 and "window" in capsys.readouterr().err
+    # option types refuse these while parsing (argparse's usage error, exit 2)
+    assert main(base + ["--tiny", "--cove-point", "middle"]) == 2 and "cove-point" in capsys.readouterr().err
+    assert main(base + ["--tiny", "--cove-window", "4"]) == 2 and "window" in capsys.readouterr().err
 
 
 def test_demo_runs_and_says_the_model_is_random(tmp_path, capsys):

@@ -10,7 +10,7 @@ from minivid import tuning
 from minivid.attention import call_state
 from minivid.cli import main
 from minivid.methods.ei2 import EI2Config, EI2Model, FFAMProcessor, inflate, load_tuned, set_stam_order, tune_video
-from minivid.methods.ei2.cli import moving_squares
+from minivid.cli.ei2 import moving_squares
 from minivid.methods.ei2.model import STAMBlockMixin, power_iteration
 from minivid.methods.ei2.tune import diffusion_loss, encode_video, tuned_tensors
 from minivid.models import StableDiffusion

@@ -303,7 +303,8 @@ def test_animate_tiny_demo(tmp_path):
     for name in ("result.mp4", "grid.png", "source.png", "source_result.mp4", "record.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     record = json.loads((out / "record.json").read_text())
-    assert record["results"]["frames"] == 3 and record["results"]["finite"] and record["results"]["fps_id"] == 6
+    assert record["results"]["frames"] == 3 and record["results"]["fps_id"] == 6      # non-finite latents raise
+    assert record["ran"] == {"model": "tiny", "dtype": "fp32", "device": "cpu", "frames": 3, "size": [48, 64]}
     assert main(["animate", "--out", str(tmp_path / "none")]) == 1                      # neither --weights nor --tiny
 
 

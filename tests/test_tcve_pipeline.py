@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from minivid.attention import call_state, processors
 from minivid.cli import main
-from minivid.methods.tcve.cli import rolling_ball
+from minivid.cli.tcve import rolling_ball
 from minivid.methods.tcve.edit import edit_tcve
 from minivid.methods.tcve.model import TRAINABLE, TCVEModel
 from minivid.methods.tcve.stu import ABLATIONS

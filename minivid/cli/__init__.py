@@ -29,24 +29,131 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors that are the user's to fix: one line, no traceback (-v shows it)
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+REPORT = "the minivid issue tracker (the repository you installed minivid from)"
+
+
+def _known() -> tuple[type[BaseException], ...]:
+    from minivid.tuning import TuningError
+
+    extra: tuple = (TuningError,)
+    oom = getattr(torch_module(), "OutOfMemoryError", None)
+    return KNOWN_ERRORS + extra + ((oom,) if oom else ())
+
+
+def torch_module():
+    import torch
+
+    return torch
+
+
+def _interrupted_at(tb) -> str:
+    """Where the run stopped: the tuning step from the tuning loop's frame, else the last sampling step."""
+    from minivid import checks
+
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "tune" and frame.f_code.co_filename.endswith("tuning.py") and "step" in frame.f_locals:
+            cfg = frame.f_locals.get("cfg")
+            return f"step {frame.f_locals['step'] + 1}/{getattr(cfg, 'steps', '?')} of tuning"
+        tb = tb.tb_next
+    last = checks.last_step()
+    if last is None:
+        return "step 0 (before the first sampling step)"
+    return f"step {last.step}/{last.total} of {last.loop}"
+
+
+def _abort_jobs(error: BaseException | None, keep_record: bool = False):
+    """Abort every unfinished job; (jobs, failed-record path or None)."""
+    from minivid import jobs
+
+    aborted, record = list(jobs.ACTIVE), None
+    for job in aborted:
+        record = job.abort(error, keep_record=keep_record) or record
+    return aborted, record
+
+
+def _interrupt_message(command: str, tb) -> str:
+    aborted, _ = _abort_jobs(KeyboardInterrupt())
+    where = _interrupted_at(tb)
+    kept = [f for job in aborted for f in job.kept()]
+    checkpoints = [f for f in kept if f.endswith(".safetensors")]
+    if checkpoints:
+        folder = aborted[-1].dir
+        what = f"kept {len(kept)} file(s) in {folder} (newest checkpoint {sorted(checkpoints)[-1]})"
+        resume = f"run the same command again (same --out {folder}) to resume from it"
+    else:
+        what = "nothing was kept (partial outputs removed)" if aborted else "nothing was written"
+        resume = f"run `minivid {command} ...` again to start over"
+    return f"minivid {command}: interrupted at {where}; {what}; {resume}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; the exit code. The one error path of the command line: a known error prints one
+    line (exit 1; -v re-raises it with its traceback), a bad option argparse's message (exit 2), Ctrl-C
+    where it stopped, what was kept and how to resume (exit 130), a closed stdout ends quietly, and an
+    unexpected error a short traceback, the failed record and where to report it (exit 70)."""
+    import traceback
+
+    from minivid import checks
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:                       # usage errors (exit 2) and --help (exit 0)
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    checks.reset()
+    threads = None
     if getattr(args, "threads", None):
-        import torch
-
+        torch = torch_module()
+        threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
     try:
         return int(args._run(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print(_interrupt_message(args.command, sys.exc_info()[2]), file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _abort_jobs(None)
+        _quiet_stdout()
+        return 0
+    except _known() as e:
+        _abort_jobs(e)
         if args.verbose:
             raise
         print(f"minivid {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:   # noqa: BLE001 - the last resort: a bug of minivid's
+        _, record = _abort_jobs(e, keep_record=True)
+        if args.verbose:
+            raise
+        lines = traceback.format_exception(type(e), e, e.__traceback__)
+        short = "".join(lines[:1] + lines[-7:]) if len(lines) > 8 else "".join(lines)
+        print(f"minivid {args.command}: internal error (a bug in minivid, not in your input):\n{short.rstrip()}\n"
+              f"record: {record or 'none written'}\n"
+              f"Please report it to {REPORT} with the command line, this message and the record.",
+              file=sys.stderr)
+        return 70
+    finally:
+        if threads is not None:
+            torch_module().set_num_threads(threads)
+
+
+def _quiet_stdout() -> None:
+    """stdout was closed by the reader (`minivid inspect --json F | head`): point it at devnull so the
+    interpreter's final flush does not raise again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):          # a stdout without a file descriptor (tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -11,27 +11,29 @@ import logging
 
 import torch
 
-from minivid.cli.common import DTYPES, add_model_arguments, require_weights
+from minivid.cli.common import (
+    CHUNK, DTYPES, FRAMES, GUIDANCE, PIXELS, STEPS, add_model_arguments, check_job_memory, integer, number,
+    require_weights,
+)
 from minivid.jobs import Job
 
 help = "animate an image with Stable Video Diffusion (SVD / SVD-XT)"
 log = logging.getLogger(__name__)
 
-DEFAULT_SIZE = {"full": (576, 1024), "tiny": (48, 64)}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="conditioning image (png/jpg/... or a video's first frame); optional with --tiny")
-    p.add_argument("--frames", type=int, help="frames to generate (default: the model's, 14 for SVD, 25 for SVD-XT)")
-    p.add_argument("--steps", type=int, default=25, help="Euler sampling steps (default 25)")
-    p.add_argument("--height", type=int, help="video height (default 576; tiny 48); the image is resized and centre-cropped")
-    p.add_argument("--width", type=int, help="video width (default 1024; tiny 64)")
-    p.add_argument("--fps", type=int, default=7, help="frame rate of the video; SVD is conditioned on fps-1 (default 7)")
-    p.add_argument("--motion-bucket", type=int, default=127, help="motion bucket id: more = more motion (default 127)")
-    p.add_argument("--noise-aug", type=float, default=0.02, help="noise added to the conditioning image (default 0.02)")
-    p.add_argument("--min-guidance", type=float, default=1.0, help="guidance scale of the first frame (default 1.0)")
-    p.add_argument("--max-guidance", type=float, default=3.0, help="guidance scale of the last frame (default 3.0)")
-    p.add_argument("--decode-chunk", type=int, help="decode this many frames at a time, each piece as its own clip "
+    p.add_argument("--frames", type=FRAMES, help="frames to generate, ≥ 1 (default: the file's metadata, else the model's: "
+                                                  "14 for SVD, 25 for SVD-XT)")
+    p.add_argument("--steps", type=STEPS, default=25, help="Euler sampling steps, 1..1000 (default 25)")
+    p.add_argument("--height", type=PIXELS, help="video height, a multiple of 8 (default: the file's metadata, else 576); "
+                                                  "the image is resized and centre-cropped")
+    p.add_argument("--width", type=PIXELS, help="video width, a multiple of 8 (default: the file's metadata, else 1024)")
+    p.add_argument("--fps", type=integer(1, 1000), default=7, help="frame rate of the video; SVD is conditioned on fps-1 (default 7)")
+    p.add_argument("--motion-bucket", type=integer(0, 1023), default=127, help="motion bucket id in [0, 1023]: more = more motion (default 127)")
+    p.add_argument("--noise-aug", type=number(0, 10), default=0.02, help="noise added to the conditioning image (default 0.02)")
+    p.add_argument("--min-guidance", type=GUIDANCE, default=1.0, help="guidance scale of the first frame (default 1.0)")
+    p.add_argument("--max-guidance", type=GUIDANCE, default=3.0, help="guidance scale of the last frame (default 3.0)")
+    p.add_argument("--decode-chunk", type=CHUNK, help="decode this many frames at a time, each piece as its own clip "
                                                     "(less memory, less temporal smoothness; default: all)")
     add_model_arguments(p, "official svd.safetensors / svd_xt.safetensors or a diffusers SVD folder")
 
@@ -45,7 +47,7 @@ def _demo_image(height: int, width: int) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minivid.pipelines.svd import image_to_video
+    from minivid.pipelines.svd import check_size, image_to_video
     from minivid.svd import StableVideoDiffusion
     from minivid.video import read_image, resize_center_crop
 
@@ -58,29 +60,40 @@ def run(args: argparse.Namespace) -> int:
     job = Job("animate", args.out, vars(args))
     with job.timed("load"):
         if args.weights:
-            svd = StableVideoDiffusion.load(args.weights, device=args.device, dtype=dtype)
+            svd = StableVideoDiffusion.load(args.weights, device=args.device, dtype=dtype,
+                                            allow_nonfinite=args.allow_nonfinite)
+            from minivid.svd import SVD_PRESETS
+
+            preset = next((name for name, c in SVD_PRESETS.items() if c == svd.config), None)
+            preset = preset or f"{svd.load_info.get('detected', 'svd')} layout, config from the file's metadata"
         else:
             torch.manual_seed(args.seed)
             svd = StableVideoDiffusion.from_config("tiny", device=args.device, dtype=dtype)
-    height, width = DEFAULT_SIZE["tiny" if args.tiny else "full"]
-    height, width = args.height or height, args.width or width
+            preset = "tiny"
+    # size and frames: the options, else the file's metadata (a file minivid wrote records its config),
+    # else the official defaults of the detected preset (576x1024; 14 frames SVD, 25 SVD-XT)
+    height, width = args.height or svd.config.image_size[0], args.width or svd.config.image_size[1]
+    frames = args.frames or svd.num_frames
+    check_size(svd, height, width)
+    check_job_memory(svd, frames, height, width, args.device, what=f"{frames} frame(s) of {width}x{height}")
+    job.ran(model=preset, dtype=args.dtype, device=str(args.device), frames=frames, size=[height, width])
     image = read_image(args.image) if args.image else _demo_image(height, width)
     image = resize_center_crop(image[None], (height, width))[0]
     generator = torch.Generator().manual_seed(args.seed)
     with job.timed("sampling"):
         out = image_to_video(
-            svd, image, num_frames=args.frames, num_steps=args.steps, min_guidance=args.min_guidance,
+            svd, image, num_frames=frames, num_steps=args.steps, min_guidance=args.min_guidance,
             max_guidance=args.max_guidance, fps=args.fps, motion_bucket_id=args.motion_bucket,
             noise_aug_strength=args.noise_aug, decode_chunk_size=args.decode_chunk, generator=generator,
         )
-    frames = out.frames[0].clamp(-1, 1).cpu()
-    job.write_video("result.mp4", frames, fps=args.fps)
-    job.write_grid("grid.png", frames)
+    result = out.frames[0].clamp(-1, 1).cpu()
+    job.write_video("result.mp4", result, fps=args.fps)
+    job.write_grid("grid.png", result)
     job.write_grid("source.png", image[None])
-    job.write_side_by_side("source_result.mp4", image[None].expand_as(frames), frames, fps=args.fps)
+    job.write_side_by_side("source_result.mp4", image[None].expand_as(result), result, fps=args.fps)
     record = job.finish(
-        model=svd.load_info.get("detected", "tiny (random)"), frames=int(frames.shape[0]), size=[height, width],
-        fps_id=args.fps - 1, finite=bool(torch.isfinite(out.latents).all()),
+        model=svd.load_info.get("detected", "tiny (random)") if args.weights else "tiny (random)",
+        frames=int(result.shape[0]), size=[height, width], fps_id=args.fps - 1,
     )
     print(f"wrote {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
     return 0

@@ -12,6 +12,8 @@ import argparse
 import importlib.util
 import pathlib
 
+from minivid.cli.common import THREADS
+
 help = "run a benchmark (minivid vs the reference, measured in one run)"
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -25,7 +27,7 @@ def available() -> dict[str, pathlib.Path]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="benchmark name: " + (", ".join(available()) or "(none found)"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see `minivid bench NAME --help`)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch, given before NAME (default: torch's choice)")
+    p.add_argument("--threads", type=THREADS, help="CPU threads for torch, given before NAME (default: torch's choice)")
 
 
 def load(name: str):

@@ -1,12 +1,15 @@
 """What the jobs share: their options, loading the model they ask for, reading the source video,
 and the outputs every edit writes. Used by the subcommands and by the methods' CLIs
-(`minivid.methods.<name>.cli`), so each of those keeps only what its paper adds.
+(`minivid.cli.<method>`), so each of those keeps only what its paper adds.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import math
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -20,21 +23,111 @@ TINY_PRESETS = {"sd1": "tiny", "sd2": "tiny_sd2"}    # the tiny random model of 
 BASE_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 
 
+# ---------------------------------------------------------------- option types
+# argparse calls these on the text of an option; an ArgumentTypeError becomes
+# "minivid CMD: error: argument --NAME: <message>" (exit 2) before anything loads.
+
+def _range_text(low, high, low_open: bool = False) -> str:
+    if high is None:
+        return f"{'>' if low_open else '≥'} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}]"
+
+
+def integer(low: int = 1, high: int | None = None, odd: bool = False, high_text: str | None = None):
+    """An argparse type: an integer in [low, high] (high None: no bound); odd=True: odd only.
+    `high_text`: how the message writes the upper bound (default: the number)."""
+    rng = f"in [{low}, {high_text}]" if high_text else _range_text(low, high)
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {text!r}") from None
+        if value < low or (high is not None and value > high) or (odd and value % 2 == 0):
+            raise argparse.ArgumentTypeError(f"must be {'an odd' if odd else 'an'} integer {rng}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(low: float = 0.0, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite float in [low, high] (low_open/high_open: that end excluded)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be a number {_range_text(low, high, low_open)}, got {text!r}") from None
+        rng = _range_text(low, high, low_open)
+        if high_open and high is not None:
+            rng = rng[:-1] + ")"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}, got {text!r}")
+        if value < low or (low_open and value == low) or (high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"must be a number {rng}, got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def torch_device(text: str) -> str:
+    """An argparse type: a torch device this torch can use (cpu; cuda[:i] with CUDA; mps on Apple)."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) has no usable CUDA "
+                                             f"(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available in this torch; use --device cpu")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: minivid runs on cpu, cuda or mps")
+    return text
+
+
+def relative_point(text: str) -> tuple[float, float]:
+    """An argparse type: 'y,x' with both coordinates in [0, 1]."""
+    try:
+        y, x = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'y,x' with relative coordinates in [0, 1], got {text!r}") from None
+    if not all(math.isfinite(v) and 0 <= v <= 1 for v in (y, x)):
+        raise argparse.ArgumentTypeError(f"must be 'y,x' with relative coordinates in [0, 1], got {text!r}")
+    return y, x
+
+
+# the ranges every subcommand shares
+SEED = integer(0, 2 ** 63 - 1, high_text="2^63 - 1")
+THREADS = integer(1, 4096)
+STEPS = integer(1, 1000)                 # DDIM over 1000 training timesteps: at most one step per timestep
+FRAMES = integer(1, 100_000)
+PIXELS = integer(8, 1 << 20)             # a side in pixels; the memory check refuses what cannot fit
+FPS = number(0, 1000, low_open=True)
+GUIDANCE = number(0, 100)
+CHUNK = integer(1, 100_000)
+
+
 # ---------------------------------------------------------------- options
 
 def add_run_arguments(p: argparse.ArgumentParser, device: str | None = None) -> None:
     """--device, --seed, --out, --threads: what every job takes."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--device", default=device, help=f"torch device (default {device})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", help="output folder (default outputs/<job>-<time>/)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device, default=dev, help=f"torch device (default {dev})")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed, an integer ≥ 0 (default 0)")
+    p.add_argument("--out", help="output folder (default outputs/<job>-<time>/); must be writable and apart from the inputs")
+    p.add_argument("--threads", type=THREADS, help="CPU threads for torch, ≥ 1 (default: torch's choice)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser, weights_help: str = "official checkpoint file or diffusers folder") -> None:
     p.add_argument("--weights", help=weights_help + " (omit with --tiny)")
     p.add_argument("--tiny", action="store_true", help="use a tiny random model instead of weights (a demo of the machinery: it makes no real images)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype (default fp32)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN/Inf anyway (for inspection; by default they are refused)")
     add_run_arguments(p)
 
 
@@ -46,12 +139,12 @@ def add_video_arguments(p: argparse.ArgumentParser, images: bool = False) -> Non
                        help="input video (mp4/gif/webm), folder of frames, or a single image (png/jpg/...)")
     else:
         p.add_argument("--video", required=True, help="input video (mp4/gif/webm) or a folder of frames")
-    p.add_argument("--frames", type=int, default=8, help="number of frames to read (default 8)")
-    p.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                   help=f"frames are resized and center-cropped to this size (multiple of 64; default {DEFAULT_SIZE}, "
+    p.add_argument("--frames", type=FRAMES, default=8, help="number of frames to read, ≥ 1 (default 8)")
+    p.add_argument("--stride", type=integer(1, 10_000), default=1, help="take every n-th frame, ≥ 1 (default 1)")
+    p.add_argument("--size", type=PIXELS, default=DEFAULT_SIZE,
+                   help=f"frames are resized (short side) and centre-cropped to a multiple of 8 (default {DEFAULT_SIZE}, "
                         f"with --tiny the tiny model's size)")
-    p.add_argument("--fps", type=float, default=8, help="frame rate of the written videos (default 8)")
+    p.add_argument("--fps", type=FPS, default=8, help="frame rate of the written videos, > 0 (default 8)")
 
 
 # ---------------------------------------------------------------- the model
@@ -71,15 +164,30 @@ def load_sd(args: argparse.Namespace, method: str | None = None, base: str = "sd
     dtype = DTYPES[args.dtype]
     if args.weights:
         sd = StableDiffusion.load(args.weights, device=args.device, dtype=dtype,
-                                  prediction=getattr(args, "prediction", None))
+                                  prediction=getattr(args, "prediction", None),
+                                  allow_nonfinite=getattr(args, "allow_nonfinite", False))
         if method and sd.kind != base:
             log.warning("%s is built on %s; %s is an %s model", method, BASE_NAMES[base], args.weights,
                         BASE_NAMES.get(sd.kind, sd.kind))
+        record_ran(model=f"{sd.kind} ({args.weights})", prediction=sd.prediction, dtype=args.dtype,
+                   device=str(args.device))
         return sd
     seed = args.seed if tiny_seed is None else tiny_seed
     log.warning("--tiny: a tiny %s-style model with RANDOM weights (seed %d); its outputs are not meaningful",
                 BASE_NAMES[base], seed)
-    return StableDiffusion.from_config(TINY_PRESETS[base], device=args.device, dtype=dtype, seed=seed)
+    sd = StableDiffusion.from_config(TINY_PRESETS[base], device=args.device, dtype=dtype, seed=seed)
+    record_ran(model=TINY_PRESETS[base], tiny_seed=seed, prediction=sd.prediction, dtype=args.dtype,
+               device=str(args.device))
+    return sd
+
+
+def record_ran(**what) -> None:
+    """Record in the running job's record ("ran") what effectively ran: model preset, dtype, size, frames.
+    No job running (the API used directly): nothing."""
+    from minivid import jobs
+
+    if jobs.ACTIVE:
+        jobs.ACTIVE[-1].ran(**what)
 
 
 def tiny_base(args: argparse.Namespace) -> dict:
@@ -98,32 +206,127 @@ def source_size(args: argparse.Namespace, sd) -> int:
 
 def read_source(args: argparse.Namespace, sd, images: bool = False) -> torch.Tensor:
     """The source clip [F, 3, H, W] in [-1, 1]: --frames frames every --stride of --video, resized to
-    `source_size` and cropped to a multiple the model accepts. images=True: an image file is one frame."""
+    `source_size` (short side) and centre-cropped only to what the model needs: a multiple of the VAE's
+    factor (8; the UNet runs on any latent grid). A crop is logged. images=True: an image file is one
+    frame. Refused before reading when the job's tensors cannot fit in memory (`check_job_memory`).
+    The effective frames and size go into the running job's record (`record_ran`)."""
     from minivid.video import IMAGE_EXTENSIONS, fit, read_image, read_video
 
+    size = source_size(args, sd)
+    check_job_memory(sd, args.frames, size, size, args.device, what=f"{args.frames} frame(s) at {size} px")
     path = Path(args.video)
     if images and path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         frames = read_image(path)[None]
     else:
         frames = read_video(path, num_frames=args.frames, stride=args.stride)
-    multiple = sd.config.downsample_factor * sd.config.unet.downsample_factor
-    return fit(frames, source_size(args, sd), multiple=multiple, source=args.video)
+    multiple = sd.config.downsample_factor
+    H, W = frames.shape[-2:]
+    scale = size / min(H, W)
+    resized = (size, max(size, round(W * scale))) if H <= W else (max(size, round(H * scale)), size)
+    out = fit(frames, size, multiple=multiple, min_side=min(8, multiple), source=args.video)
+    if tuple(out.shape[-2:]) != resized:
+        log.warning("%s: resized to %dx%d (width x height) and centre-cropped to %dx%d, a multiple of %d",
+                    args.video, resized[1], resized[0], out.shape[-1], out.shape[-2], multiple)
+    record_ran(frames=int(out.shape[0]), size=list(out.shape[-2:]))
+    return out
+
+
+# ---------------------------------------------------------------- memory
+
+class MemoryEstimateError(ValueError):
+    """A job whose tensors cannot fit in the memory of the machine (or device)."""
+
+
+def available_memory(device: str | torch.device = "cpu") -> tuple[int, int]:
+    """(available, total) bytes of `device`'s memory: for the CPU /proc/meminfo's MemAvailable and
+    MemTotal (elsewhere the physical memory for both), for CUDA torch.cuda.mem_get_info."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        return int(free), int(total)
+    info = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    import os
+
+    total = info.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return info.get("MemAvailable", total), total
+
+
+def job_bytes(config, frames: int, height: int, width: int, batch: int = 2, element: int = 4) -> int:
+    """A lower bound of the memory a diffusion job on `frames` frames of height×width needs beyond the
+    weights: the frames in pixels (source, result and a resize copy), the UNet's skip connections and
+    working tensors for `batch` (2: CFG) copies of every frame at once, the VAE decoder's full-resolution
+    activations for all frames. `config`: an SDConfig or SVDConfig (its unet and vae)."""
+    unet, vae = config.unet, config.vae
+    f = 2 ** (len(vae.ch_mult) - 1)
+    h, w = max(1, height // f), max(1, width // f)
+    pixels = 3 * frames * 3 * height * width * 4
+    levels = sum((unet.num_res_blocks + 1) * unet.model_channels * m * max(1, h >> i) * max(1, w >> i)
+                 for i, m in enumerate(unet.channel_mult))
+    unet_bytes = batch * frames * (levels + 4 * unet.model_channels * h * w) * element
+    vae_bytes = frames * 3 * vae.ch * vae.ch_mult[0] * height * width * element
+    return pixels + unet_bytes + vae_bytes
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GiB"
+
+
+def check_job_memory(model, frames: int, height: int, width: int, device: str | torch.device, what: str = "",
+                     batch: int = 2) -> int:
+    """Refuse, before allocating, a job whose `job_bytes` lower bound exceeds the memory available
+    (MemoryEstimateError with the estimate and the machine's memory). Returns the estimate."""
+    need = job_bytes(model.config, frames, height, width, batch=batch,
+                     element=torch.finfo(model.dtype).bits // 8 if hasattr(model, "dtype") else 4)
+    free, total = available_memory(device)
+    if need > free:
+        raise MemoryEstimateError(
+            f"{what or f'{frames} frame(s) of {height}x{width}'} needs at least ~{gib(need)} of memory "
+            f"(frames, UNet and VAE activations; weights not counted), this machine has {gib(free)} available "
+            f"of {gib(total)}; use fewer --frames or a smaller --size")
+    return need
 
 
 # ---------------------------------------------------------------- handing over to a method
 
-def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
-    """`minivid <action> --method NAME`: run `minivid.methods.<name>.cli.<action>(args, job)` in a job
-    folder of its own and write its record. `hint`: what to do instead when the method has none."""
-    from minivid.methods import method_cli
+def method_cli(name: str) -> ModuleType:
+    """The command-line glue of method `name`: the module `minivid.cli.<name>`."""
+    from minivid.methods import METHODS
 
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return importlib.import_module(f"minivid.cli.{name}")
+
+
+def available_clis() -> dict[str, ModuleType]:
+    """Method CLIs that are present in this checkout (a method without its package or glue is skipped)."""
+    from minivid.methods import METHODS
+
+    found = {}
+    for name in METHODS:
+        try:
+            found[name] = method_cli(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (f"minivid.methods.{name}", f"minivid.cli.{name}"):
+                raise
+    return found
+
+
+def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
+    """`minivid <action> --method NAME`: run `minivid.cli.<name>.<action>(args, job)` in a job
+    folder of its own and write its record. `hint`: what to do instead when the method has none."""
     try:
         mod = method_cli(args.method)
     except ModuleNotFoundError:
         mod = None
     if mod is None or not hasattr(mod, action):
         raise ValueError(f"method {args.method!r} has no {action} in this installation "
-                         f"(minivid.methods.{args.method}.cli.{action}){hint}")
+                         f"(minivid.cli.{args.method}.{action}){hint}")
     job = Job(f"{action}-{args.method}", args.out, vars(args))
     results = getattr(mod, action)(args, job)
     record = job.finish(**(results or {}))
@@ -158,10 +361,24 @@ def tuning_summary(label: str, result, frames: torch.Tensor) -> dict:
 
 # ---------------------------------------------------------------- the tuning methods' demos
 
-def check_demo_arguments(args: argparse.Namespace) -> None:
-    """A tuning demo needs at least one sampling step, two frames and a size the tiny models take."""
+def check_demo_arguments(args: argparse.Namespace, model: str | None = None) -> None:
+    """A tuning demo needs at least one sampling step, two frames and a size the tiny models take, and
+    its tensors must fit in memory (`model`: the tiny preset it builds, default --model)."""
+    from minivid.models import SDConfig
+
     if args.steps < 1 or args.frames < 2 or args.size < 16 or args.size % 16:
         raise ValueError("--steps must be at least 1, --frames at least 2 and --size a multiple of 16")
+    check_job_memory_config(SDConfig.preset(model or args.model), args.frames, args.size, args.size, args.device)
+
+
+def check_job_memory_config(config, frames: int, height: int, width: int, device, what: str = "") -> int:
+    """`check_job_memory` for a model not built yet (its config; float32)."""
+    class _Model:       # the config is all job_bytes reads
+        pass
+
+    m = _Model()
+    m.config = config
+    return check_job_memory(m, frames, height, width, device, what)
 
 
 def fixed_batch_loss(loss_fn) -> float:

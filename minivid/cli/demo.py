@@ -8,7 +8,7 @@ and that inversion followed by reconstruction gives the clip back (approximately
 is first order, its error halves when the steps double). The round trip starts from the clip's
 latents, not from re-encoded pixels, because a random VAE is not an autoencoder.
 
-`--method NAME` hands over to a method's own demo, `minivid.methods.<name>.cli.demo(args, job)`,
+`--method NAME` hands over to a method's own demo, `minivid.cli.<name>.demo(args, job)`,
 where a method provides one.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from minivid.cli.common import add_run_arguments, run_method
+from minivid.cli.common import FRAMES, STEPS, add_run_arguments, check_job_memory_config, integer, run_method
 from minivid.jobs import Job
 
 help = "run generation and an inversion round trip on a tiny random model (no weights needed)"
@@ -31,10 +31,10 @@ CLIP_PROMPT = "a boat on a lake"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["tiny", "tiny_sd2"], default="tiny",
                    help="tiny: SD 1-style (ε); tiny_sd2: SD 2-style (v-prediction, linear projections)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    p.add_argument("--frames", type=int, default=8, help="frames of the generated clip (default 8)")
-    p.add_argument("--size", type=int, default=32, help="image size in pixels (multiple of 16; default 32)")
-    p.add_argument("--method", help="run a method's demo instead (minivid.methods.<name>.cli.demo), where it has one")
+    p.add_argument("--steps", type=STEPS, default=20, help="DDIM steps, 1..1000 (default 20)")
+    p.add_argument("--frames", type=FRAMES, default=8, help="frames of the generated clip, ≥ 1 (default 8)")
+    p.add_argument("--size", type=integer(16, 1 << 20), default=32, help="image size in pixels (multiple of 16; default 32)")
+    p.add_argument("--method", help="run a method's demo instead (minivid.cli.<name>.demo), where it has one")
     add_run_arguments(p, device="cpu")
 
 
@@ -53,13 +53,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_tiny(args: argparse.Namespace) -> int:
-    from minivid.models import StableDiffusion
+    from minivid.models import SDConfig, StableDiffusion
     from minivid.pipelines.sd import invert, psnr, reconstruct, text_to_image
 
+    check_job_memory_config(SDConfig.preset(args.model), max(args.frames, len(PROMPTS)), args.size, args.size,
+                            args.device, what=f"a {args.frames}-frame clip at {args.size} px")
     print("minivid demo: a tiny model with RANDOM weights. It makes no real images (expect coloured noise);\n"
           "it runs every stage: text encoding, DDIM sampling with guidance, VAE decoding, DDIM inversion and "
           "reconstruction.")
     job = Job("demo", args.out, vars(args))
+    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
     with job.timed("build"):
         sd = StableDiffusion.from_config(args.model, device=args.device, seed=args.seed)
     with job.timed("generate"):

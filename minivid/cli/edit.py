@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import add_model_arguments, add_video_arguments, run_method
-from minivid.methods import METHODS, available_clis
+from minivid.cli.common import GUIDANCE, STEPS, add_model_arguments, add_video_arguments, available_clis, run_method
+from minivid.methods import METHODS
 
 help = "edit a video with COVE, EI² or TCVE"
 
@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the edit prompt")
     p.add_argument("--source-prompt", default="", help="a prompt describing the source video")
     p.add_argument("--tuned", help="tuned tensors from `minivid tune` (EI², TCVE)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the method's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the method's)")
+    p.add_argument("--steps", type=STEPS, help="sampling steps, 1..1000 (default: the method's)")
+    p.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance scale in [0, 100] (default: the method's)")
     add_model_arguments(p)
     add_video_arguments(p)
     add_eval_arguments(p.add_argument_group("evaluation (--eval)"))

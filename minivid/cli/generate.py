@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import add_model_arguments, load_sd
+from minivid.cli.common import GUIDANCE, PIXELS, STEPS, add_model_arguments, check_job_memory, integer, load_sd
 from minivid.jobs import Job
 
 help = "text-to-image with Stable Diffusion 1.x / 2.x"
@@ -14,11 +14,11 @@ description = ("Generate images from a prompt (DDIM, classifier-free guidance). 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--height", type=int, help="image height in pixels (default: the model's size, 512 or 768)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
+    p.add_argument("--steps", type=STEPS, default=50, help="DDIM steps, 1..1000 (default 50)")
+    p.add_argument("--guidance", type=GUIDANCE, default=7.5, help="classifier-free guidance scale in [0, 100] (default 7.5)")
+    p.add_argument("--height", type=PIXELS, help="image height in pixels (default: the model's size, 512 or 768)")
+    p.add_argument("--width", type=PIXELS, help="image width in pixels (default: the model's size)")
+    p.add_argument("--num-images", type=integer(1, 10_000), default=1, help="images to generate, ≥ 1 (default 1)")
     add_sd_arguments(p)
 
 
@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     with job.timed("load"):
         sd = load_sd(args)
     job.record["model"] = {"kind": sd.kind, "prediction": sd.prediction, "config": sd.config.to_dict()}
+    height, width = args.height or sd.config.image_size, args.width or sd.config.image_size
+    check_job_memory(sd, args.num_images, height, width, args.device, what=f"{args.num_images} image(s) of {width}x{height}")
     with job.timed("generate"):
         out = text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                             height=args.height, width=args.width, num_images=args.num_images, seed=args.seed)
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     for i, image in enumerate(images):
         job.write_grid(f"image_{i:02d}.png", image[None])
     job.write_grid("grid.png", images)
+    job.ran(frames=len(images), size=list(images.shape[-2:]))
     record = job.finish(images=len(images), size=list(images.shape[-2:]))
     print(f"wrote {len(images)} image(s) to {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
     return 0

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from minivid.cli.common import add_video_arguments, load_sd, read_source
+from minivid.cli.common import CHUNK, DTYPES, GUIDANCE, STEPS, add_video_arguments, load_sd, read_source
 from minivid.cli.generate import add_sd_arguments
 from minivid.jobs import Job
 
@@ -18,10 +18,10 @@ description = ("Invert an image or video to DDIM noise and sample it back with t
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="", help="a prompt describing the input (default: empty)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and of reconstruction (default 50)")
-    p.add_argument("--guidance", type=float, default=1.0,
+    p.add_argument("--steps", type=STEPS, default=50, help="DDIM steps of inversion and of reconstruction (default 50)")
+    p.add_argument("--guidance", type=GUIDANCE, default=1.0,
                    help="guidance scale of inversion and reconstruction (default 1: the conditional model alone)")
-    p.add_argument("--chunk", type=int, help="frames per UNet call (default: all frames in one batch)")
+    p.add_argument("--chunk", type=CHUNK, help="frames per UNet call (default: all frames in one batch)")
     p.add_argument("--save-latents", action="store_true", help="also write latents.safetensors (x_0 and x_T)")
     add_sd_arguments(p)
     add_video_arguments(p, images=True)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import add_model_arguments, add_video_arguments, run_method
-from minivid.methods import available_clis
+from minivid.cli.common import add_model_arguments, add_video_arguments, available_clis, integer, number, run_method
 
 help = "one-shot tuning on a source video (EI², TCVE)"
 TUNING = ("ei2", "tcve")
@@ -13,11 +12,11 @@ TUNING = ("ei2", "tcve")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=TUNING, help="the method to tune")
     p.add_argument("--prompt", required=True, help="a prompt describing the source video")
-    p.add_argument("--steps", type=int, help="tuning steps (default: the method's: EI² 500, TCVE 100)")
-    p.add_argument("--lr", type=float, help="learning rate (default 3e-5)")
+    p.add_argument("--steps", type=integer(1, 10_000_000), help="tuning steps (default: the method's: EI² 500, TCVE 100)")
+    p.add_argument("--lr", type=number(0, 1, low_open=True), help="learning rate in (0, 1] (default 3e-5)")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision for the forward pass")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="write the tuned tensors every n steps (default 100)")
+    p.add_argument("--checkpoint-every", type=integer(1, 10_000_000), default=100, help="write the tuned tensors every n ≥ 1 steps (default 100)")
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     add_model_arguments(p)
     add_video_arguments(p)

@@ -23,7 +23,8 @@ from .files import (PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, WEIGHT_EXTENSIONS
                     find_component_file, read_diffusers_folder, read_safetensors_header, read_shapes,
                     read_state_dict, shapes_of)
 from .strict import (HARMLESS_EXTRAS, MANIFESTS_DIR, REST, SCHEDULE_BUFFERS, SD_PREFIXES, Manifest, Report,
-                     compare_to_manifest, is_harmless, load_manifest, load_strict, split_by_prefix)
+                     check_finite, compare_to_manifest, is_harmless, load_manifest, load_strict, nonfinite_tensors,
+                     split_by_prefix)
 from .svd_names import (SVD_KNOWN_EXTRAS, SVD_PREFIXES, SVD_TABLES, check_identity_quant_conv,  # registers svd_* tables
                         conditioning_encoder_difference, identity_quant_conv)
 
@@ -33,7 +34,7 @@ __all__ = [
     "SAFETENSORS_EXTENSIONS", "PICKLE_EXTENSIONS", "WEIGHT_EXTENSIONS",
     "detect", "describe_detection", "detect_path", "detect_folder", "guess_prediction", "group_by_component",
     "MODELS", "MANIFEST_OF",
-    "split_by_prefix", "load_strict", "compare_to_manifest", "load_manifest", "Manifest", "Report",
+    "split_by_prefix", "load_strict", "check_finite", "nonfinite_tensors", "compare_to_manifest", "load_manifest", "Manifest", "Report",
     "HARMLESS_EXTRAS", "SCHEDULE_BUFFERS", "SD_PREFIXES", "REST", "MANIFESTS_DIR", "is_harmless",
     "original_to_diffusers", "diffusers_to_original", "original_only", "diffusers_only", "layout_of",
     "Rule", "UNetLayout", "VAELayout", "TextSD2Layout", "ComponentTable", "TABLES",

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -245,3 +245,26 @@ def _as_info(x: Mapping) -> dict[str, TensorInfo]:
     if isinstance(first, torch.Tensor):
         return shapes_of(x)
     return {k: (tuple(v[0]), str(v[1])) for k, v in x.items()}
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, int]]:
+    """(name, count of NaN/Inf values) of every floating tensor that is not all finite, in order."""
+    for name, t in named:
+        if t.is_floating_point() and t.device.type != "meta":
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                yield name, bad
+
+
+def check_finite(named: Iterable[tuple[str, torch.Tensor]], source: str, allow: bool = False, n: int = 3) -> list[str]:
+    """Refuse weights holding NaN/Inf: WeightsError naming `source` and the first `n` such tensors (and how
+    many values each has). allow=True (for inspection) logs a warning instead. Returns the names found."""
+    found = list(nonfinite_tensors(named))
+    if found:
+        first = ", ".join(f"{k} ({c} values)" for k, c in found[:n]) + (f" and {len(found) - n} more" if len(found) > n else "")
+        message = f"{source}: {len(found)} tensor(s) hold NaN/Inf: {first}"
+        if not allow:
+            raise WeightsError(message + "; the file is damaged or was saved from a diverged run "
+                               "(load it anyway, for inspection, with allow_nonfinite=True / --allow-nonfinite)")
+        logging.getLogger(__name__).warning("%s; loaded anyway (allow_nonfinite)", message)
+    return [k for k, _ in found]

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from minivid.cli.common import (
-    DTYPES, check_demo_arguments, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
+    DTYPES, check_demo_arguments, integer, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
     tuning_summary, write_edit,
 )
 from minivid.jobs import Job
@@ -34,7 +34,7 @@ DEFAULT_LR = 3e-5
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     """EI²'s own options (edit; tune reads them too where its parser has them)."""
-    group.add_argument("--ei2-r", type=int, help="FFAM pooling ratio of the other frames (default 2; edit: the checkpoint's)")
+    group.add_argument("--ei2-r", type=integer(1, 64), help="FFAM pooling ratio of the other frames (default 2; edit: the checkpoint's)")
     group.add_argument("--ei2-order", choices=ORDERS,
                        help="where STAM sits: ffam-stam-ca (the paper's, default) or ffam-ca-stam (App. B.1); "
                             "edit: the checkpoint's")
@@ -76,7 +76,7 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
                                meta={"base": tiny_base(args)})
     job.write_grid("source_grid.png", frames.cpu())
     if result.checkpoint is not None:
-        job.add_output(result.checkpoint)
+        job.add_output(result.checkpoint, keep=True)
     return {**tuning_summary(METHOD_NAME, result, frames), "ei2": config.to_dict(), "tune": vars(cfg)}
 
 
@@ -151,6 +151,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.tuning import TuneConfig
 
     check_demo_arguments(args)
+    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
     print("minivid demo --method ei2: a tiny model with RANDOM weights and a synthetic clip (moving squares).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every EI² stage: "
           f"inflation (FFAM + STAM), {DEMO_TUNE_STEPS} tuning steps, DDIM inversion and editing.")

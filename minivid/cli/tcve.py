@@ -21,7 +21,7 @@ import math
 import torch
 
 from minivid.cli.common import (
-    DTYPES, check_demo_arguments, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
+    DTYPES, check_demo_arguments, integer, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
     tuning_summary, write_edit,
 )
 from minivid.jobs import Job
@@ -42,7 +42,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "prompt (--source-prompt, else the prompt the checkpoint was tuned on)")
     group.add_argument("--tcve-official-reshape", action="store_true",
                        help="the authors' up-level feature layout (a height mix-up; see docs/tcve.md)")
-    group.add_argument("--tcve-vae-chunk", type=int, help="frames per VAE call (default: all at once)")
+    group.add_argument("--tcve-vae-chunk", type=integer(1, 100_000), help="frames per VAE call (default: all at once)")
 
 
 def _opt(args: argparse.Namespace, name: str, default=None):
@@ -79,7 +79,7 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
                            meta={"base": tiny_base(args)})
     job.write_grid("source_grid.png", frames.cpu())
     if result.checkpoint is not None:
-        job.add_output(result.checkpoint)
+        job.add_output(result.checkpoint, keep=True)
     return {**tuning_summary(METHOD_NAME, result, frames), "tcve": model.settings, "tune": vars(cfg),
             "trainable_values": sum(p.numel() for p in trainable.values())}
 
@@ -162,6 +162,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.models import StableDiffusion
 
     check_demo_arguments(args)
+    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
     print("minivid demo --method tcve: a tiny model with RANDOM weights and a synthetic clip (a rolling ball).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every TCVE stage: "
           f"Tune-A-Video inflation, temporal UNet + STUs, {DEMO_TUNE_STEPS} tuning steps, DDIM inversion and editing.")

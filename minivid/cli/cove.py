@@ -17,11 +17,13 @@ import math
 
 import torch
 
-from minivid.cli.common import DTYPES, check_demo_arguments, load_sd, read_source, write_edit
+from minivid.cli.common import (
+    DTYPES, STEPS, check_demo_arguments, integer, load_sd, number, read_source, relative_point, write_edit,
+)
 from minivid.jobs import Job
 
-from .pipeline import STORE_DTYPES, COVEConfig, edit_video
-from .visualize import correspondence_picture
+from minivid.methods.cove.pipeline import STORE_DTYPES, COVEConfig, edit_video
+from minivid.methods.cove.visualize import correspondence_picture
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,10 @@ _FIELDS = {
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     """COVE's own options; unset ones take COVEConfig's defaults (the paper's)."""
     d = COVEConfig()
-    group.add_argument("--cove-window", type=int, help=f"sliding window l, odd (default {d.window})")
-    group.add_argument("--cove-k", type=int, help=f"corresponding tokens per frame K (default {d.k})")
-    group.add_argument("--cove-merge-ratio", type=float, help=f"temporal token merging ratio, 0 = off (default {d.merge_ratio})")
+    group.add_argument("--cove-window", type=integer(1, 999, odd=True), help=f"sliding window l, odd (default {d.window})")
+    group.add_argument("--cove-k", type=integer(1, 1024), help=f"corresponding tokens per frame K (default {d.k})")
+    group.add_argument("--cove-merge-ratio", type=number(0, 1, high_open=True),
+                       help=f"temporal token merging ratio in [0, 1), 0 = off (default {d.merge_ratio})")
     group.add_argument("--cove-mode", choices=["sequential", "replace", "dense_only", "cga_only"],
                        help="how CGA combines with dense spatio-temporal attention (default sequential: dense, "
                             "then CGA on its output, FLATTEN-style; dense_only = the paper's w/o CGA)")
@@ -49,16 +52,16 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--cove-feature-layer",
                        help="decoder module whose output is the diffusion feature (default auto: output_blocks.8 "
                             "on SD, 640 channels at 1/8 of the input; output_blocks.11 is the final layer)")
-    group.add_argument("--cove-feature-t", type=int, help=f"timestep of the feature pass (default {d.feature_t})")
+    group.add_argument("--cove-feature-t", type=integer(0, 999), help=f"timestep of the feature pass (default {d.feature_t})")
     group.add_argument("--cove-feature-prompt", choices=["empty", "source"], help="prompt of the feature pass (default empty)")
-    group.add_argument("--cove-inversion-steps", type=int, help=f"DDIM inversion steps (default {d.inversion_steps})")
-    group.add_argument("--cove-inject-steps", type=int,
+    group.add_argument("--cove-inversion-steps", type=STEPS, help=f"DDIM inversion steps (default {d.inversion_steps})")
+    group.add_argument("--cove-inject-steps", type=integer(0, 1000),
                        help=f"sampling steps that get the inversion's features, 0 = none (default {d.inject_steps}; "
                             f"with another --steps, the same {d.inject_steps}/{d.steps} of them)")
     group.add_argument("--cove-store-device", help=f"where saved features wait for injection (default {d.store_device})")
     group.add_argument("--cove-store-dtype", choices=list(STORE_DTYPES), help=f"dtype of saved features (default {d.store_dtype})")
     group.add_argument("--cove-backend", choices=["auto", "reference", "triton"], help="window_topk backend (default auto)")
-    group.add_argument("--cove-point", help="relative point 'y,x' of frame 0 for the correspondence picture (default 0.5,0.5)")
+    group.add_argument("--cove-point", type=relative_point, help="relative point 'y,x' of frame 0 for the correspondence picture (default 0.5,0.5)")
 
 
 def config_from_args(args: argparse.Namespace) -> COVEConfig:
@@ -74,12 +77,9 @@ def config_from_args(args: argparse.Namespace) -> COVEConfig:
 
 
 def _point(args: argparse.Namespace) -> tuple[float, float]:
-    text = getattr(args, "cove_point", None) or "0.5,0.5"
-    try:
-        y, x = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--cove-point must be 'y,x' with relative coordinates in [0, 1], got {text!r}") from None
-    return y, x
+    """--cove-point, parsed and checked by `relative_point`; default the frame's centre."""
+    point = getattr(args, "cove_point", None)
+    return relative_point(point) if isinstance(point, str) else (point or (0.5, 0.5))
 
 
 def _write(job: Job, source: torch.Tensor, out, point: tuple[float, float], fps: float) -> None:
@@ -157,8 +157,9 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.models import StableDiffusion
 
     model = "tiny_sd2"                                       # COVE is an SD 2 method, whatever --model says
-    check_demo_arguments(args)
+    check_demo_arguments(args, model)
     size = 48 if args.size == 32 else args.size
+    job.ran(model=model, frames=args.frames, size=[size, size], dtype="fp32", device=str(args.device))
     config = COVEConfig(inversion_steps=args.steps, steps=args.steps, inject_steps=math.floor(0.8 * args.steps),
                         guidance=7.5)
     print("minivid demo --method cove: a tiny model with RANDOM weights and a synthetic clip (moving shapes).\n"
