@@ -18,7 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision for the forward pass")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
     p.add_argument("--checkpoint-every", type=int, default=100, help="write the tuned tensors every n steps (default 100)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in --out even if it holds a checkpoint of another run (its checkpoints are "
+                        "moved into --out/previous-<n>/); without it, a checkpoint there is resumed when it is of "
+                        "the same run (source, prompt, options, seed, base weights) and refused otherwise")
+    p.add_argument("--no-resume", action="store_true", help="the same as --restart")
     add_model_arguments(p)
     add_video_arguments(p)
     for name, mod in available_clis().items():
