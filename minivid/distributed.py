@@ -256,3 +256,40 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"shard: rank {rank} is not in 0..{world_size - 1}")
     return list(items[rank::world_size])
+
+
+class DoneCounter:
+    """Rank 0 learns when another rank finishes a unit of work (a batch item), without stopping its own:
+    the other ranks `report()` (a one-element send on a gloo group of its own), a thread on rank 0
+    receives from any rank and calls `on_done(rank)`. At world size 1 nothing is started and
+    `report()` does nothing (rank 0 counts its own work itself).
+
+    Every rank must create it (a group is made collectively), with `expected` = the number of reports
+    rank 0 waits for (the other ranks' units).
+    """
+
+    def __init__(self, expected: int, on_done: Callable[[int], None]):
+        import threading
+
+        self._thread = None
+        self._group = None
+        if not active():
+            return
+        self._group = dist.new_group(backend="gloo")
+        if rank() == 0 and expected > 0:
+            def receive() -> None:
+                buf = torch.zeros(1, dtype=torch.int64)
+                for _ in range(expected):
+                    src = dist.recv(buf, group=self._group)
+                    on_done(int(src))
+            self._thread = threading.Thread(target=receive, name="minivid-done-counter", daemon=True)
+            self._thread.start()
+
+    def report(self) -> None:
+        if self._group is not None and rank() != 0:
+            dist.send(torch.ones(1, dtype=torch.int64), dst=0, group=self._group)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Wait (a while) for the receiving thread; call after the ranks have met (e.g. a gather)."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)

@@ -166,3 +166,118 @@ def test_nan_on_one_rank_stops_both_with_the_same_error(two_ranks):
     assert "step 2/3" in seen[0]["nan"] and "rank 1: loss nan" in seen[0]["nan"]
     assert (out / "nan" / "tuned-000001.safetensors").is_file()      # the last good tensors
     assert seen[0]["error"] == seen[1]["error"] and "rank 0: an error" in seen[0]["error"]
+
+
+# ---------------------------------------------------------------- minivid batch
+
+@pytest.fixture(scope="module")
+def batch_inputs(tmp_path_factory):
+    """A tiny SD file on disk (so --weights loads go through the per-process cache) and a 2-frame clip."""
+    from minivid.models import StableDiffusion
+    from minivid.video import write_video
+
+    d = tmp_path_factory.mktemp("batch-inputs")
+    weights = StableDiffusion.from_config("tiny", seed=3).save(d / "tiny.safetensors")
+    clip = write_video(d / "clip.mp4", torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    return weights, clip
+
+
+def write_plan(path, items):
+    import json
+
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    return path
+
+
+def generate_item(name, weights, seed=0):
+    return {"id": name, "command": "generate", "args": {"weights": str(weights), "prompt": f"a {name}", "steps": 1,
+                                                         "seed": seed}}
+
+
+def test_batch_in_one_process_records_a_failure_and_goes_on(tmp_path, batch_inputs, capsys):
+    import json
+
+    from minivid.cli import main
+
+    weights, clip = batch_inputs
+    plan = write_plan(tmp_path / "plan.jsonl", [
+        generate_item("a", weights),
+        {"id": "bad", "command": "invert", "args": {"weights": str(weights), "video": str(tmp_path / "missing.mp4"),
+                                                    "steps": 1, "size": 32}},
+        {"id": "typo", "command": "generate", "args": {"weights": str(weights), "prompt": "x", "stepz": 1}},
+        {"id": "inv", "command": "invert", "args": {"weights": str(weights), "video": str(clip), "frames": 2,
+                                                    "steps": 1, "size": 32}},
+    ])
+    out = tmp_path / "out"
+    assert main(["batch", str(plan), "--out", str(out), "--no-progress"]) == 1
+    report = json.loads((out / "batch.json").read_text())
+    status = {e["id"]: e["status"] for e in report["items"]}
+    assert status == {"a": "done", "bad": "failed", "typo": "failed", "inv": "done"}
+    assert report["ranks"][0]["model_loads"] == 1                     # one load, reused by the other items
+    bad = json.loads((out / "bad" / "error.json").read_text())
+    assert "missing.mp4" in bad["error"] and "no such file" in bad["error"] and not (out / "bad" / "record.json").exists()
+    assert "unrecognized arguments: --stepz" in json.loads((out / "typo" / "error.json").read_text())["error"]
+    assert report["items"][0]["outputs"] == ["image_00.png", "grid.png"] and report["items"][0]["seconds"] > 0
+    assert "2 done, 0 skipped, 2 failed" in capsys.readouterr().out
+    # a rerun skips what finished and runs the failed items again
+    before = (out / "a" / "record.json").read_bytes()
+    assert main(["batch", str(plan), "--out", str(out), "--no-progress"]) == 1
+    status = {e["id"]: e["status"] for e in json.loads((out / "batch.json").read_text())["items"]}
+    assert status == {"a": "skipped", "bad": "failed", "typo": "failed", "inv": "skipped"}
+    assert (out / "a" / "record.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": "a", "command": "paint", "args": {}}', "command 'paint' is not one of"),
+    ('{"id": "../x", "command": "edit", "args": {}}', "must be letters, digits"),
+    ('{"id": "a", "command": "edit", "args": {"out": "elsewhere"}}', "out is set by batch"),
+    ('{"id": "a", "command": "edit", "args": []}', "args must be an object"),
+    ('not json', "not a JSON object"),
+    ('{"id": "a", "command": "edit"}\n{"id": "a", "command": "tune"}', "already used on line 1"),
+])
+def test_batch_plan_errors_before_anything_runs(tmp_path, capsys, line, message):
+    from minivid.cli import main
+
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text(line + "\n")
+    assert main(["batch", str(plan), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def torchrun_batch(plan, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minivid",
+           "batch", str(plan), "--out", str(out), "--threads", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.distributed
+def test_batch_under_torchrun_splits_runs_once_and_skips_on_rerun(tmp_path, batch_inputs):
+    import json
+
+    weights, clip = batch_inputs
+    items = [generate_item(f"g{i}", weights, seed=i) for i in range(5)]
+    items[3] = {"id": "t3", "command": "tune", "args": {"method": "ei2", "tiny": True, "video": str(clip),
+                                                        "frames": 2, "steps": 1, "prompt": "a clip"}}
+    plan = write_plan(tmp_path / "plan.jsonl", items)
+    out = tmp_path / "out"
+    proc = torchrun_batch(plan, out)
+    report = json.loads((out / "batch.json").read_text())
+    assert report["world_size"] == 2
+    assert [(e["id"], e["rank"], e["status"]) for e in report["items"]] == [
+        ("g0", 0, "done"), ("g1", 1, "done"), ("g2", 0, "done"), ("t3", 1, "done"), ("g4", 0, "done")]
+    assert [r["items"] for r in report["ranks"]] == [3, 2]
+    assert [r["model_loads"] for r in report["ranks"]] == [1, 1]          # rank 0: 3 items, 1 load
+    for e in report["items"]:
+        rec = json.loads((out / e["id"] / "record.json").read_text())
+        assert rec["outputs"] == e["outputs"] and e["outputs"]
+    assert (out / "t3" / "tuned-000001.safetensors").is_file()           # its tuning ran alone on rank 1
+    assert proc.stdout.count("batch: 5 done") == 1                       # rank 0 reports, once
+    stamps = {e["id"]: (out / e["id"] / "record.json").stat().st_mtime_ns for e in report["items"]}
+    torchrun_batch(plan, out)
+    report = json.loads((out / "batch.json").read_text())
+    assert [e["status"] for e in report["items"]] == ["skipped"] * 5
+    assert {e["id"]: (out / e["id"] / "record.json").stat().st_mtime_ns for e in report["items"]} == stamps

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
-from minivid.cli.common import DTYPES, add_model_arguments, require_weights
+from minivid.cli.common import DTYPES, add_model_arguments, cached_model, require_weights
 from minivid.jobs import Job
 
 help = "animate an image with Stable Video Diffusion (SVD / SVD-XT)"
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     job = Job("animate", args.out, vars(args))
     with job.timed("load"):
         if args.weights:
-            svd = StableVideoDiffusion.load(args.weights, device=args.device, dtype=dtype)
+            svd = cached_model(("svd", str(Path(args.weights).resolve()), str(dtype), str(args.device)),
+                               lambda: StableVideoDiffusion.load(args.weights, device=args.device, dtype=dtype))
         else:
             torch.manual_seed(args.seed)
             svd = StableVideoDiffusion.from_config("tiny", device=args.device, dtype=dtype)
