@@ -155,6 +155,15 @@ def run_item(item: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
         return {**entry, "status": "failed", "seconds": seconds, "outputs": [], "error": message}
 
 
+@contextlib.contextmanager
+def _quiet(on: bool):
+    if not on:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -185,9 +194,9 @@ def run(args: argparse.Namespace) -> int:
     results = []
     try:
         for item in mine:
-            # other ranks' items print nothing to stdout; their records hold what they did
-            quiet = contextlib.redirect_stdout(io.StringIO()) if rank != 0 else contextlib.nullcontext()
-            with quiet:
+            # the other ranks' items print nothing and show no bars (their records hold what they did;
+            # warnings and errors still reach the log)
+            with _quiet(rank != 0):
                 results.append(run_item(item, out, rank))
             if rank == 0:
                 bar.update(1)

@@ -177,6 +177,7 @@ def tuning_summary(label: str, result, frames: torch.Tensor) -> dict:
         "loss_first": result.losses[0] if done else None, "loss_last": result.losses[-1] if done else None,
         "losses": [round(v, 6) for v in result.losses],
         "seconds_per_step": round(result.seconds / done, 4) if done else None,
+        "world_size": result.extra.get("world_size", 1),
     }
 
 

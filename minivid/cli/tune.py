@@ -31,4 +31,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_method(args, "tune")
+    """Under torchrun (W processes) the tuning is data-parallel (minivid.tuning, docs/distributed.md):
+    rank 0 writes the job folder; the other ranks run the same job into a scratch folder they
+    discard, printing nothing."""
+    import contextlib
+    import io
+    import logging
+    import tempfile
+
+    from minivid import distributed
+
+    distributed.init()
+    args.device = distributed.resolve_device(args.device)
+    if distributed.is_main():
+        return run_method(args, "tune")
+    logging.getLogger("minivid").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix=f"minivid-rank{distributed.rank()}-") as scratch, \
+            contextlib.redirect_stdout(io.StringIO()):
+        args.out = scratch
+        return run_method(args, "tune")
