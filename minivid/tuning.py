@@ -4,8 +4,10 @@ A method says WHICH tensors train (`trainable`) and HOW the loss of one step is
 computed (`loss_fn(step, generator) -> scalar`); the engine owns everything else:
 freezing, AdamW, optional autocast and gradient clipping, a tqdm bar with the
 loss, checkpoints of the trainable tensors only (safetensors, written atomically)
-with their optimizer moments for an exact resume, and a clear stop on a NaN/inf
-loss that keeps the last good checkpoint.
+with their optimizer moments for an exact resume of the same run (`run_fingerprint`:
+another run's checkpoint is refused with the fields that differ), and a clear stop on a
+NaN/inf loss that keeps the last good checkpoint. Under torch.distributed (`minivid.distributed`)
+the loop is data-parallel: see `tune` and docs/distributed.md.
 
 Loading what a method tuned is shared too: `resolve_checkpoint` (a file or a tune folder),
 `checkpoint_meta` (what the run recorded), `require_method` (refuse another method's
