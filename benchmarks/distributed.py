@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from minivid.video import write_video
 
+    torch.set_num_threads(1)                 # as the processes it times (the table header reports it)
     variants = [(1, 1)] + ([(1, 2)] if args.two_threads else []) + [(2, 1)]    # (world size, threads/process)
     rows_tune, rows_batch = [], []
     with tempfile.TemporaryDirectory() as tmp:
