@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minivid import distributed
-from minivid.tuning import TuneConfig, select_parameters, step_seed, tune
+from minivid.tuning import select_parameters, step_seed, tune
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import _dist_worker as worker  # noqa: E402
