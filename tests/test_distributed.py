@@ -281,3 +281,26 @@ def test_batch_under_torchrun_splits_runs_once_and_skips_on_rerun(tmp_path, batc
     report = json.loads((out / "batch.json").read_text())
     assert [e["status"] for e in report["items"]] == ["skipped"] * 5
     assert {e["id"]: (out / e["id"] / "record.json").stat().st_mtime_ns for e in report["items"]} == stamps
+
+
+@pytest.mark.distributed
+def test_tune_command_under_torchrun_is_data_parallel(tmp_path, batch_inputs):
+    """`torchrun -m minivid tune`: rank 0 writes the one job folder; the record and checkpoint say
+    world size 2; the other rank leaves nothing behind."""
+    import json
+
+    _, clip = batch_inputs
+    out = tmp_path / "tuned"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minivid",
+           "tune", "--method", "tcve", "--tiny", "--video", str(clip), "--frames", "2", "--steps", "2",
+           "--prompt", "a clip", "--out", str(out), "--threads", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["results"]["world_size"] == 2 and len(rec["results"]["losses"]) == 2
+    from minivid.tuning import checkpoint_meta
+
+    assert checkpoint_meta(out)["world_size"] == 2
+    assert not list(tmp_path.glob("minivid-rank*"))                        # rank 1's scratch folder is gone
