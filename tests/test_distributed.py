@@ -304,3 +304,21 @@ def test_tune_command_under_torchrun_is_data_parallel(tmp_path, batch_inputs):
 
     assert checkpoint_meta(out)["world_size"] == 2
     assert not list(tmp_path.glob("minivid-rank*"))                        # rank 1's scratch folder is gone
+
+
+def test_batch_items_get_their_own_copy_of_the_cached_weights(tmp_path, batch_inputs):
+    """Two identical tune items on one weights file: one load, and the second item's model is not
+    the first one's after tuning (EI² inflates and trains the UNet in place), so the losses agree."""
+    import json
+
+    from minivid.cli import main
+
+    weights, clip = batch_inputs
+    args = {"method": "ei2", "weights": str(weights), "video": str(clip), "frames": 2, "size": 32, "steps": 2,
+            "lr": 1e-3, "prompt": "a clip"}
+    plan = write_plan(tmp_path / "plan.jsonl", [{"id": i, "command": "tune", "args": args} for i in ("a", "b")])
+    out = tmp_path / "out"
+    assert main(["batch", str(plan), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "batch.json").read_text())["ranks"][0]["model_loads"] == 1
+    losses = [json.loads((out / i / "record.json").read_text())["results"]["losses"] for i in ("a", "b")]
+    assert losses[0] == losses[1] and losses[0][0] != losses[0][1]
