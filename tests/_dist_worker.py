@@ -92,6 +92,15 @@ def main(rendezvous: str, out: str) -> None:
     except TuningError as e:
         seen["error"] = str(e)
 
+    # 6. rank 0 refuses to resume another run (another lr) in the shared folder: every rank raises it
+    m = toy_model(1)
+    other = TuneConfig(**{**vars(config(6, every=2)), "lr": 1e-3})
+    try:
+        tune(m, select_parameters(m, ["*"]), draw_loss(m), other, shared)
+        seen["refused"] = None
+    except TuningError as e:
+        seen["refused"] = str(e)
+
     torch.save(seen, os.path.join(out, f"rank{r}.pt"))
     distributed.shutdown()
 

@@ -168,6 +168,12 @@ def test_nan_on_one_rank_stops_both_with_the_same_error(two_ranks):
     assert seen[0]["error"] == seen[1]["error"] and "rank 0: an error" in seen[0]["error"]
 
 
+@pytest.mark.distributed
+def test_a_refused_resume_reaches_every_rank(two_ranks):
+    _, seen = two_ranks
+    assert seen[0]["refused"] == seen[1]["refused"] and "config.lr: 0.01 (checkpoint) vs 0.001" in seen[0]["refused"]
+
+
 # ---------------------------------------------------------------- minivid batch
 
 @pytest.fixture(scope="module")
