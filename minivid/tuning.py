@@ -4,8 +4,10 @@ A method says WHICH tensors train (`trainable`) and HOW the loss of one step is
 computed (`loss_fn(step, generator) -> scalar`); the engine owns everything else:
 freezing, AdamW, optional autocast and gradient clipping, a tqdm bar with the
 loss, checkpoints of the trainable tensors only (safetensors, written atomically)
-with their optimizer moments for an exact resume, and a clear stop on a NaN/inf
-loss that keeps the last good checkpoint.
+with their optimizer moments for an exact resume of the same run (`run_fingerprint`:
+another run's checkpoint is refused with the fields that differ), and a clear stop on a
+NaN/inf loss that keeps the last good checkpoint. Under torch.distributed (`minivid.distributed`)
+the loop is data-parallel: see `tune` and docs/distributed.md.
 
 Loading what a method tuned is shared too: `resolve_checkpoint` (a file or a tune folder),
 `checkpoint_meta` (what the run recorded), `require_method` (refuse another method's
@@ -29,6 +31,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from minivid import distributed
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +265,145 @@ def gradient_checkpointing(model: nn.Module, pattern: str) -> Iterator[list[str]
             del m.forward  # the instance attribute shadowed the class method
 
 
+# ---------------------------------------------------------------- what defines a run (resume)
+
+# keys of a checkpoint's metadata (dotted) that do not define the run: how long it goes, how often
+# it saves, whether a bar shows, where the base file lies (its weights are compared by
+# base_fingerprint), how many processes share the batch, and kernels chosen for speed
+RESUME_IGNORED = ("config.steps", "config.checkpoint_every", "config.progress", "base.weights", "world_size",
+                  "*.ffam_backend")
+
+
+def frames_digest(frames: torch.Tensor) -> str:
+    """A short digest of a source clip [F, 3, H, W] in [-1, 1] (its shape and 8-bit values): equal for
+    the same frames read the same way, robust to last-bit float differences."""
+    import hashlib
+
+    q = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    h = hashlib.sha256(str(tuple(q.shape)).encode())
+    h.update(q.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def run_fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
+    """What defines a tuning run, from the metadata `tune` writes into its checkpoints (dotted keys):
+    the source frames' digest, the prompt, the method's options, the optimiser settings and seed,
+    the base model's fingerprint. Not: RESUME_IGNORED (steps, checkpoint interval, ...)."""
+    flat = _flat(json.loads(json.dumps(meta, default=str)))                   # tuples -> lists, as stored
+    flat.pop("step", None)
+    return {k: v for k, v in flat.items() if not any(fnmatch.fnmatchcase(k, p) for p in RESUME_IGNORED)}
+
+
+def fingerprint_diff(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, now)} of the fields in which two runs differ; the base fingerprints compare
+    within 1 % (dtype rounding), everything else exactly."""
+    a, b = run_fingerprint(saved), run_fingerprint(now)
+    diff = {}
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if k == "base_fingerprint" and isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            if all(abs(u - v) <= 1e-2 * abs(u) for u, v in zip(x, y)):
+                continue
+        if x != y:
+            diff[k] = (x, y)
+    return diff
+
+
+def _short(v: Any, width: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def set_aside(out_dir: str | os.PathLike) -> pathlib.Path | None:
+    """Move the checkpoints of `out_dir` (tuned-*.safetensors and their moments) into a new
+    `out_dir/previous-<n>/`; returns that folder (None: there were none)."""
+    out_dir = pathlib.Path(out_dir)
+    found = sorted(out_dir.glob("tuned-*.safetensors"))
+    if not found:
+        return None
+    n = 1
+    while (out_dir / f"previous-{n}").exists():
+        n += 1
+    aside = out_dir / f"previous-{n}"
+    aside.mkdir()
+    for p in found:
+        os.replace(p, aside / p.name)
+    return aside
+
+
+def check_resume(ckpt: pathlib.Path, meta: dict[str, Any], steps: int) -> int:
+    """The step to resume `ckpt` at, or a TuningError when it cannot be: the checkpoint was tuned for
+    another run (the message lists the fields that differ) or is already past `steps`."""
+    saved = checkpoint_meta(ckpt)
+    diff = fingerprint_diff(saved, meta)
+    where = ckpt.parent
+    if diff:
+        fields = "; ".join(f"{k}: {_short(x)} (checkpoint) vs {_short(y)} (now)" for k, (x, y) in diff.items())
+        raise TuningError(
+            f"{where} holds another tuning run ({ckpt.name}); it differs in {len(diff)} field(s): {fields}. "
+            f"A resume continues the same run: choose another output folder, or restart in this one "
+            f"(`minivid tune --restart`, tune(..., resume=False)); the old checkpoints are then kept in "
+            f"{where}/previous-<n>/")
+    step = int(saved.get("step", 0))
+    if step > steps:
+        raise TuningError(
+            f"{where}: the run is already at step {step} ({ckpt.name}), past the {steps} steps asked for; give "
+            f"--steps {step} or more to go on from there, or restart (`minivid tune --restart`)")
+    return step
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of the generator a step's loss draws from (timesteps, noise, posterior samples) on
+    process `rank`: a resumed run draws the same; rank 0 draws what a single process draws, and each
+    other rank its own stream (distinct for fewer than 2**40 steps)."""
+    return (seed * 1_000_003 + step + rank * (1 << 40)) % (1 << 63)
+
+
 # ---------------------------------------------------------------- the loop
+
+def _resume_or_restart(out_dir: pathlib.Path, model, opt, trainable, meta, cfg, resume: bool):
+    """On rank 0: (start step, last checkpoint, folder the old checkpoints went to)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return 0, None, None
+    if not resume:
+        aside = set_aside(out_dir)
+        log.info("starting over in %s; the earlier checkpoints are in %s", out_dir, aside)
+        return 0, None, aside
+    check_resume(ckpt, meta, cfg.steps)
+    start = load_trainable(ckpt, model, opt, trainable)
+    log.info("resuming from %s (step %d)", ckpt, start)
+    return start, ckpt, None
+
+
+def _sync_start(trainable: dict[str, nn.Parameter], buffers: dict[str, torch.Tensor] | None,
+                opt: torch.optim.Optimizer) -> None:
+    """Make every rank's trainable tensors, buffers and AdamW moments rank 0's (after a resume, or
+    differently initialised modules)."""
+    with torch.no_grad():
+        for t in [*trainable.values(), *(buffers or {}).values()]:
+            distributed.broadcast_(t.data)
+        has_state = distributed.broadcast_object([p in opt.state for p in trainable.values()])
+        for p, has in zip(trainable.values(), has_state):
+            if not has:
+                opt.state.pop(p, None)
+                continue
+            if p not in opt.state or not opt.state[p]:
+                opt.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                                "step": torch.zeros((), dtype=torch.float32)}
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                distributed.broadcast_(opt.state[p][key])
+
 
 def tune(
     model: nn.Module,
@@ -276,49 +418,65 @@ def tune(
 ) -> TuneResult:
     """Run `cfg.steps` AdamW steps of `loss_fn` on `trainable`; everything else stays frozen.
 
-    Checkpoints go to `out_dir/tuned-<step>.safetensors`. With `resume`, the newest one
-    there (and its optimizer moments) is loaded and the loop continues after its step.
-    A non-finite loss raises TuningError after writing the current (still finite)
-    tensors as the last good checkpoint.
+    Checkpoints go to `out_dir/tuned-<step>.safetensors`. With `resume`, the newest one there (and
+    its optimizer moments) is continued after its step, if it was tuned for the same run (what
+    `run_fingerprint` of `meta` holds: source, prompt, options, seed, base model) and is not past
+    `cfg.steps`; otherwise a TuningError says why. Without `resume`, earlier checkpoints are moved
+    into `out_dir/previous-<n>/` and the run starts over. A non-finite loss raises TuningError after
+    writing the current (still finite) tensors as the last good checkpoint.
+
+    Under torch.distributed (`minivid.distributed.init()`, W > 1 processes) the run is data-parallel:
+    every rank starts from rank 0's tensors, draws its own batch (`step_seed(seed, step, rank)`),
+    and the gradients are averaged over the ranks (one bucketed all-reduce after backward) before
+    the AdamW step, so the update is that of the mean loss over W draws; the losses reported are
+    that mean. Only rank 0 writes checkpoints and shows the bar; a non-finite loss or an error on
+    any rank stops every rank with the same TuningError. At W = 1 none of this runs.
     """
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
+    if cfg.autocast not in AUTOCAST:
+        raise ValueError(f"autocast must be one of {list(AUTOCAST)}, not {cfg.autocast!r}")
     freeze_all_but(model, trainable)
     model.train()
     opt = torch.optim.AdamW(
         list(trainable.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
     meta = {"config": asdict(cfg), **(meta or {})}
-    start = 0
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        start = load_trainable(ckpt, model, opt, trainable)
-        log.info("resuming from %s (step %d)", ckpt, start)
-    if cfg.autocast not in AUTOCAST:
-        raise ValueError(f"autocast must be one of {list(AUTOCAST)}, not {cfg.autocast!r}")
+    if world > 1:
+        meta["world_size"] = world
+    start, last, _ = distributed.on_main(
+        lambda: _resume_or_restart(out_dir, model, opt, trainable, meta, cfg, resume))
+    if world > 1:
+        _sync_start(trainable, buffers, opt)
     amp_dtype = AUTOCAST[cfg.autocast]
     device = next(iter(trainable.values())).device
     gen = torch.Generator(device="cpu")
     losses: list[float] = []
-    last: pathlib.Path | None = latest_checkpoint(out_dir)
+    params = list(trainable.values())
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), desc="tuning", disable=not cfg.progress, initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="tuning", disable=not (cfg.progress and main), initial=start,
+               total=cfg.steps)
     for step in bar:
-        gen.manual_seed(cfg.seed * 1_000_003 + step)  # per-step seed: a resumed run draws the same noise
+        gen.manual_seed(step_seed(cfg.seed, step, rank))  # per-step seed: a resumed run draws the same noise
         amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with amp:
-            loss = loss_fn(step, gen)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            last = save_trainable(out_dir / f"tuned-{step:06d}.safetensors", trainable, step, opt, meta, buffers)
-            raise TuningError(
-                f"loss became {value} at step {step + 1}/{cfg.steps}; tuning stopped. The last good "
-                f"tensors (before this step) are in {last}. Try a lower learning rate, fp32 "
-                f"(no --autocast) or another seed."
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if world == 1:
+            with amp:
+                loss = loss_fn(step, gen)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                last = save_trainable(out_dir / f"tuned-{step:06d}.safetensors", trainable, step, opt, meta, buffers)
+                raise TuningError(
+                    f"loss became {value} at step {step + 1}/{cfg.steps}; tuning stopped. The last good "
+                    f"tensors (before this step) are in {last}. Try a lower learning rate, fp32 "
+                    f"(no --autocast) or another seed."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            value = _parallel_step(step, cfg, loss_fn, gen, amp, opt, params, trainable, buffers, meta, out_dir)
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
@@ -326,6 +484,57 @@ def tune(
             on_step(step, value)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            last = save_trainable(out_dir / f"tuned-{done:06d}.safetensors", trainable, done, opt, meta, buffers)
+            last = out_dir / f"tuned-{done:06d}.safetensors"
+            if main:
+                save_trainable(last, trainable, done, opt, meta, buffers)
+            distributed.barrier()
     model.eval()
-    return TuneResult(losses, last, start, cfg.steps, time.perf_counter() - t0)
+    extra = {"world_size": world} if world > 1 else {}
+    return TuneResult(losses, last, start, cfg.steps, time.perf_counter() - t0, extra)
+
+
+def _parallel_step(step, cfg, loss_fn, gen, amp, opt, params, trainable, buffers, meta, out_dir) -> float:
+    """One data-parallel step's loss and backward on this rank, the check that every rank's loss is
+    finite (one small all-reduce of every rank's loss and error flag) and the gradient average.
+    Returns the mean loss over the ranks."""
+    world, rank = distributed.world_size(), distributed.rank()
+    failure: BaseException | None = None
+    opt.zero_grad(set_to_none=True)
+    try:
+        with amp:
+            loss = loss_fn(step, gen)
+        value = float(loss.detach())
+        if math.isfinite(value):
+            loss.backward()
+    except Exception as e:  # every rank must learn of it, or the others wait in the all-reduce
+        failure, value = e, float("nan")
+    P = len(params)
+    flags = torch.zeros(2 * world + P, dtype=torch.float64)     # losses, error flags, which grads exist
+    flags[rank], flags[world + rank] = value, float(failure is not None)
+    flags[2 * world:] = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64)
+    distributed.all_reduce_(flags)
+    values = flags[:world].tolist()
+    failed = [r for r in range(world) if flags[world + r] > 0]
+    bad = [r for r, v in enumerate(values) if not math.isfinite(v) and r not in failed]
+    if failed or bad:
+        last = out_dir / f"tuned-{step:06d}.safetensors"
+        if rank == 0:
+            save_trainable(last, trainable, step, opt, meta, buffers)
+        distributed.barrier()
+        what = ", ".join([f"rank {r}: an error (see its log)" for r in failed]
+                         + [f"rank {r}: loss {values[r]}" for r in bad])
+        error = TuningError(
+            f"tuning stopped at step {step + 1}/{cfg.steps} on all {world} ranks ({what}). The last good "
+            f"tensors (before this step) are in {last}. Try a lower learning rate, fp32 (no --autocast) or "
+            f"another seed.")
+        if failure is not None:
+            raise error from failure
+        raise error
+    grads = []
+    for p, used in zip(params, flags[2 * world:].tolist()):
+        if used:                                 # a tensor no rank's loss reached keeps grad None
+            if p.grad is None:                   # reached on other ranks only: this rank adds zeros
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    distributed.all_reduce_mean_(grads)
+    return sum(values) / world

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
 from minivid.cli.common import (
-    CHUNK, DTYPES, FRAMES, GUIDANCE, PIXELS, STEPS, add_model_arguments, check_job_memory, integer, number,
-    require_weights,
+    CHUNK, DTYPES, FRAMES, GUIDANCE, PIXELS, STEPS, add_model_arguments, cached_model, check_job_memory, integer,
+    number, require_weights,
 )
 from minivid.jobs import Job
 
@@ -60,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
     job = Job("animate", args.out, vars(args))
     with job.timed("load"):
         if args.weights:
-            svd = StableVideoDiffusion.load(args.weights, device=args.device, dtype=dtype,
-                                            allow_nonfinite=args.allow_nonfinite)
+            svd = cached_model(("svd", str(Path(args.weights).resolve()), str(dtype), str(args.device),
+                                args.allow_nonfinite),
+                               lambda: StableVideoDiffusion.load(args.weights, device=args.device, dtype=dtype,
+                                                                 allow_nonfinite=args.allow_nonfinite))
             from minivid.svd import SVD_PRESETS
 
             preset = next((name for name, c in SVD_PRESETS.items() if c == svd.config), None)

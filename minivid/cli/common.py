@@ -149,6 +149,28 @@ def add_video_arguments(p: argparse.ArgumentParser, images: bool = False) -> Non
 
 # ---------------------------------------------------------------- the model
 
+# `minivid batch` turns this on ({}): a weights file loads once per process and every job gets its
+# own copy (jobs change models in place: EI² inflates the UNet, tuning trains it). Keys name the
+# file, dtype and device; MODEL_LOADS counts the loads from disk.
+MODEL_CACHE: dict | None = None
+MODEL_LOADS = {"count": 0}
+
+
+def cached_model(key: tuple, load):
+    """`load()`, or while MODEL_CACHE is on, a copy of what the first `load()` for `key` gave."""
+    import copy
+
+    if MODEL_CACHE is None:
+        MODEL_LOADS["count"] += 1
+        return load()
+    if key not in MODEL_CACHE:
+        MODEL_LOADS["count"] += 1
+        MODEL_CACHE[key] = load()
+    model = MODEL_CACHE[key]
+    shared = {id(v): v for v in vars(model).values() if type(v).__name__.endswith("Tokenizer")}   # read-only
+    return copy.deepcopy(model, memo=shared)
+
+
 def require_weights(args: argparse.Namespace) -> None:
     if not args.weights and not args.tiny:
         raise ValueError("give --weights PATH (an official checkpoint or a diffusers folder; see weights/README.md) or --tiny")
@@ -163,9 +185,12 @@ def load_sd(args: argparse.Namespace, method: str | None = None, base: str = "sd
     require_weights(args)
     dtype = DTYPES[args.dtype]
     if args.weights:
-        sd = StableDiffusion.load(args.weights, device=args.device, dtype=dtype,
-                                  prediction=getattr(args, "prediction", None),
-                                  allow_nonfinite=getattr(args, "allow_nonfinite", False))
+        prediction = getattr(args, "prediction", None)
+        allow_nonfinite = getattr(args, "allow_nonfinite", False)
+        sd = cached_model(("sd", str(Path(args.weights).resolve()), str(dtype), str(args.device), prediction,
+                           allow_nonfinite),
+                          lambda: StableDiffusion.load(args.weights, device=args.device, dtype=dtype,
+                                                       prediction=prediction, allow_nonfinite=allow_nonfinite))
         if method and sd.kind != base:
             log.warning("%s is built on %s; %s is an %s model", method, BASE_NAMES[base], args.weights,
                         BASE_NAMES.get(sd.kind, sd.kind))
@@ -356,6 +381,7 @@ def tuning_summary(label: str, result, frames: torch.Tensor) -> dict:
         "loss_first": result.losses[0] if done else None, "loss_last": result.losses[-1] if done else None,
         "losses": [round(v, 6) for v in result.losses],
         "seconds_per_step": round(result.seconds / done, 4) if done else None,
+        "world_size": result.extra.get("world_size", 1),
     }
 
 

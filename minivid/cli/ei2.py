@@ -59,7 +59,7 @@ def _config(args: argparse.Namespace, saved: EI2Config | None = None) -> EI2Conf
 def tune(args: argparse.Namespace, job: Job) -> dict:
     """`minivid tune --method ei2`: tune the inflated model on the source video; the checkpoint goes into the job folder."""
     from minivid.methods.ei2.tune import tune_video
-    from minivid.tuning import TuneConfig
+    from minivid.tuning import TuneConfig, frames_digest
 
     steps = args.steps or DEFAULT_TUNE_STEPS
     if steps < 1 or args.checkpoint_every < 1:
@@ -72,8 +72,8 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
                      checkpoint_every=args.checkpoint_every, seed=args.seed)
     with job.timed("tuning"):
         _, result = tune_video(sd, frames, args.prompt, job.dir, config, cfg,
-                               gradient_checkpointing=args.gradient_checkpointing, resume=not args.no_resume,
-                               meta={"base": tiny_base(args)})
+                               gradient_checkpointing=args.gradient_checkpointing, resume=not (args.no_resume or args.restart),
+                               meta={"base": tiny_base(args), "source": frames_digest(frames)})
     job.write_grid("source_grid.png", frames.cpu())
     if result.checkpoint is not None:
         job.add_output(result.checkpoint, keep=True)

@@ -57,6 +57,7 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     """`minivid tune --method tcve`: tune the temporal branch (and Tune-A-Video's set) on the source clip."""
     from minivid.methods.tcve.model import TCVEModel
     from minivid.methods.tcve.tune import tune_config, tune_tcve
+    from minivid.tuning import frames_digest
 
     if args.dtype != "fp32":
         raise ValueError("TCVE tuning keeps the tuned tensors in float32: use --dtype fp32 with --autocast bf16|fp16 "
@@ -74,9 +75,9 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     log.info("TCVE tuning: %d trainable tensors (%.2fM values); %d steps at lr %g", len(trainable),
              sum(p.numel() for p in trainable.values()) / 1e6, cfg.steps, cfg.lr)
     with job.timed("tuning"):
-        result = tune_tcve(sd, model, frames, args.prompt, cfg, job.dir, resume=not args.no_resume,
+        result = tune_tcve(sd, model, frames, args.prompt, cfg, job.dir, resume=not (args.no_resume or args.restart),
                            checkpointing=args.gradient_checkpointing, vae_chunk=_opt(args, "vae_chunk"),
-                           meta={"base": tiny_base(args)})
+                           meta={"base": tiny_base(args), "source": frames_digest(frames)})
     job.write_grid("source_grid.png", frames.cpu())
     if result.checkpoint is not None:
         job.add_output(result.checkpoint, keep=True)

@@ -17,7 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision for the forward pass")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
     p.add_argument("--checkpoint-every", type=integer(1, 10_000_000), default=100, help="write the tuned tensors every n ≥ 1 steps (default 100)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in --out even if it holds a checkpoint of another run (its checkpoints are "
+                        "moved into --out/previous-<n>/); without it, a checkpoint there is resumed when it is of "
+                        "the same run (source, prompt, options, seed, base weights) and refused otherwise")
+    p.add_argument("--no-resume", action="store_true", help="the same as --restart")
     add_model_arguments(p)
     add_video_arguments(p)
     for name, mod in available_clis().items():
@@ -26,4 +30,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_method(args, "tune")
+    """Under torchrun (W processes) the tuning is data-parallel (minivid.tuning, docs/distributed.md):
+    rank 0 writes the job folder; the other ranks run the same job into a scratch folder they
+    discard, printing nothing."""
+    import contextlib
+    import io
+    import logging
+    import tempfile
+
+    from minivid import distributed
+
+    distributed.init()
+    args.device = distributed.resolve_device(args.device)
+    if distributed.is_main():
+        return run_method(args, "tune")
+    logging.getLogger("minivid").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix=f"minivid-rank{distributed.rank()}-") as scratch, \
+            contextlib.redirect_stdout(io.StringIO()):
+        args.out = scratch
+        return run_method(args, "tune")
