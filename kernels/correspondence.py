@@ -36,9 +36,12 @@ import functools
 
 import torch
 
-__all__ = ["window_topk", "window_topk_reference", "window_topk_triton", "window_starts", "multiply_adds"]
+__all__ = [
+    "window_topk", "window_topk_pair", "window_topk_band", "window_topk_reference", "window_topk_triton",
+    "window_starts", "multiply_adds",
+]
 
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "band", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -212,6 +215,269 @@ def window_topk_reference(
     return idx, score
 
 
+# ---------------------------------------------------------------- band path (CPU default)
+#
+# A query row segment (row h, columns w0..w0+T-1) has all its windows inside one key band:
+# rows [s_h, s_h + L_h) (the window rows of row h, the same for the whole row) by the
+# R = T + L_w - 1 columns covering the segment's window columns. Let keys_j hold columns
+# [c_j, c_j + R) of every key row, contiguous ([H, R, D]); the band of row h is then the
+# contiguous block keys_j[s_h : s_h + L_h] ([L_h*R, D]), and the bands of consecutive rows
+# with s_h = h - l//2 are one overlapping strided view (batch stride R*D). Border rows share
+# one band (batch stride 0). So a column tile is a few bmm calls on views: no query or band
+# copies, only keys_j (1.5 frames per pair at T=16, l=9).
+
+@functools.lru_cache(maxsize=64)
+def _band_plan(H: int, W: int, window: int, tile: int):
+    """Shape-only plan of the band search (cached; on the CPU, moved to a device by the caller).
+
+    Returns a dict: Lh, Lw, T, R; w0 [nT] first query column of each tile (the last tile
+    ends at W, overlapping its neighbour); c [nT] first key column of each tile's band
+    (the band lies inside the frame); runs: row runs (h0, h1, s0, step) with band start
+    s0 + step*(h - h0), step 1 (interior) or 0 (border rows sharing a band); col_tile,
+    col_t [W]: the tile and slot whose result column w takes (the last tile covering it).
+    """
+    Lh, Lw = min(window, H), min(window, W)
+    T = min(tile, W)
+    nT = -(-W // T)
+    w0 = [min(j * T, W - T) for j in range(nT)]
+    cs = window_starts(W, window).tolist()
+    rs = window_starts(H, window).tolist()
+    R = max(cs[w + T - 1] + Lw - cs[w] for w in w0)
+    c = [min(cs[w], W - R) for w in w0]
+    runs = []
+    h = 0
+    while h < H:
+        h1 = h + 1
+        step = None
+        while h1 < H:
+            d = rs[h1] - rs[h1 - 1]
+            if step is None and d in (0, 1):
+                step = d
+            if d != step:
+                break
+            h1 += 1
+        runs.append((h, h1, rs[h], step or 0))
+        h = h1
+    col_tile = [0] * W
+    col_t = [0] * W
+    for j, x in enumerate(w0):
+        for t in range(T):
+            col_tile[x + t], col_t[x + t] = j, t
+    return dict(Lh=Lh, Lw=Lw, T=T, R=R, w0=w0, c=c, runs=runs, rs=rs, cs=cs, col_tile=col_tile, col_t=col_t)
+
+
+@functools.lru_cache(maxsize=64)
+def _band_gather(H: int, W: int, window: int, tile: int, rows: tuple[int, ...], backward: bool):
+    """Flat positions, inside a similarity buffer [nT, len(rows), T, L_h*R] computed for the
+    query rows `rows`, of the window candidates of every query of those rows, in flat-index
+    order: [len(rows)*W*L_h*L_w] int32 (CPU, cached).
+
+    backward=True: the buffer holds sims of the *other* direction (queries p of frame a
+    against the bands of frame b, for all H rows) and the candidates are those of the queries
+    q of frame b: entry (q, p) is read at p's row of the buffer, q's place in p's band.
+    Returns (index, covered [H] bool: rows whose every query's candidates are all in the buffer).
+    """
+    P = _band_plan(H, W, window, tile)
+    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
+    rs, cs = torch.tensor(P["rs"]), torch.tensor(P["cs"])
+    ct, cT = torch.tensor(P["col_tile"]), torch.tensor(P["col_t"])
+    c = torch.tensor(P["c"])
+    n = len(rows)
+    hq = torch.tensor(rows)[:, None, None, None]                        # query row
+    wq = torch.arange(W)[None, :, None, None]                           # query column
+    i = torch.arange(Lh)[None, None, :, None]
+    jj = torch.arange(Lw)[None, None, None, :]
+    kh, kw = rs[hq] + i, cs[wq] + jj                                    # candidate (row, column)
+    if not backward:
+        slot = torch.arange(n)[:, None, None, None]
+        j = ct[wq]
+        index = (((j * n + slot) * T + cT[wq]) * Lh + i) * R + kw - c[j]
+        return index.flatten().int(), None
+    # q = (hq, wq) of frame b, candidate p = (kh, kw) of frame a: its buffer row is kh (all H rows
+    # computed), its tile col_tile[kw]; q sits at (hq - rs[kh], wq - c[tile]) inside p's band.
+    j = ct[kw]
+    dy, dx = hq - rs[kh], wq - c[j]
+    ok = (dy >= 0) & (dy < Lh) & (dx >= 0) & (dx < R)
+    index = (((j * H + kh) * T + cT[kw]) * Lh + dy.clamp(0, Lh - 1)) * R + dx.clamp(0, R - 1)
+    covered = ok.flatten(1).all(1)                                      # [n]
+    return index.flatten().int(), covered
+
+
+def _band_sims(q: torch.Tensor, kf: torch.Tensor, P: dict, rows: tuple[int, ...], keys: torch.Tensor, out: torch.Tensor) -> None:
+    """Similarities of the query rows `rows` of q [H, W, D] against their bands of kf
+    [H, W, D], into out [nT, len(rows), T, L_h*R]. keys: a [H, R, D] buffer."""
+    H, W, D = q.shape
+    Lh, T, R = P["Lh"], P["T"], P["R"]
+    rs = P["rs"]
+    # runs of the requested rows: consecutive rows whose band starts step by 1 or by 0
+    runs = []
+    o = 0
+    while o < len(rows):
+        o1 = o + 1
+        step = None
+        while o1 < len(rows) and rows[o1] == rows[o1 - 1] + 1:
+            d = rs[rows[o1]] - rs[rows[o1 - 1]]
+            if step is None:
+                step = d
+            if d != step:
+                break
+            o1 += 1
+        runs.append((o, o1, rows[o], rs[rows[o]], step or 0))
+        o = o1
+    for j, (w0, c0) in enumerate(zip(P["w0"], P["c"])):
+        keys.copy_(kf[:, c0:c0 + R])
+        for o0, o1, h0, s0, step in runs:
+            n = o1 - o0
+            band = keys.as_strided((n, Lh * R, D), (step * R * D, D, 1), s0 * R * D)
+            torch.bmm(q[h0:h0 + n, w0:w0 + T], band.transpose(1, 2), out=out[j, o0:o1])
+
+
+_MAX_PASSES = 6      # k up to this: k passes of max (2-3x faster than topk at C = 81); above: topk
+
+
+def _select_topk(cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of cand [M, C] (columns in flat-index order), descending, ties to
+    the lower column (equal floats, +0.0 = -0.0). Small k: k passes of `max` (first maximal
+    index) with the pick masked by -inf (scores are finite). Larger k: topk of k+1, and a
+    stable sort only for rows whose top k+1 hold an exact tie. Returns (score, position)."""
+    C = cand.shape[1]
+    if k <= _MAX_PASSES:
+        # k passes of max: torch.max returns the first maximal index of a row, which is the
+        # tie rule (+0.0 and -0.0 compare equal); each pick is then masked with -inf.
+        cand = cand.clone() if k > 1 else cand
+        val = cand.new_empty(cand.shape[0], k)
+        position = torch.empty(cand.shape[0], k, dtype=torch.long, device=cand.device)
+        for r in range(k):
+            v, p = cand.max(1, keepdim=True)
+            val[:, r:r + 1], position[:, r:r + 1] = v, p
+            if r + 1 < k:
+                cand.scatter_(1, p, float("-inf"))
+        return val, position
+    if k + 1 > C:
+        position = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :k]
+        return cand.gather(1, position), position
+    val, position = cand.topk(k + 1, dim=1, sorted=True)
+    tie = (val[:, :-1] == val[:, 1:]).any(1).nonzero().flatten()
+    val, position = val[:, :k], position[:, :k]
+    if tie.numel():
+        p = torch.sort(cand[tie], dim=1, descending=True, stable=True).indices[:, :k]
+        position = position.index_copy(0, tie, p)
+        val = val.index_copy(0, tie, cand[tie].gather(1, p))
+    return val, position
+
+
+def _flat_index(position: torch.Tensor, H: int, W: int, window: int, rows=None) -> torch.Tensor:
+    """Window position [n, W, k] (row-major in the L_h×L_w window) of query rows `rows` -> flat index into the key frame."""
+    Lw = min(window, W)
+    dev = position.device
+    rs = window_starts(H, window, dev)
+    if rows is not None:
+        rs = rs[torch.tensor(rows, device=dev)]
+    cs = window_starts(W, window, dev)
+    return (rs[:, None, None] + position // Lw) * W + cs[None, :, None] + position % Lw
+
+
+def _band_inputs(src, dst, window, k, tile):
+    _check(src, dst, window, k)
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
+        raise ValueError(f"window_topk_band: tile must be a positive integer, got {tile!r}")
+    B, H, W, D = src.shape
+    P = _band_plan(H, W, window, tile)
+    acc = _accum_dtype(src.dtype)
+    keys = torch.empty(H, P["R"], D, dtype=acc, device=src.device)
+    sims = torch.empty(-(-W // P["T"]), H, P["T"], P["Lh"] * P["R"], dtype=acc, device=src.device)
+    return P, acc, keys, sims
+
+
+def window_topk_band(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    window: int = 9,
+    k: int = 3,
+    *,
+    tile: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windowed top-K as query row segments against key bands (the CPU path).
+
+    Each query row is cut into segments of `tile` columns; a segment is one matrix product
+    against its band (the L_h window rows × the tile+L_w-1 columns holding all its windows),
+    and all segments of a column tile are one bmm on overlapping views. Each query then
+    reads its L_h·L_w candidates (a precomputed gather, flat-index order) and keeps the top
+    K (tie rule as in the module docstring). Memory beyond inputs and outputs: one pair's
+    band similarities and one column tile of keys (~8 MiB at l=9, 64×64, d=640, fp32).
+    Same signature and results as `window_topk_reference`.
+    """
+    P, acc, keys, sims = _band_inputs(src, dst, window, k, tile)
+    B, H, W, D = src.shape
+    dev = src.device
+    rows = tuple(range(H))
+    gather = _band_gather(H, W, window, tile, rows, False)[0].to(dev)
+    idx = torch.empty(B, H, W, k, dtype=torch.long, device=dev)
+    score = torch.empty(B, H, W, k, dtype=acc, device=dev)
+    for b in range(B):
+        _band_sims(src[b].to(acc), dst[b], P, rows, keys, sims)
+        cand = sims.view(-1).index_select(0, gather).view(H * W, -1)
+        s, p = _select_topk(cand, k)
+        score[b] = s.view(H, W, k)
+        idx[b] = _flat_index(p.view(H, W, k), H, W, window)
+    return idx, score
+
+
+def window_topk_pair(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    window: int = 9,
+    k: int = 3,
+    *,
+    backend: str = "auto",
+    tile: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both directions at once: `window_topk(a, b)` and `window_topk(b, a)`, as
+    (fwd_idx, fwd_score, bwd_idx, bwd_score).
+
+    On the band path (backend "auto" on CPU, or "band") one pass serves both: the forward
+    band similarities a[p]·b[q] are computed once; a backward query q of b reads a[p]·b[q]
+    for each p of its window from p's band. In the frame interior q is in p's band whenever
+    p is in q's window; only rows whose shifted border windows reach past that (the top and
+    bottom l//2 rows at l < H) are searched again, backward, by themselves. Other backends
+    run two searches.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"window_topk_pair: backend must be one of {_BACKENDS}, got {backend!r}")
+    if _resolve(a, backend) != "band":
+        f = window_topk(a, b, window, k, backend=backend)
+        r = window_topk(b, a, window, k, backend=backend)
+        return (*f, *r)
+    P, acc, keys, sims = _band_inputs(a, b, window, k, tile)
+    B, H, W, D = a.shape
+    dev = a.device
+    rows = tuple(range(H))
+    fwd_gather = _band_gather(H, W, window, tile, rows, False)[0].to(dev)
+    bwd_gather, covered = _band_gather(H, W, window, tile, rows, True)
+    bwd_gather = bwd_gather.to(dev)
+    rest = tuple(int(h) for h in (~covered).nonzero().flatten())       # rows searched again, backward
+    if rest:
+        rest_gather = _band_gather(H, W, window, tile, rest, False)[0].to(dev)
+        rest_sims = torch.empty(sims.shape[0], len(rest), *sims.shape[2:], dtype=acc, device=dev)
+        rest_rows = torch.tensor(rest, device=dev)
+    out = [torch.empty(B, H, W, k, dtype=t, device=dev) for t in (torch.long, acc, torch.long, acc)]
+    for i in range(B):
+        qa, qb = a[i].to(acc), b[i].to(acc)
+        _band_sims(qa, qb, P, rows, keys, sims)
+        flat = sims.view(-1)
+        s, p = _select_topk(flat.index_select(0, fwd_gather).view(H * W, -1), k)
+        out[1][i] = s.view(H, W, k)
+        out[0][i] = _flat_index(p.view(H, W, k), H, W, window)
+        cand = flat.index_select(0, bwd_gather).view(H, W, -1)
+        if rest:
+            _band_sims(qb, qa, P, rest, keys, rest_sims)
+            cand.index_copy_(0, rest_rows, rest_sims.view(-1).index_select(0, rest_gather).view(len(rest), W, -1))
+        s, p = _select_topk(cand.view(H * W, -1), k)
+        out[3][i] = s.view(H, W, k)
+        out[2][i] = _flat_index(p.view(H, W, k), H, W, window)
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- Triton kernel
 
 @functools.lru_cache(maxsize=None)
@@ -325,6 +591,13 @@ def _triton_importable() -> bool:
     return True
 
 
+def _resolve(src: torch.Tensor, backend: str) -> str:
+    if backend == "auto":
+        use_triton = src.is_cuda and src.dtype in _TRITON_DTYPES and _triton_importable()
+        return "triton" if use_triton else "band"
+    return backend
+
+
 def window_topk(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -338,15 +611,15 @@ def window_topk(
     src, dst: [B, H, W, D]; returns idx [B, H, W, K] (int64, flat h*W+w into dst) and
     score [B, H, W, K] (float32; float64 for float64 inputs), descending, ties by lower
     index. backend: "auto" (Triton for CUDA float16/bfloat16/float32 tensors when triton
-    imports, the PyTorch reference otherwise), "triton" or "reference".
+    imports, the band path otherwise), "triton", "band" or "reference".
     """
     if backend not in _BACKENDS:
         raise ValueError(f"window_topk: backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        use_triton = src.is_cuda and src.dtype in _TRITON_DTYPES and _triton_importable()
-        backend = "triton" if use_triton else "reference"
+    backend = _resolve(src, backend)
     if backend == "triton":
         return window_topk_triton(src, dst, window, k)
+    if backend == "band":
+        return window_topk_band(src, dst, window, k)
     return window_topk_reference(src, dst, window, k)
 
 
