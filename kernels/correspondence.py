@@ -32,7 +32,9 @@ Three functions share one signature:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import threading
 
 import torch
 
@@ -303,33 +305,62 @@ def _band_gather(H: int, W: int, window: int, tile: int, rows: tuple[int, ...], 
     return index.flatten().int(), covered
 
 
-def _band_sims(q: torch.Tensor, kf: torch.Tensor, P: dict, rows: tuple[int, ...], keys: torch.Tensor, out: torch.Tensor) -> None:
-    """Similarities of the query rows `rows` of q [H, W, D] against their bands of kf
-    [H, W, D], into out [nT, len(rows), T, L_h*R]. keys: a [H, R, D] buffer."""
-    H, W, D = q.shape
-    Lh, T, R = P["Lh"], P["T"], P["R"]
-    rs = P["rs"]
-    # runs of the requested rows: consecutive rows whose band starts step by 1 or by 0
-    runs = []
-    o = 0
+_KEY_ROWS = 24       # query rows per key copy: the keys buffer holds their bands, [24 + L_h - 1, R, D]
+
+
+def _row_chunks(rows: tuple[int, ...], rs: list[int], chunk: int):
+    """Split sorted query rows into chunks of <= chunk consecutive rows, and each chunk into
+    runs whose band starts step by 1 (interior) or 0 (border rows sharing a band):
+    [(first key row, key rows, [(out slot, query row, n, band offset, step), ...]), ...]."""
+    chunks, o = [], 0
     while o < len(rows):
         o1 = o + 1
-        step = None
-        while o1 < len(rows) and rows[o1] == rows[o1 - 1] + 1:
-            d = rs[rows[o1]] - rs[rows[o1 - 1]]
-            if step is None:
-                step = d
-            if d != step:
-                break
+        while o1 < len(rows) and o1 - o < chunk and rows[o1] == rows[o1 - 1] + 1:
             o1 += 1
-        runs.append((o, o1, rows[o], rs[rows[o]], step or 0))
+        k0 = rs[rows[o]]
+        runs, r = [], o
+        while r < o1:
+            r1, step = r + 1, None
+            while r1 < o1:
+                d = rs[rows[r1]] - rs[rows[r1 - 1]]
+                if step is None:
+                    step = d
+                if d != step:
+                    break
+                r1 += 1
+            runs.append((r, rows[r], r1 - r, rs[rows[r]] - k0, step or 0))
+            r = r1
+        chunks.append((k0, rs[rows[o1 - 1]] - k0, runs))
         o = o1
-    for j, (w0, c0) in enumerate(zip(P["w0"], P["c"])):
-        keys.copy_(kf[:, c0:c0 + R])
-        for o0, o1, h0, s0, step in runs:
-            n = o1 - o0
-            band = keys.as_strided((n, Lh * R, D), (step * R * D, D, 1), s0 * R * D)
-            torch.bmm(q[h0:h0 + n, w0:w0 + T], band.transpose(1, 2), out=out[j, o0:o1])
+    return chunks
+
+
+def _band_sims(q, kf, P, chunks, j, keys, out) -> None:
+    """Similarities of query rows (planned as `chunks`) of q [H, W, D] against their bands of
+    kf [H, W, D] in column tile j, into out [n_rows, T, L_h*R]. keys: [_KEY_ROWS+L_h-1, R, D]."""
+    D = q.shape[-1]
+    Lh, T, R = P["Lh"], P["T"], P["R"]
+    w0, c0 = P["w0"][j], P["c"][j]
+    for k0, span, runs in chunks:
+        n_keys = span + Lh
+        keys[:n_keys].copy_(kf[k0:k0 + n_keys, c0:c0 + R])
+        for o, h, n, off, step in runs:
+            band = keys.as_strided((n, Lh * R, D), (step * R * D, D, 1), off * R * D)
+            torch.bmm(q[h:h + n, w0:w0 + T], band.transpose(1, 2), out=out[o:o + n])
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_gather(H: int, W: int, window: int, tile: int, j: int) -> torch.Tensor:
+    """Flat positions inside one column tile's similarities [H, T, L_h*R] of every query's
+    L_h·L_w window candidates, in flat-index order: [H*T*L_h*L_w] int32 (CPU, cached)."""
+    P = _band_plan(H, W, window, tile)
+    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
+    cs = torch.tensor(P["cs"][P["w0"][j]:P["w0"][j] + T]) - P["c"][j]                # [T]
+    t = torch.arange(T)[:, None, None]
+    i = torch.arange(Lh)[None, :, None]
+    jj = torch.arange(Lw)[None, None, :]
+    one = ((t * Lh + i) * R + cs[:, None, None] + jj).flatten()                      # one row's queries
+    return (torch.arange(H)[:, None] * (T * Lh * R) + one).flatten().int()
 
 
 _MAX_PASSES = 6      # k up to this: k passes of max (2-3x faster than topk at C = 81); above: topk
@@ -337,14 +368,12 @@ _MAX_PASSES = 6      # k up to this: k passes of max (2-3x faster than topk at C
 
 def _select_topk(cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of cand [M, C] (columns in flat-index order), descending, ties to
-    the lower column (equal floats, +0.0 = -0.0). Small k: k passes of `max` (first maximal
-    index) with the pick masked by -inf (scores are finite). Larger k: topk of k+1, and a
-    stable sort only for rows whose top k+1 hold an exact tie. Returns (score, position)."""
+    the lower column (equal floats, +0.0 = -0.0). Small k: k passes of `max` (it returns the
+    first maximal index), each pick then masked by -inf in place (cand is overwritten; scores
+    are finite). Larger k: topk of k+1, and a stable sort only for rows whose top k+1 hold an
+    exact tie. Returns (score, position)."""
     C = cand.shape[1]
     if k <= _MAX_PASSES:
-        # k passes of max: torch.max returns the first maximal index of a row, which is the
-        # tie rule (+0.0 and -0.0 compare equal); each pick is then masked with -inf.
-        cand = cand.clone() if k > 1 else cand
         val = cand.new_empty(cand.shape[0], k)
         position = torch.empty(cand.shape[0], k, dtype=torch.long, device=cand.device)
         for r in range(k):
@@ -366,27 +395,54 @@ def _select_topk(cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return val, position
 
 
-def _flat_index(position: torch.Tensor, H: int, W: int, window: int, rows=None) -> torch.Tensor:
-    """Window position [n, W, k] (row-major in the L_h×L_w window) of query rows `rows` -> flat index into the key frame."""
-    Lw = min(window, W)
-    dev = position.device
-    rs = window_starts(H, window, dev)
-    if rows is not None:
-        rs = rs[torch.tensor(rows, device=dev)]
-    cs = window_starts(W, window, dev)
+def _flat_index(position: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, W: int, Lw: int) -> torch.Tensor:
+    """Window position [h, w, k] (row-major in the L_h×L_w window) -> flat index into the key
+    frame, given the window's first row per query row rs [h] and first column per column cs [w]."""
     return (rs[:, None, None] + position // Lw) * W + cs[None, :, None] + position % Lw
 
 
-def _band_inputs(src, dst, window, k, tile):
+def _band_check(src, dst, window, k, tile, threads, name):
     _check(src, dst, window, k)
-    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
-        raise ValueError(f"window_topk_band: tile must be a positive integer, got {tile!r}")
-    B, H, W, D = src.shape
-    P = _band_plan(H, W, window, tile)
-    acc = _accum_dtype(src.dtype)
-    keys = torch.empty(H, P["R"], D, dtype=acc, device=src.device)
-    sims = torch.empty(-(-W // P["T"]), H, P["T"], P["Lh"] * P["R"], dtype=acc, device=src.device)
-    return P, acc, keys, sims
+    for v, what in ((tile, "tile"), (threads, "threads")):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name}: {what} must be a positive integer, got {v!r}")
+
+
+def _over_pairs(B: int, threads: int | None, make, work) -> None:
+    """Run work(b, buffers) for b in range(B), on `threads` Python threads (default
+    torch.get_num_threads()) that take pairs one at a time, each with its own buffers = make().
+
+    While the workers run, torch's intra-op threads are set to 1 (restored after): every op of
+    a pair then runs in its worker's thread, and the only synchronisation is the end of the
+    call. Many small ops that each split over all cores are what collapses on a loaded machine
+    (each waits for its slowest thread); whole pairs per core do not.
+    """
+    n = min(B, threads or torch.get_num_threads())
+    if n <= 1:
+        buffers = make()
+        for b in range(B):
+            work(b, buffers)
+        return
+    pairs, lock = iter(range(B)), threading.Lock()
+
+    def worker():
+        with torch.no_grad():
+            buffers = make()
+            while True:
+                with lock:
+                    b = next(pairs, None)
+                if b is None:
+                    return
+                work(b, buffers)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            for f in [pool.submit(worker) for _ in range(n)]:
+                f.result()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def window_topk_band(
@@ -396,30 +452,45 @@ def window_topk_band(
     k: int = 3,
     *,
     tile: int = 16,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed top-K as query row segments against key bands (the CPU path).
 
     Each query row is cut into segments of `tile` columns; a segment is one matrix product
     against its band (the L_h window rows × the tile+L_w-1 columns holding all its windows),
-    and all segments of a column tile are one bmm on overlapping views. Each query then
-    reads its L_h·L_w candidates (a precomputed gather, flat-index order) and keeps the top
-    K (tie rule as in the module docstring). Memory beyond inputs and outputs: one pair's
-    band similarities and one column tile of keys (~8 MiB at l=9, 64×64, d=640, fp32).
-    Same signature and results as `window_topk_reference`.
+    and all segments of a column tile are a few bmm calls on overlapping views. Each query
+    then reads its L_h·L_w candidates (a precomputed gather, flat-index order) and keeps the
+    top K (tie rule as in the module docstring). Pairs (the batch) are spread over `threads`
+    worker threads (default torch.get_num_threads(); see `_over_pairs`). Memory beyond inputs
+    and outputs per worker: one column tile's similarities and keys (~3 MiB at l=9, 64×64,
+    d=640, fp32). Same signature and results as `window_topk_reference`; no gradient.
     """
-    P, acc, keys, sims = _band_inputs(src, dst, window, k, tile)
+    _band_check(src, dst, window, k, tile, threads, "window_topk_band")
     B, H, W, D = src.shape
-    dev = src.device
-    rows = tuple(range(H))
-    gather = _band_gather(H, W, window, tile, rows, False)[0].to(dev)
+    P = _band_plan(H, W, window, tile)
+    dev, acc = src.device, _accum_dtype(src.dtype)
+    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
+    chunks = _row_chunks(tuple(range(H)), P["rs"], _KEY_ROWS)
+    gathers = [_tile_gather(H, W, window, tile, j).to(dev) for j in range(len(P["w0"]))]
+    rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
     idx = torch.empty(B, H, W, k, dtype=torch.long, device=dev)
     score = torch.empty(B, H, W, k, dtype=acc, device=dev)
-    for b in range(B):
-        _band_sims(src[b].to(acc), dst[b], P, rows, keys, sims)
-        cand = sims.view(-1).index_select(0, gather).view(H * W, -1)
-        s, p = _select_topk(cand, k)
-        score[b] = s.view(H, W, k)
-        idx[b] = _flat_index(p.view(H, W, k), H, W, window)
+
+    def make():
+        return (torch.empty(min(H, _KEY_ROWS) + Lh - 1, R, D, dtype=acc, device=dev),
+                torch.empty(H, T, Lh * R, dtype=acc, device=dev))
+
+    def work(b, buffers):
+        keys, sims = buffers
+        q = src[b].to(acc)
+        for j, w0 in enumerate(P["w0"]):
+            _band_sims(q, dst[b], P, chunks, j, keys, sims)
+            s, p = _select_topk(sims.view(-1).index_select(0, gathers[j]).view(H * T, Lh * Lw), k)
+            score[b, :, w0:w0 + T] = s.view(H, T, k)
+            idx[b, :, w0:w0 + T] = _flat_index(p.view(H, T, k), rs, cs[w0:w0 + T], W, Lw)
+
+    with torch.no_grad():
+        _over_pairs(B, threads, make, work)
     return idx, score
 
 
@@ -431,50 +502,67 @@ def window_topk_pair(
     *,
     backend: str = "auto",
     tile: int = 16,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both directions at once: `window_topk(a, b)` and `window_topk(b, a)`, as
     (fwd_idx, fwd_score, bwd_idx, bwd_score).
 
     On the band path (backend "auto" on CPU, or "band") one pass serves both: the forward
-    band similarities a[p]·b[q] are computed once; a backward query q of b reads a[p]·b[q]
-    for each p of its window from p's band. In the frame interior q is in p's band whenever
-    p is in q's window; only rows whose shifted border windows reach past that (the top and
-    bottom l//2 rows at l < H) are searched again, backward, by themselves. Other backends
-    run two searches.
+    band similarities a[p]·b[q] of a pair are computed once; a backward query q of b reads
+    a[p]·b[q] for each p of its window from p's band. In the frame interior q is in p's band
+    whenever p is in q's window; only rows where a shifted border window reaches past that
+    (the top and bottom l//2 rows, for l < H) are searched again, backward, by themselves.
+    Memory beyond inputs and outputs per worker thread: one pair's band similarities
+    (~3.4 MiB at l=9, 64×64, fp32), one key chunk and the candidates. Other backends run two
+    searches. tile/threads: as in `window_topk_band` (band path only).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"window_topk_pair: backend must be one of {_BACKENDS}, got {backend!r}")
     if _resolve(a, backend) != "band":
-        f = window_topk(a, b, window, k, backend=backend)
-        r = window_topk(b, a, window, k, backend=backend)
-        return (*f, *r)
-    P, acc, keys, sims = _band_inputs(a, b, window, k, tile)
+        return (*window_topk(a, b, window, k, backend=backend), *window_topk(b, a, window, k, backend=backend))
+    _band_check(a, b, window, k, tile, threads, "window_topk_pair")
     B, H, W, D = a.shape
-    dev = a.device
-    rows = tuple(range(H))
+    P = _band_plan(H, W, window, tile)
+    dev, acc = a.device, _accum_dtype(a.dtype)
+    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
+    nT, rows = len(P["w0"]), tuple(range(H))
+    chunks = _row_chunks(rows, P["rs"], _KEY_ROWS)
     fwd_gather = _band_gather(H, W, window, tile, rows, False)[0].to(dev)
     bwd_gather, covered = _band_gather(H, W, window, tile, rows, True)
     bwd_gather = bwd_gather.to(dev)
     rest = tuple(int(h) for h in (~covered).nonzero().flatten())       # rows searched again, backward
     if rest:
+        rest_chunks = _row_chunks(rest, P["rs"], _KEY_ROWS)
         rest_gather = _band_gather(H, W, window, tile, rest, False)[0].to(dev)
-        rest_sims = torch.empty(sims.shape[0], len(rest), *sims.shape[2:], dtype=acc, device=dev)
         rest_rows = torch.tensor(rest, device=dev)
+    rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
     out = [torch.empty(B, H, W, k, dtype=t, device=dev) for t in (torch.long, acc, torch.long, acc)]
-    for i in range(B):
+
+    def make():
+        return (torch.empty(min(H, _KEY_ROWS) + Lh - 1, R, D, dtype=acc, device=dev),
+                torch.empty(nT, H, T, Lh * R, dtype=acc, device=dev),
+                torch.empty(nT, len(rest), T, Lh * R, dtype=acc, device=dev))
+
+    def work(i, buffers):
+        keys, sims, rest_sims = buffers
         qa, qb = a[i].to(acc), b[i].to(acc)
-        _band_sims(qa, qb, P, rows, keys, sims)
+        for j in range(nT):
+            _band_sims(qa, qb, P, chunks, j, keys, sims[j])
         flat = sims.view(-1)
-        s, p = _select_topk(flat.index_select(0, fwd_gather).view(H * W, -1), k)
-        out[1][i] = s.view(H, W, k)
-        out[0][i] = _flat_index(p.view(H, W, k), H, W, window)
-        cand = flat.index_select(0, bwd_gather).view(H, W, -1)
+        cand = flat.index_select(0, bwd_gather).view(H, W, Lh * Lw)
         if rest:
-            _band_sims(qb, qa, P, rest, keys, rest_sims)
+            for j in range(nT):
+                _band_sims(qb, qa, P, rest_chunks, j, keys, rest_sims[j])
             cand.index_copy_(0, rest_rows, rest_sims.view(-1).index_select(0, rest_gather).view(len(rest), W, -1))
         s, p = _select_topk(cand.view(H * W, -1), k)
         out[3][i] = s.view(H, W, k)
-        out[2][i] = _flat_index(p.view(H, W, k), H, W, window)
+        out[2][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
+        s, p = _select_topk(flat.index_select(0, fwd_gather).view(H * W, -1), k)
+        out[1][i] = s.view(H, W, k)
+        out[0][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
+
+    with torch.no_grad():
+        _over_pairs(B, threads, make, work)
     return tuple(out)
 
 

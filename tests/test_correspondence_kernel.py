@@ -122,6 +122,19 @@ def test_band_and_pair_random_dyadic_bitwise(dtype):
         assert all(torch.equal(x, y) for x, y in zip(both, (*fwd, *bwd)))
 
 
+def test_band_worker_threads_give_the_same_result():
+    """Pairs spread over 2 or 3 worker threads (intra-op threads 1 meanwhile, restored after):
+    the same tensors as one thread, and torch's thread setting is unchanged."""
+    src, dst = dyadic_features(5, 11, 13, 8, seed=3), dyadic_features(5, 11, 13, 8, seed=4)
+    one = window_topk_pair(src, dst, 5, 3, threads=1)
+    before = torch.get_num_threads()
+    for threads in (2, 3):
+        assert all(torch.equal(x, y) for x, y in zip(window_topk_pair(src, dst, 5, 3, threads=threads), one))
+        band = window_topk_band(src, dst, 5, 3, threads=threads)
+        assert torch.equal(band[0], one[0]) and torch.equal(band[1], one[1])
+        assert torch.get_num_threads() == before
+
+
 def test_band_gaussian_features_within_rounding():
     """General floats: the band path and the reference sum each dot product in BLAS orders that
     may differ (by shape), so scores agree to a rounding bound (|error| <= D·eps·sum|x·y|, here
@@ -312,6 +325,8 @@ def test_bad_inputs():
         window_topk_reference(x, x, tile=0)
     with pytest.raises(ValueError, match="tile"):
         window_topk_band(x, x, 3, 2, tile=0)
+    with pytest.raises(ValueError, match="threads"):
+        window_topk_pair(x, x, 3, 2, threads=0)
     with pytest.raises(ValueError, match="backend"):
         window_topk_pair(x, x, backend="gpu")
     with pytest.raises(ValueError, match="exceeds"):
