@@ -578,57 +578,73 @@ def _triton_kernel():
     def window_topk_kernel(
         src_ptr, dst_ptr, idx_ptr, score_ptr,
         H, W, D, HALF, LH, LW,
-        K: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-        SINGLE_D: tl.constexpr,
+        K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr, TO_F32: tl.constexpr,
     ):
-        # One program: BLOCK_Q consecutive query tokens (flat h*W+w) of one frame pair.
-        pid_q = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        # One program: a row segment of BLOCK_T queries (row h, columns w0..) of one frame pair,
+        # against its key band: the LH window rows of row h by the BLOCK_R >= BLOCK_T + LW - 1
+        # columns from the first query's window start, which hold every query's window.
+        w0 = tl.program_id(0) * BLOCK_T
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
         N = H * W
-        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)             # [BLOCK_Q]
-        q_ok = q < N
-        h = q // W
-        w = q % W
-        sh = tl.minimum(tl.maximum(h - HALF, 0), H - LH)         # shifted window: rows [sh, sh+LH)
-        sw = tl.minimum(tl.maximum(w - HALF, 0), W - LW)
-        src_rows = src_ptr + b * N * D + q.to(tl.int64)[:, None] * D
-        dst_base = dst_ptr + b * N * D
+        t = tl.arange(0, BLOCK_T)
+        w = w0 + t
+        q_ok = w < W
+        sh = tl.minimum(tl.maximum(h - HALF, 0), H - LH)          # shifted window: rows [sh, sh+LH)
+        sw = tl.minimum(tl.maximum(w - HALF, 0), W - LW)          # [BLOCK_T] first window column
+        c0 = tl.minimum(tl.maximum(w0 - HALF, 0), W - LW)         # band's first column = sw of query w0
+        r = tl.arange(0, BLOCK_R)
+        r_ok = c0 + r < W
+        src_rows = src_ptr + (b * N + h * W + w.to(tl.int64))[:, None] * D
         d = tl.arange(0, BLOCK_D)
-        if SINGLE_D:                                             # the whole feature fits one block: load once
-            x_all = tl.load(src_rows + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+        if SINGLE_D:                                              # the whole feature fits one block: load once
+            x_all = tl.load(src_rows + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)
+            if TO_F32:
+                x_all = x_all.to(tl.float32)
 
         # Running top-K per query, sorted descending; slots >= K are scratch.
         slot = tl.arange(0, KP)
-        from_prev = tl.broadcast_to(tl.maximum(slot - 1, 0)[None, :], [BLOCK_Q, KP])
-        best_s = tl.full([BLOCK_Q, KP], float("-inf"), tl.float32)
-        best_i = tl.full([BLOCK_Q, KP], 0, tl.int32)
+        from_prev = tl.broadcast_to(tl.maximum(slot - 1, 0)[None, :], [BLOCK_T, KP])
+        best_s = tl.full([BLOCK_T, KP], float("-inf"), tl.float32)
+        best_i = tl.full([BLOCK_T, KP], 0, tl.int32)
 
-        # Offsets run row-major through the window, i.e. by increasing flat index, so a
-        # new candidate whose score equals a kept one goes after it (lower index first).
-        for off in range(0, LH * LW):
-            cand = (sh + off // LW) * W + (sw + off % LW)        # [BLOCK_Q]
-            dst_rows = dst_base + cand.to(tl.int64)[:, None] * D
+        # Band rows, then window columns, in increasing order: candidates arrive by increasing
+        # flat index, so a later candidate whose score equals a kept one goes after it.
+        for i in range(0, LH):
+            kh = sh + i
+            key_rows = dst_ptr + (b * N + kh * W + (c0 + r).to(tl.int64))[:, None] * D
             if SINGLE_D:
-                y = tl.load(dst_rows + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)
-                acc = tl.sum(x_all * y.to(tl.float32), axis=1)
+                y = tl.load(key_rows + d[None, :], mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
+                if TO_F32:
+                    y = y.to(tl.float32)
+                sims = tl.dot(x_all, tl.trans(y), input_precision="ieee", out_dtype=tl.float32)
             else:
-                acc = tl.zeros([BLOCK_Q], tl.float32)
+                sims = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
                 for d0 in range(0, D, BLOCK_D):
-                    m = q_ok[:, None] & (d0 + d[None, :] < D)
-                    x = tl.load(src_rows + d0 + d[None, :], mask=m, other=0.0).to(tl.float32)
-                    y = tl.load(dst_rows + d0 + d[None, :], mask=m, other=0.0).to(tl.float32)
-                    acc += tl.sum(x * y, axis=1)
-            # Insert into the sorted list: kept scores >= acc stay, acc takes the first
-            # other slot, and the rest move down one slot.
-            a = acc[:, None]
-            prev_s = tl.gather(best_s, from_prev, 1)
-            prev_i = tl.gather(best_i, from_prev, 1)
-            keep = best_s >= a
-            here = (slot[None, :] == 0) | (prev_s >= a)
-            best_s = tl.where(keep, best_s, tl.where(here, a, prev_s))
-            best_i = tl.where(keep, best_i, tl.where(here, cand[:, None], prev_i))
+                    dm = d0 + d[None, :] < D
+                    x = tl.load(src_rows + d0 + d[None, :], mask=q_ok[:, None] & dm, other=0.0)
+                    y = tl.load(key_rows + d0 + d[None, :], mask=r_ok[:, None] & dm, other=0.0)
+                    if TO_F32:
+                        x = x.to(tl.float32)
+                        y = y.to(tl.float32)
+                    sims += tl.dot(x, tl.trans(y), input_precision="ieee", out_dtype=tl.float32)
+            for jj in range(0, LW):
+                col = sw - c0 + jj                                    # [BLOCK_T] band column of the candidate
+                # pick sims[t, col[t]]: the max of one value and -infs (exact, keeps -0.0)
+                acc = tl.max(tl.where(r[None, :] == col[:, None], sims, float("-inf")), axis=1)
+                cand = kh * W + sw + jj
+                # Insert into the sorted list: kept scores >= acc stay, acc takes the first
+                # other slot, and the rest move down one slot.
+                a = acc[:, None]
+                prev_s = tl.gather(best_s, from_prev, 1)
+                prev_i = tl.gather(best_i, from_prev, 1)
+                keep = best_s >= a
+                here = (slot[None, :] == 0) | (prev_s >= a)
+                best_s = tl.where(keep, best_s, tl.where(here, a, prev_s))
+                best_i = tl.where(keep, best_i, tl.where(here, cand[:, None], prev_i))
 
-        out = (b * N + q.to(tl.int64))[:, None] * K + slot[None, :]
+        out = (b * N + h * W + w.to(tl.int64))[:, None] * K + slot[None, :]
         m = q_ok[:, None] & (slot[None, :] < K)
         tl.store(score_ptr + out, best_s, mask=m)
         tl.store(idx_ptr + out, best_i.to(tl.int64), mask=m)
@@ -642,13 +658,19 @@ def window_topk_triton(
     window: int = 9,
     k: int = 3,
     *,
-    block_q: int = 64,
+    block_q: int = 32,
     block_d: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed top-K as one Triton kernel; never materialises a similarity tensor.
 
-    Runs on CUDA tensors, or on CPU tensors under the Triton interpreter. Inputs are
-    float16/bfloat16/float32; products accumulate in float32 and `score` is float32.
+    One program per row segment of `block_q` queries (at least 16): per window row, one
+    tl.dot of the segment's features against its key band row (block_q + l - 1 columns,
+    padded to a power of two), then each query's l candidates are picked from it into a
+    running top-K. Runs on CUDA tensors, or on CPU tensors under the Triton interpreter.
+    Inputs float16/bfloat16/float32; products accumulate in float32 (fp32 tl.dot with
+    input_precision="ieee", no TF32) and `score` is float32. bfloat16 tiles are converted
+    to float32 in the kernel before tl.dot (exact): Triton's CPU interpreter computes bf16
+    tl.dot wrongly, so a bf16 tl.dot path could not be verified and does not ship.
     """
     _check(src, dst, window, k)
     if src.dtype not in _TRITON_DTYPES:
@@ -658,12 +680,15 @@ def window_topk_triton(
     src, dst = src.contiguous(), dst.contiguous()
     idx = torch.empty(B, H, W, k, dtype=torch.long, device=src.device)
     score = torch.empty(B, H, W, k, dtype=torch.float32, device=src.device)
-    bq = min(block_q, triton.next_power_of_2(H * W))
-    bd = min(block_d, triton.next_power_of_2(D))
-    grid = (triton.cdiv(H * W, bq), B)
+    Lh, Lw = min(window, H), min(window, W)
+    bt = max(16, min(triton.next_power_of_2(block_q), triton.next_power_of_2(W)))
+    br = max(16, triton.next_power_of_2(bt + Lw - 1))
+    bd = max(16, min(triton.next_power_of_2(block_d), triton.next_power_of_2(D)))
+    grid = (triton.cdiv(W, bt), H, B)
     kernel[grid](
-        src, dst, idx, score, H, W, D, window // 2, min(window, H), min(window, W),
-        K=k, KP=triton.next_power_of_2(k), BLOCK_Q=bq, BLOCK_D=bd, SINGLE_D=D <= bd,
+        src, dst, idx, score, H, W, D, window // 2, Lh, Lw,
+        K=k, KP=triton.next_power_of_2(k), BLOCK_T=bt, BLOCK_R=br, BLOCK_D=bd,
+        SINGLE_D=D <= bd, TO_F32=src.dtype == torch.bfloat16,
     )
     return idx, score
 

@@ -176,9 +176,25 @@ def test_triton_equals_reference_with_ties(shape):
     idx0, score0 = window_topk_reference(src, dst, window, k)
     idx, score = window_topk_triton(src, dst, window, k, block_q=128)
     assert torch.equal(idx, idx0) and torch.equal(score, score0)
-    if window <= 5:   # feature dim split over several blocks (the multi-block loop), several query blocks
-        idx, score = window_topk_triton(src, dst, window, k, block_q=32, block_d=2)
-        assert torch.equal(idx, idx0) and torch.equal(score, score0)
+
+
+def test_triton_row_segments_and_feature_blocks():
+    """Several row segments per row (the last one partial) and the feature dimension in several
+    blocks (the multi-block tl.dot loop), random dyadic features: bitwise equal to the reference."""
+    src, dst = dyadic_features(1, 7, 37, 40, seed=5), dyadic_features(1, 7, 37, 40, seed=6)
+    idx0, score0 = window_topk_reference(src, dst, 5, 3)
+    idx, score = window_topk_triton(src, dst, 5, 3, block_q=16, block_d=16)
+    assert torch.equal(idx, idx0) and torch.equal(score, score0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_dyadic_features_bitwise(dtype):
+    """Dot products exact in fp32 but not in fp16: the fp16 tl.dot must accumulate in fp32.
+    bf16 inputs go through the kernel's fp32 conversion (no bf16 tl.dot)."""
+    src, dst = dyadic_features(2, 6, 19, 24, seed=7), dyadic_features(2, 6, 19, 24, seed=8)
+    idx0, score0 = window_topk_reference(src, dst, 5, 3)
+    idx, score = window_topk_triton(src.to(dtype), dst.to(dtype), 5, 3, block_q=16)
+    assert torch.equal(idx, idx0) and torch.equal(score, score0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -360,15 +376,18 @@ def test_triton_kernel_compiles_for_a_gpu():
         from triton.compiler import ASTSource
         from minivid.kernels.correspondence import _triton_kernel
         _, kernel = _triton_kernel()
-        sig = {"src_ptr": "*fp16", "dst_ptr": "*fp16", "idx_ptr": "*i64", "score_ptr": "*fp32",
-               "H": "i32", "W": "i32", "D": "i32", "HALF": "i32", "LH": "i32", "LW": "i32",
-               "K": "constexpr", "KP": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr",
-               "SINGLE_D": "constexpr"}
-        for single in (True, False):
-            src = ASTSource(fn=kernel, signature=sig,
-                            constexprs={"K": 3, "KP": 4, "BLOCK_Q": 64, "BLOCK_D": 64, "SINGLE_D": single})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32))
-            assert "window_topk_kernel" in compiled.asm["ptx"]
+        base = {"idx_ptr": "*i64", "score_ptr": "*fp32",
+                "H": "i32", "W": "i32", "D": "i32", "HALF": "i32", "LH": "i32", "LW": "i32",
+                "K": "constexpr", "KP": "constexpr", "BLOCK_T": "constexpr", "BLOCK_R": "constexpr",
+                "BLOCK_D": "constexpr", "SINGLE_D": "constexpr", "TO_F32": "constexpr"}
+        for dtype in ("fp32", "fp16", "bf16"):
+            sig = {"src_ptr": "*" + dtype, "dst_ptr": "*" + dtype, **base}
+            for single in (True, False):
+                src = ASTSource(fn=kernel, signature=sig, constexprs={
+                    "K": 3, "KP": 4, "BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_D": 64, "SINGLE_D": single,
+                    "TO_F32": dtype == "bf16"})
+                compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32))
+                assert "window_topk_kernel" in compiled.asm["ptx"]
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
