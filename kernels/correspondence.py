@@ -424,9 +424,10 @@ def _over_pairs(B: int, threads: int | None, make, work) -> None:
             work(b, buffers)
         return
     pairs, lock = iter(range(B)), threading.Lock()
+    inference = torch.is_inference_mode_enabled()                     # grad modes are per thread
 
     def worker():
-        with torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad():
             buffers = make()
             while True:
                 with lock:

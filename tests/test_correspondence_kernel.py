@@ -133,6 +133,9 @@ def test_band_worker_threads_give_the_same_result():
         band = window_topk_band(src, dst, 5, 3, threads=threads)
         assert torch.equal(band[0], one[0]) and torch.equal(band[1], one[1])
         assert torch.get_num_threads() == before
+    with torch.inference_mode():                      # the workers write the caller's (inference) outputs
+        assert all(torch.equal(x, y) for x, y in zip(window_topk_pair(src, dst, 5, 3, threads=2), one))
+        assert torch.equal(window_topk_band(src, dst, 5, 3, threads=2)[0], one[0])
 
 
 def test_band_gaussian_features_within_rounding():
