@@ -20,15 +20,28 @@ Conventions (both implementations follow them exactly):
 - Precision: dot products accumulate in float32 (float64 for float64 inputs, reference
   only); `score` is returned in that accumulation dtype, also for float16/bfloat16 inputs.
 
-Three functions share one signature:
+Four functions share one signature, and a fifth serves both directions:
+- `window_topk_band`: PyTorch, the CPU path. Query rows are cut into segments of T=16
+  tokens; a segment's windows all lie in one key band (its L_h window rows × T+L_w-1
+  columns), and all segments of a column tile are a few bmm calls on overlapping strided
+  views of one key copy. Each query then gathers its L² candidates (precomputed indices,
+  flat-index order) and keeps the top K by K passes of `max` (first maximal index = the tie
+  rule). Pairs run one per worker thread, with torch's intra-op threads at 1 meanwhile.
 - `window_topk_reference`: PyTorch. Queries are cut into T×T tiles; each tile is one
   batched matmul against the (T+L-1)² key region covering all its windows, from which
   each query then gathers its own L² candidates. Work runs in chunks of tiles, so the
   memory beyond inputs and outputs is bounded by `budget` elements, not by B·H·W·l².
-- `window_topk_triton`: a Triton kernel, one program per block of queries, looping over
-  the l² window offsets with a running top-K kept in registers (fp32 accumulation).
+- `window_topk_triton`: a Triton kernel, one program per row segment of queries, one
+  tl.dot per window row against its key band, and a running top-K kept in registers
+  (fp32 accumulation).
 - `window_topk`: the dispatcher (Triton for CUDA tensors when triton imports, else the
-  reference; `backend=` forces one). Triton is imported lazily, only by the Triton path.
+  band path; `backend=` forces one). Triton is imported lazily, only by the Triton path.
+- `window_topk_pair(a, b)`: `window_topk(a, b)` and `window_topk(b, a)` at once; on the band
+  path from one pass (a[p]·b[q] serves p -> q and q -> p; border rows searched again).
+
+The band path and the reference give bitwise-equal results whenever BLAS sums each dot
+product in the same order for their two matmul shapes (it did on this machine's MKL at
+COVE's size; it is guaranteed for features whose dot products are exact, as in the tests).
 """
 from __future__ import annotations
 
