@@ -57,8 +57,8 @@ TITLE = "COVE correspondence search (windowed vs full matrices)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     if "--full" not in p._option_string_actions:            # `minivid bench` may add --full for every benchmark
-        p.add_argument("--full", action="store_true", help="the paper's size: 20 frames (default 4 frames, same pair size)")
-    p.add_argument("--frames", type=int, default=None, help="frames (default 4; 20 with --full)")
+        p.add_argument("--full", action="store_true", help="the paper's size: 20 frames (default 3 frames, same pair size)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default 3; 20 with --full)")
     p.add_argument("--size", type=int, default=64, help="token grid side (H = W)")
     p.add_argument("--dim", type=int, default=640)
     p.add_argument("--k", type=int, default=3)
@@ -86,7 +86,7 @@ def all_pairs_block_row(feats: torch.Tensor, k: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    N = args.frames or (20 if args.full else 4)
+    N = args.frames or (20 if args.full else 3)
     H = W = args.size
     D, K, l = args.dim, args.k, args.window
     threads = [int(t) for t in args.thread_list.split(",")]
