@@ -1,25 +1,40 @@
-"""COVE correspondence search (Appendix B, Table 4): sliding window vs full similarity matrices.
+"""COVE correspondence search (Appendix B, Table 4): windowed top-K vs the per-pair full matrices.
 
 On random unit features of F frames with an H×W token grid and width d (COVE: 20 frames,
-64×64, d=640, K=3), one direction (every frame i -> i+1), three paths:
+64×64, d=640, K=3; `--full`), the paths compared, per consecutive pair:
 
-- windowed (Eq. 10): `window_topk` (the PyTorch reference on CPU: query tiles as batched
-  matmuls against their key regions), (N-1)·H·W·l²·d multiply-adds;
-- full pairwise (Eq. 7 without the window): per consecutive pair one H·W×H·W matmul and a
-  top-K over whole frames, (N-1)·(H·W)²·d — the strongest full-matrix path on a CPU;
-- all-pairs (Eq. 5): S = F·Fᵀ over all N·H·W tokens, then a top-K per frame, (N·H·W)²·d.
-  Its matrix (26.8 GB at COVE's size, fp32) does not fit here: one block row (one query
-  frame against all frames) is timed and measured, and the time is scaled by N.
+- per-pair full matrix (Eq. 7 without the window): one H·W×H·W BLAS matmul and a top-K over the
+  whole frame, (H·W)²·d multiply-adds — the strongest full-matrix path on a CPU; for both
+  directions it runs once per direction (i -> i+1 and i+1 -> i);
+- `window_topk_reference`: 8×8 query tiles as batched matmuls against their 16×16 key regions,
+  candidates packed with their index into int64 keys for the tie rule (the former CPU path);
+- `window_topk_band` (the CPU path now, one direction): query row segments of 16 tokens against
+  one key band of l rows × (16+l−1) columns, one bmm per column tile on overlapping views;
+- `window_topk_pair` (both directions, what `consecutive_topk` runs): the band similarities of
+  i -> i+1 also serve i+1 -> i; only the top/bottom l//2 rows are searched again backwards;
+- `--full` adds l = 3 / 15 (Table 4's windows) and Eq. 5's all-pairs matrix (one block row measured,
+  time × N: the whole matrix, 26.8 GB fp32 at COVE's size, does not fit).
 
-Times are wall-clock medians of interleaved runs; peak memory is the
-torch CPU allocator's high-water mark during one call, inputs excluded.
+Every run is timed in phases: 1 and 2 torch threads on the machine as it is, then the same with a
+concurrent job loading both cores (a second process multiplying 2048² matrices on 2 threads,
+started and stopped by this script; `--no-load` skips it). Within a phase the paths run interleaved
+(a, b, c, a, b, c, ...), medians reported, and each phase reports the 1-minute load average before
+and after it (the machine is shared). Before timing, the script checks on these random floats that
+the band path equals the reference bitwise and the pair path equals two reference searches bitwise.
+
+MACs: "exact" is what the windows need, (N−1)·H·W·l²·d per direction; "executed" is what the
+matmuls actually multiply (each path's blocking computes products outside the windows). Peak
+memory: the torch CPU allocator's high-water mark during one call beyond its inputs (profiler
+self allocations; outputs included; shape plans cached before).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
+import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,35 +42,30 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import interleaved, table, write_section  # noqa: E402
 
-from minivid.kernels.correspondence import multiply_adds, window_topk  # noqa: E402
+from minivid.kernels.correspondence import (  # noqa: E402
+    _band_gather,
+    _band_plan,
+    multiply_adds,
+    window_topk_band,
+    window_topk_pair,
+    window_topk_reference,
+)
 
 PAPER_GMAC = {3: 0.448, 9: 4.03, 15: 11.2, None: 241.0}      # COVE Table 4 (×10⁹)
-PAPER_GB = {3: 11, 9: 14, 15: 18, None: 32}                   # COVE Table 4, whole-run GPU memory
-
-
-def peak_memory(fn) -> int:
-    """Peak bytes held by torch's CPU allocator while `fn` runs, from each profiler event's
-    SELF allocations (_common.peak_memory sums the inclusive ones, counting an allocation once
-    per enclosing op)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    peak = cur = 0
-    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
+TITLE = "COVE correspondence search (windowed vs full matrices)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="6 frames of 32×32 tokens, d=160, 2 repeats")
-    p.add_argument("--frames", type=int, default=20)
+    if "--full" not in p._option_string_actions:            # `minivid bench` may add --full for every benchmark
+        p.add_argument("--full", action="store_true", help="the paper's size: 20 frames (default 3 frames, same pair size)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default 3; 20 with --full)")
     p.add_argument("--size", type=int, default=64, help="token grid side (H = W)")
     p.add_argument("--dim", type=int, default=640)
     p.add_argument("--k", type=int, default=3)
-    p.add_argument("--windows", default="3,9,15", help="comma-separated window sizes l")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per path (median reported)")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"], help="window_topk backend")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--window", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per path and phase (median reported)")
+    p.add_argument("--thread-list", default="1,2", help="torch thread counts, one phase each")
+    p.add_argument("--no-load", action="store_true", help="skip the phases under a concurrent load")
 
 
 def pairwise_full(src: torch.Tensor, dst: torch.Tensor, k: int):
@@ -76,64 +86,165 @@ def all_pairs_block_row(feats: torch.Tensor, k: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.quick:
-        args.frames, args.size, args.dim, args.repeats = 6, 32, 160, min(args.repeats, 2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    N, H, W, D, K = args.frames, args.size, args.size, args.dim, args.k
-    windows = [int(x) for x in args.windows.split(",")]
-    load_before = os.getloadavg()[0]
+    N = args.frames or (20 if args.full else 3)
+    H = W = args.size
+    D, K, l = args.dim, args.k, args.window
+    threads = [int(t) for t in args.thread_list.split(",")]
     torch.manual_seed(0)
     feats = F.normalize(torch.randn(N, H, W, D), dim=-1)
-    src, dst = feats[:-1], feats[1:]
+    a, b = feats[:-1], feats[1:]
+    torch.set_num_threads(threads[0])
 
-    fns = {f"windowed l={l}": (lambda l=l: window_topk(src, dst, l, K, backend=args.backend)) for l in windows}
-    fns["full pairwise"] = lambda: pairwise_full(src, dst, K)
+    fns = {
+        "per-pair full matrix": lambda: pairwise_full(a, b, K),
+        "per-pair full matrix, backward": lambda: pairwise_full(b, a, K),
+        "reference (8×8 tiles)": lambda: window_topk_reference(a, b, l, K),
+        "reference, backward": lambda: window_topk_reference(b, a, l, K),
+        "band (one direction)": lambda: window_topk_band(a, b, l, K),
+        "band, backward": lambda: window_topk_band(b, a, l, K),
+        "pair (both, one pass)": lambda: window_topk_pair(a, b, l, K),
+    }
     with torch.inference_mode():
-        memory = {name: peak_memory(fn) for name, fn in fns.items()}                # also the warm-up
-        memory["all-pairs (Eq. 5)"] = peak_memory(lambda: all_pairs_block_row(feats, K))
-        times = interleaved(fns, repeats=args.repeats, warmup=0)
-        times["all-pairs (Eq. 5)"] = N * interleaved({"row": lambda: all_pairs_block_row(feats, K)}, 1, 0)["row"]
+        # bitwise checks on these random floats (and warm-up: shape plans cached)
+        fwd, bwd = window_topk_reference(a, b, l, K), window_topk_reference(b, a, l, K)
+        band_eq = all(torch.equal(x, y) for x, y in zip(window_topk_band(a, b, l, K), fwd))
+        pair_eq = all(torch.equal(x, y) for x, y in zip(window_topk_pair(a, b, l, K), (*fwd, *bwd)))
+        del fwd, bwd
+        memory = {name: peak_memory(fns[name]) for name in
+                  ("per-pair full matrix", "reference (8×8 tiles)", "band (one direction)", "pair (both, one pass)")}
+        extra_rows = []
+        if args.full:
+            for lw in (3, 15):
+                fn = lambda lw=lw: window_topk_band(a, b, lw, K)  # noqa: E731
+                fn()
+                t = interleaved({"w": fn}, repeats=args.repeats, warmup=0)["w"]
+                extra_rows.append((f"band l={lw}", lw, t, peak_memory(fn)))
+            row_t = interleaved({"row": lambda: all_pairs_block_row(feats, K)}, 1, 1)["row"]
+            extra_rows.append(("all-pairs (Eq. 5), one block row × N", None, N * row_t, peak_memory(lambda: all_pairs_block_row(feats, K))))
 
-    macs = {f"windowed l={l}": multiply_adds(N, H, W, D, l) for l in windows}
-    macs["full pairwise"] = multiply_adds(N, H, W, D, None)
-    macs["all-pairs (Eq. 5)"] = (N * H * W) ** 2 * D
-    paper, paper_gb = {}, {}
-    if (N, H, W, D) == (20, 64, 64, 640):                     # the paper's Table 4 setting
-        paper = {f"windowed l={l}": PAPER_GMAC.get(l, "") for l in windows}
-        paper_gb = {f"windowed l={l}": PAPER_GB.get(l, "") for l in windows}
-        paper["all-pairs (Eq. 5)"], paper_gb["all-pairs (Eq. 5)"] = PAPER_GMAC[None], PAPER_GB[None]
-    full_matrix_bytes = (N * H * W) ** 2 * 4
-    rows = []
-    for name in [*fns, "all-pairs (Eq. 5)"]:
-        mem = memory[name] / 2 ** 20
-        if name.startswith("all-pairs"):
-            mem_note = f"{mem:.0f} (one block row; whole matrix {full_matrix_bytes / 2 ** 30:.1f} GiB)"
-        else:
-            mem_note = f"{mem:.1f}"
-        rows.append([
-            name, macs[name] / 1e9, paper.get(name, ""), times[name],
-            times["full pairwise"] / times[name], times["all-pairs (Eq. 5)"] / times[name],
-            mem_note, f"{100 * memory[name] / memory['full pairwise']:.1f}%", paper_gb.get(name, ""),
+        phases = []
+        for loaded in ([False] if args.no_load else [False, True]):
+            job = start_load() if loaded else None
+            try:
+                for t in threads:
+                    torch.set_num_threads(t)
+                    before = os.getloadavg()[0]
+                    times = interleaved(fns, repeats=args.repeats, warmup=0)
+                    phases.append((t, loaded, before, os.getloadavg()[0], times))
+            finally:
+                if job is not None:
+                    stop_load(job)
+
+    # ---- tables
+    ex = lambda name, win=l: executed_macs(name, N, H, W, D, win)  # noqa: E731
+    exact = multiply_adds(N, H, W, D, l)
+    cost_rows = []
+    mem_base = memory["per-pair full matrix"]
+    for name, dirs, key in [
+        ("per-pair full matrix", 1, "full"), ("reference (8×8 tiles)", 1, "reference"),
+        ("band (one direction)", 1, "band"), ("pair (both, one pass)", 2, "pair"),
+    ]:
+        e = ex(key)
+        need = multiply_adds(N, H, W, D, None) * dirs if key == "full" else exact * dirs
+        cost_rows.append([name, dirs, need / 1e9, e / 1e9, f"{e / (exact * dirs):.2f}×",
+                          f"{memory[name] / 2 ** 20:.1f}", f"{100 * memory[name] / mem_base:.1f}%"])
+    time_rows = []
+    for t, loaded, before, after, tm in phases:
+        pp = tm["per-pair full matrix"]
+        pp2 = pp + tm["per-pair full matrix, backward"]
+        ref, ref2 = tm["reference (8×8 tiles)"], tm["reference (8×8 tiles)"] + tm["reference, backward"]
+        band, band2 = tm["band (one direction)"], tm["band (one direction)"] + tm["band, backward"]
+        pair = tm["pair (both, one pass)"]
+        time_rows.append([
+            t, "concurrent job" if loaded else "as is", f"{before:.1f} / {after:.1f}",
+            f"{pp:.2f}", f"{ref:.3f} ({pp / ref:.1f}×)", f"{band:.3f} (**{pp / band:.1f}×**)",
+            f"{pp2:.2f}", f"{ref2:.3f} ({pp2 / ref2:.1f}×)", f"{band2:.3f} ({pp2 / band2:.1f}×)",
+            f"{pair:.3f} (**{pp2 / pair:.1f}×**)",
         ])
-    headers = ["path", "GMAC", "paper GMAC", "s (median)", "× vs pairwise", "× vs all-pairs",
-               "peak MiB", "peak / pairwise", "paper GPU GB"]
-    body = table(headers, rows)
-    cmd = "minivid bench correspondence" + (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "")
+    body = table(["path", "directions", f"GMAC exact (l={l})", "GMAC executed", "executed / exact", "peak MiB", "peak / per-pair"], cost_rows)
+    body += "\n\n" + table([
+        "threads", "machine", "load avg before / after", "per-pair s", "reference s (×)", "band s (×)",
+        "per-pair ×2 s", "reference ×2 s (×)", "band ×2 s (×)", "pair s (×)",
+    ], time_rows)
+    if extra_rows:
+        body += "\n\n" + table(["path (1st thread count, as is)", "GMAC exact", "paper GMAC", "GMAC executed", "s (median)", "peak MiB"], [
+            [name, (multiply_adds(N, H, W, D, win) if win else (N * H * W) ** 2 * D) / 1e9,
+             PAPER_GMAC[win] if (N, H, D) == (20, 64, 640) else "",
+             (ex("band", win) if win else (N * H * W) ** 2 * D) / 1e9, t, f"{m / 2 ** 20:.1f}"]
+            for name, win, t, m in extra_rows
+        ])
+    cmd = "minivid bench correspondence" + (" --full" if args.full else "")
     notes = (
-        f"{N} frames, {H}×{W} tokens, d={D}, K={K}, fp32 random unit features, one direction (i -> i+1), "
-        f"{args.repeats} interleaved runs, {torch.get_num_threads()} thread(s), window_topk backend "
-        f"'{args.backend}' ({'Triton' if src.is_cuda and args.backend != 'reference' else 'PyTorch reference'} here). "
-        "GMAC: multiply-adds of the similarities, (N-1)·H·W·l²·d windowed; the paper's Table 4 counts "
-        "0.448 / 4.03 / 11.2 for l = 3 / 9 / 15 (ours agree) and 241 without the window, which matches "
-        "neither the pairwise (N-1)·(H·W)²·d nor the all-pairs (N·H·W)²·d count. 'paper GPU GB' is the "
-        "whole editing run's memory on the paper's A100, not comparable with the search alone. "
-        "All-pairs time = N × one measured block row. "
-        f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (shared machine: "
-        "absolute times vary, the interleaved ratios are the figures to read).\n\n"
-        f"Command: `{cmd}`."
+        f"{N} frames ({N - 1} consecutive pairs), {H}×{W} tokens, d={D}, l={l}, K={K}, fp32 random unit features, "
+        f"{args.repeats} interleaved runs per phase (median s; × = speed-up over the per-pair full matrix, "
+        "for both directions over the per-pair full matrix run in each direction; '×2' columns: the "
+        "one-direction path run in each direction). Ratios are per pair, so they hardly depend "
+        f"on the number of frames. Bitwise on these features: band = reference {band_eq}, pair = two "
+        f"reference searches {pair_eq}. 'concurrent job': a second process multiplying 2048×2048 fp32 "
+        "matrices on 2 threads throughout the phase (on top of whatever else runs on the shared machine). "
+        f"Peak memory measured at {threads[0]} thread(s).\n\nCommand: `{cmd}`."
     )
     print(body)
-    if args.write:
-        write_section("COVE correspondence search (windowed vs full matrices)", notes + "\n\n" + body)
+    print(f"\nbitwise: band == reference {band_eq}; pair == two reference searches {pair_eq}")
+    if getattr(args, "write", False):
+        write_section(TITLE, notes + "\n\n" + body)
     return 0
+
+
+# ---------------------------------------------------------------- helpers of this benchmark
+
+def peak_memory(fn) -> int:
+    """Peak bytes held by torch's CPU allocator while `fn` runs (profiler self allocations)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    peak = cur = 0
+    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+_LOAD_CODE = (                                                # stops by itself if the benchmark dies
+    "import os, torch\ntorch.set_num_threads(2)\nx = torch.randn(2048, 2048)\nparent = os.getppid()\n"
+    "while os.getppid() == parent:\n    y = x @ x\n"
+)
+
+
+def start_load() -> subprocess.Popen:
+    """A concurrent CPU job (BLAS on 2 threads) for the loaded phases; stopped by stop_load."""
+    job = subprocess.Popen([sys.executable, "-c", _LOAD_CODE], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3.0)                                           # let it reach full speed
+    return job
+
+
+def stop_load(job: subprocess.Popen) -> None:
+    job.terminate()
+    try:
+        job.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.wait()
+
+
+def executed_macs(path: str, N: int, H: int, W: int, D: int, window: int) -> int:
+    """Multiply-adds the matmuls of a path execute for N frames (products outside the windows included)."""
+    P = N - 1
+    if path == "full":
+        return P * (H * W) ** 2 * D
+    if path == "reference":                                   # T×T tiles (clamped) against R_h×R_w regions
+        def axis(size, t=8):
+            L, T = min(window, size), min(t, size)
+            starts = [max(0, min(p - window // 2, size - L)) for p in range(size)]
+            n = -(-size // T)
+            q = [[min(i * T + j, size - 1) for j in range(T)] for i in range(n)]
+            return n, T, max(starts[r[-1]] + L - starts[r[0]] for r in q)
+        nh, th, rh = axis(H)
+        nw, tw, rw = axis(W)
+        return P * nh * nw * th * tw * rh * rw * D
+    plan = _band_plan(H, W, window, 16)
+    per_row = len(plan["w0"]) * plan["T"] * plan["Lh"] * plan["R"] * D
+    rows = H
+    if path == "pair":
+        covered = _band_gather(H, W, window, 16, tuple(range(H)), True)[1]
+        rows += int((~covered).sum())
+    return P * rows * per_row

@@ -20,25 +20,43 @@ Conventions (both implementations follow them exactly):
 - Precision: dot products accumulate in float32 (float64 for float64 inputs, reference
   only); `score` is returned in that accumulation dtype, also for float16/bfloat16 inputs.
 
-Three functions share one signature:
+Four functions share one signature, and a fifth serves both directions:
+- `window_topk_band`: PyTorch, the CPU path. Query rows are cut into segments of T=16
+  tokens; a segment's windows all lie in one key band (its L_h window rows × T+L_w-1
+  columns), and all segments of a column tile are a few bmm calls on overlapping strided
+  views of one key copy. Each query then gathers its L² candidates (precomputed indices,
+  flat-index order) and keeps the top K by K passes of `max` (first maximal index = the tie
+  rule). Pairs run one per worker thread, with torch's intra-op threads at 1 meanwhile.
 - `window_topk_reference`: PyTorch. Queries are cut into T×T tiles; each tile is one
   batched matmul against the (T+L-1)² key region covering all its windows, from which
   each query then gathers its own L² candidates. Work runs in chunks of tiles, so the
   memory beyond inputs and outputs is bounded by `budget` elements, not by B·H·W·l².
-- `window_topk_triton`: a Triton kernel, one program per block of queries, looping over
-  the l² window offsets with a running top-K kept in registers (fp32 accumulation).
+- `window_topk_triton`: a Triton kernel, one program per row segment of queries, one
+  tl.dot per window row against its key band, and a running top-K kept in registers
+  (fp32 accumulation).
 - `window_topk`: the dispatcher (Triton for CUDA tensors when triton imports, else the
-  reference; `backend=` forces one). Triton is imported lazily, only by the Triton path.
+  band path; `backend=` forces one). Triton is imported lazily, only by the Triton path.
+- `window_topk_pair(a, b)`: `window_topk(a, b)` and `window_topk(b, a)` at once; on the band
+  path from one pass (a[p]·b[q] serves p -> q and q -> p; border rows searched again).
+
+The band path and the reference give bitwise-equal results whenever BLAS sums each dot
+product in the same order for their two matmul shapes (it did on this machine's MKL at
+COVE's size; it is guaranteed for features whose dot products are exact, as in the tests).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import threading
 
 import torch
 
-__all__ = ["window_topk", "window_topk_reference", "window_topk_triton", "window_starts", "multiply_adds"]
+__all__ = [
+    "window_topk", "window_topk_pair", "window_topk_band", "window_topk_reference", "window_topk_triton",
+    "window_starts", "multiply_adds",
+]
 
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "band", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -212,6 +230,356 @@ def window_topk_reference(
     return idx, score
 
 
+# ---------------------------------------------------------------- band path (CPU default)
+#
+# A query row segment (row h, columns w0..w0+T-1) has all its windows inside one key band:
+# rows [s_h, s_h + L_h) (the window rows of row h, the same for the whole row) by the
+# R = T + L_w - 1 columns covering the segment's window columns. Let keys_j hold columns
+# [c_j, c_j + R) of every key row, contiguous ([H, R, D]); the band of row h is then the
+# contiguous block keys_j[s_h : s_h + L_h] ([L_h*R, D]), and the bands of consecutive rows
+# with s_h = h - l//2 are one overlapping strided view (batch stride R*D). Border rows share
+# one band (batch stride 0). So a column tile is a few bmm calls on views: no query or band
+# copies, only keys_j (1.5 frames per pair at T=16, l=9).
+
+@functools.lru_cache(maxsize=64)
+def _band_plan(H: int, W: int, window: int, tile: int):
+    """Shape-only plan of the band search (cached; on the CPU, moved to a device by the caller).
+
+    Returns a dict: Lh, Lw, T, R; w0 [nT] first query column of each tile (the last tile
+    ends at W, overlapping its neighbour); c [nT] first key column of each tile's band
+    (the band lies inside the frame); runs: row runs (h0, h1, s0, step) with band start
+    s0 + step*(h - h0), step 1 (interior) or 0 (border rows sharing a band); col_tile,
+    col_t [W]: the tile and slot whose result column w takes (the last tile covering it).
+    """
+    Lh, Lw = min(window, H), min(window, W)
+    T = min(tile, W)
+    nT = -(-W // T)
+    w0 = [min(j * T, W - T) for j in range(nT)]
+    cs = window_starts(W, window).tolist()
+    rs = window_starts(H, window).tolist()
+    R = max(cs[w + T - 1] + Lw - cs[w] for w in w0)
+    c = [min(cs[w], W - R) for w in w0]
+    runs = []
+    h = 0
+    while h < H:
+        h1 = h + 1
+        step = None
+        while h1 < H:
+            d = rs[h1] - rs[h1 - 1]
+            if step is None and d in (0, 1):
+                step = d
+            if d != step:
+                break
+            h1 += 1
+        runs.append((h, h1, rs[h], step or 0))
+        h = h1
+    col_tile = [0] * W
+    col_t = [0] * W
+    for j, x in enumerate(w0):
+        for t in range(T):
+            col_tile[x + t], col_t[x + t] = j, t
+    return dict(Lh=Lh, Lw=Lw, T=T, R=R, w0=w0, c=c, runs=runs, rs=rs, cs=cs, col_tile=col_tile, col_t=col_t)
+
+
+@functools.lru_cache(maxsize=64)
+def _band_gather(H: int, W: int, window: int, tile: int, rows: tuple[int, ...], backward: bool):
+    """Flat positions, inside a similarity buffer [nT, len(rows), T, L_h*R] computed for the
+    query rows `rows`, of the window candidates of every query of those rows, in flat-index
+    order: [len(rows)*W*L_h*L_w] int32 (CPU, cached).
+
+    backward=True: the buffer holds sims of the *other* direction (queries p of frame a
+    against the bands of frame b, for all H rows) and the candidates are those of the queries
+    q of frame b: entry (q, p) is read at p's row of the buffer, q's place in p's band.
+    Returns (index, covered [H] bool: rows whose every query's candidates are all in the buffer).
+    """
+    P = _band_plan(H, W, window, tile)
+    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
+    rs, cs = torch.tensor(P["rs"]), torch.tensor(P["cs"])
+    ct, cT = torch.tensor(P["col_tile"]), torch.tensor(P["col_t"])
+    c = torch.tensor(P["c"])
+    n = len(rows)
+    hq = torch.tensor(rows)[:, None, None, None]                        # query row
+    wq = torch.arange(W)[None, :, None, None]                           # query column
+    i = torch.arange(Lh)[None, None, :, None]
+    jj = torch.arange(Lw)[None, None, None, :]
+    kh, kw = rs[hq] + i, cs[wq] + jj                                    # candidate (row, column)
+    if not backward:
+        slot = torch.arange(n)[:, None, None, None]
+        j = ct[wq]
+        index = (((j * n + slot) * T + cT[wq]) * Lh + i) * R + kw - c[j]
+        return index.flatten().int(), None
+    # q = (hq, wq) of frame b, candidate p = (kh, kw) of frame a: its buffer row is kh (all H rows
+    # computed), its tile col_tile[kw]; q sits at (hq - rs[kh], wq - c[tile]) inside p's band.
+    j = ct[kw]
+    dy, dx = hq - rs[kh], wq - c[j]
+    ok = (dy >= 0) & (dy < Lh) & (dx >= 0) & (dx < R)
+    index = (((j * H + kh) * T + cT[kw]) * Lh + dy.clamp(0, Lh - 1)) * R + dx.clamp(0, R - 1)
+    covered = ok.flatten(1).all(1)                                      # [n]
+    return index.flatten().int(), covered
+
+
+_KEY_ROWS = 24       # query rows per key copy: the keys buffer holds their bands, [24 + L_h - 1, R, D]
+
+
+def _row_chunks(rows: tuple[int, ...], rs: list[int], chunk: int):
+    """Split sorted query rows into chunks of <= chunk consecutive rows, and each chunk into
+    runs whose band starts step by 1 (interior) or 0 (border rows sharing a band):
+    [(first key row, key rows, [(out slot, query row, n, band offset, step), ...]), ...]."""
+    chunks, o = [], 0
+    while o < len(rows):
+        o1 = o + 1
+        while o1 < len(rows) and o1 - o < chunk and rows[o1] == rows[o1 - 1] + 1:
+            o1 += 1
+        k0 = rs[rows[o]]
+        runs, r = [], o
+        while r < o1:
+            r1, step = r + 1, None
+            while r1 < o1:
+                d = rs[rows[r1]] - rs[rows[r1 - 1]]
+                if step is None:
+                    step = d
+                if d != step:
+                    break
+                r1 += 1
+            runs.append((r, rows[r], r1 - r, rs[rows[r]] - k0, step or 0))
+            r = r1
+        chunks.append((k0, rs[rows[o1 - 1]] - k0, runs))
+        o = o1
+    return chunks
+
+
+def _band_sims(q, kf, P, chunks, j, keys, out) -> None:
+    """Similarities of query rows (planned as `chunks`) of q [H, W, D] against their bands of
+    kf [H, W, D] in column tile j, into out [n_rows, T, L_h*R]. keys: [_KEY_ROWS+L_h-1, R, D]."""
+    D = q.shape[-1]
+    Lh, T, R = P["Lh"], P["T"], P["R"]
+    w0, c0 = P["w0"][j], P["c"][j]
+    for k0, span, runs in chunks:
+        n_keys = span + Lh
+        keys[:n_keys].copy_(kf[k0:k0 + n_keys, c0:c0 + R])
+        for o, h, n, off, step in runs:
+            band = keys.as_strided((n, Lh * R, D), (step * R * D, D, 1), off * R * D)
+            torch.bmm(q[h:h + n, w0:w0 + T], band.transpose(1, 2), out=out[o:o + n])
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_gather(H: int, W: int, window: int, tile: int, j: int) -> torch.Tensor:
+    """Flat positions inside one column tile's similarities [H, T, L_h*R] of every query's
+    L_h·L_w window candidates, in flat-index order: [H*T*L_h*L_w] int32 (CPU, cached)."""
+    P = _band_plan(H, W, window, tile)
+    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
+    cs = torch.tensor(P["cs"][P["w0"][j]:P["w0"][j] + T]) - P["c"][j]                # [T]
+    t = torch.arange(T)[:, None, None]
+    i = torch.arange(Lh)[None, :, None]
+    jj = torch.arange(Lw)[None, None, :]
+    one = ((t * Lh + i) * R + cs[:, None, None] + jj).flatten()                      # one row's queries
+    return (torch.arange(H)[:, None] * (T * Lh * R) + one).flatten().int()
+
+
+_MAX_PASSES = 6      # k up to this: k passes of max (2-3x faster than topk at C = 81); above: topk
+
+
+def _select_topk(cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of cand [M, C] (columns in flat-index order), descending, ties to
+    the lower column (equal floats, +0.0 = -0.0). Small k: k passes of `max` (it returns the
+    first maximal index), each pick then masked by -inf in place (cand is overwritten; scores
+    are finite). Larger k: topk of k+1, and a stable sort only for rows whose top k+1 hold an
+    exact tie. Returns (score, position)."""
+    C = cand.shape[1]
+    if k <= _MAX_PASSES:
+        val = cand.new_empty(cand.shape[0], k)
+        position = torch.empty(cand.shape[0], k, dtype=torch.long, device=cand.device)
+        for r in range(k):
+            v, p = cand.max(1, keepdim=True)
+            val[:, r:r + 1], position[:, r:r + 1] = v, p
+            if r + 1 < k:
+                cand.scatter_(1, p, float("-inf"))
+        return val, position
+    if k + 1 > C:
+        position = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :k]
+        return cand.gather(1, position), position
+    val, position = cand.topk(k + 1, dim=1, sorted=True)
+    tie = (val[:, :-1] == val[:, 1:]).any(1).nonzero().flatten()
+    val, position = val[:, :k], position[:, :k]
+    if tie.numel():
+        p = torch.sort(cand[tie], dim=1, descending=True, stable=True).indices[:, :k]
+        position = position.index_copy(0, tie, p)
+        val = val.index_copy(0, tie, cand[tie].gather(1, p))
+    return val, position
+
+
+def _flat_index(position: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, W: int, Lw: int) -> torch.Tensor:
+    """Window position [h, w, k] (row-major in the L_h×L_w window) -> flat index into the key
+    frame, given the window's first row per query row rs [h] and first column per column cs [w]."""
+    return (rs[:, None, None] + position // Lw) * W + cs[None, :, None] + position % Lw
+
+
+def _band_check(src, dst, window, k, tile, threads, name):
+    _check(src, dst, window, k)
+    for v, what in ((tile, "tile"), (threads, "threads")):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name}: {what} must be a positive integer, got {v!r}")
+
+
+def _over_pairs(B: int, threads: int | None, make, work) -> None:
+    """Run work(b, buffers) for b in range(B), on `threads` Python threads (default
+    torch.get_num_threads()) that take pairs one at a time, each with its own buffers = make().
+
+    While the workers run, torch's intra-op threads are set to 1 (restored after): every op of
+    a pair then runs in its worker's thread, and the only synchronisation is the end of the
+    call. Many small ops that each split over all cores are what collapses on a loaded machine
+    (each waits for its slowest thread); whole pairs per core do not.
+    """
+    n = min(B, threads or torch.get_num_threads())
+    if n <= 1:
+        buffers = make()
+        for b in range(B):
+            work(b, buffers)
+        return
+    pairs, lock = iter(range(B)), threading.Lock()
+    inference = torch.is_inference_mode_enabled()                     # grad modes are per thread
+
+    def worker():
+        with torch.inference_mode(inference), torch.no_grad():
+            buffers = make()
+            while True:
+                with lock:
+                    b = next(pairs, None)
+                if b is None:
+                    return
+                work(b, buffers)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            for f in [pool.submit(worker) for _ in range(n)]:
+                f.result()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def window_topk_band(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    window: int = 9,
+    k: int = 3,
+    *,
+    tile: int = 16,
+    threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windowed top-K as query row segments against key bands (the CPU path).
+
+    Each query row is cut into segments of `tile` columns; a segment is one matrix product
+    against its band (the L_h window rows × the tile+L_w-1 columns holding all its windows),
+    and all segments of a column tile are a few bmm calls on overlapping views. Each query
+    then reads its L_h·L_w candidates (a precomputed gather, flat-index order) and keeps the
+    top K (tie rule as in the module docstring). Pairs (the batch) are spread over `threads`
+    worker threads (default torch.get_num_threads(); see `_over_pairs`). Memory beyond inputs
+    and outputs per worker: one column tile's similarities and keys (~3 MiB at l=9, 64×64,
+    d=640, fp32). Same signature and results as `window_topk_reference`; no gradient.
+    """
+    _band_check(src, dst, window, k, tile, threads, "window_topk_band")
+    B, H, W, D = src.shape
+    P = _band_plan(H, W, window, tile)
+    dev, acc = src.device, _accum_dtype(src.dtype)
+    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
+    chunks = _row_chunks(tuple(range(H)), P["rs"], _KEY_ROWS)
+    gathers = [_tile_gather(H, W, window, tile, j).to(dev) for j in range(len(P["w0"]))]
+    rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
+    idx = torch.empty(B, H, W, k, dtype=torch.long, device=dev)
+    score = torch.empty(B, H, W, k, dtype=acc, device=dev)
+
+    def make():
+        return (torch.empty(min(H, _KEY_ROWS) + Lh - 1, R, D, dtype=acc, device=dev),
+                torch.empty(H, T, Lh * R, dtype=acc, device=dev))
+
+    def work(b, buffers):
+        keys, sims = buffers
+        q = src[b].to(acc)
+        for j, w0 in enumerate(P["w0"]):
+            _band_sims(q, dst[b], P, chunks, j, keys, sims)
+            s, p = _select_topk(sims.view(-1).index_select(0, gathers[j]).view(H * T, Lh * Lw), k)
+            score[b, :, w0:w0 + T] = s.view(H, T, k)
+            idx[b, :, w0:w0 + T] = _flat_index(p.view(H, T, k), rs, cs[w0:w0 + T], W, Lw)
+
+    with torch.no_grad():
+        _over_pairs(B, threads, make, work)
+    return idx, score
+
+
+def window_topk_pair(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    window: int = 9,
+    k: int = 3,
+    *,
+    backend: str = "auto",
+    tile: int = 16,
+    threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both directions at once: `window_topk(a, b)` and `window_topk(b, a)`, as
+    (fwd_idx, fwd_score, bwd_idx, bwd_score).
+
+    On the band path (backend "auto" on CPU, or "band") one pass serves both: the forward
+    band similarities a[p]·b[q] of a pair are computed once; a backward query q of b reads
+    a[p]·b[q] for each p of its window from p's band. In the frame interior q is in p's band
+    whenever p is in q's window; only rows where a shifted border window reaches past that
+    (the top and bottom l//2 rows, for l < H) are searched again, backward, by themselves.
+    Memory beyond inputs and outputs per worker thread: one pair's band similarities
+    (~3.4 MiB at l=9, 64×64, fp32), one key chunk and the candidates. Other backends run two
+    searches. tile/threads: as in `window_topk_band` (band path only).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"window_topk_pair: backend must be one of {_BACKENDS}, got {backend!r}")
+    if _resolve(a, backend) != "band":
+        return (*window_topk(a, b, window, k, backend=backend), *window_topk(b, a, window, k, backend=backend))
+    _band_check(a, b, window, k, tile, threads, "window_topk_pair")
+    B, H, W, D = a.shape
+    P = _band_plan(H, W, window, tile)
+    dev, acc = a.device, _accum_dtype(a.dtype)
+    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
+    nT, rows = len(P["w0"]), tuple(range(H))
+    chunks = _row_chunks(rows, P["rs"], _KEY_ROWS)
+    fwd_gather = _band_gather(H, W, window, tile, rows, False)[0].to(dev)
+    bwd_gather, covered = _band_gather(H, W, window, tile, rows, True)
+    bwd_gather = bwd_gather.to(dev)
+    rest = tuple(int(h) for h in (~covered).nonzero().flatten())       # rows searched again, backward
+    if rest:
+        rest_chunks = _row_chunks(rest, P["rs"], _KEY_ROWS)
+        rest_gather = _band_gather(H, W, window, tile, rest, False)[0].to(dev)
+        rest_rows = torch.tensor(rest, device=dev)
+    rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
+    out = [torch.empty(B, H, W, k, dtype=t, device=dev) for t in (torch.long, acc, torch.long, acc)]
+
+    def make():
+        return (torch.empty(min(H, _KEY_ROWS) + Lh - 1, R, D, dtype=acc, device=dev),
+                torch.empty(nT, H, T, Lh * R, dtype=acc, device=dev),
+                torch.empty(nT, len(rest), T, Lh * R, dtype=acc, device=dev))
+
+    def work(i, buffers):
+        keys, sims, rest_sims = buffers
+        qa, qb = a[i].to(acc), b[i].to(acc)
+        for j in range(nT):
+            _band_sims(qa, qb, P, chunks, j, keys, sims[j])
+        flat = sims.view(-1)
+        cand = flat.index_select(0, bwd_gather).view(H, W, Lh * Lw)
+        if rest:
+            for j in range(nT):
+                _band_sims(qb, qa, P, rest_chunks, j, keys, rest_sims[j])
+            cand.index_copy_(0, rest_rows, rest_sims.view(-1).index_select(0, rest_gather).view(len(rest), W, -1))
+        s, p = _select_topk(cand.view(H * W, -1), k)
+        out[3][i] = s.view(H, W, k)
+        out[2][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
+        s, p = _select_topk(flat.index_select(0, fwd_gather).view(H * W, -1), k)
+        out[1][i] = s.view(H, W, k)
+        out[0][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
+
+    with torch.no_grad():
+        _over_pairs(B, threads, make, work)
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- Triton kernel
 
 @functools.lru_cache(maxsize=None)
@@ -224,57 +592,73 @@ def _triton_kernel():
     def window_topk_kernel(
         src_ptr, dst_ptr, idx_ptr, score_ptr,
         H, W, D, HALF, LH, LW,
-        K: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-        SINGLE_D: tl.constexpr,
+        K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr, TO_F32: tl.constexpr,
     ):
-        # One program: BLOCK_Q consecutive query tokens (flat h*W+w) of one frame pair.
-        pid_q = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        # One program: a row segment of BLOCK_T queries (row h, columns w0..) of one frame pair,
+        # against its key band: the LH window rows of row h by the BLOCK_R >= BLOCK_T + LW - 1
+        # columns from the first query's window start, which hold every query's window.
+        w0 = tl.program_id(0) * BLOCK_T
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
         N = H * W
-        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)             # [BLOCK_Q]
-        q_ok = q < N
-        h = q // W
-        w = q % W
-        sh = tl.minimum(tl.maximum(h - HALF, 0), H - LH)         # shifted window: rows [sh, sh+LH)
-        sw = tl.minimum(tl.maximum(w - HALF, 0), W - LW)
-        src_rows = src_ptr + b * N * D + q.to(tl.int64)[:, None] * D
-        dst_base = dst_ptr + b * N * D
+        t = tl.arange(0, BLOCK_T)
+        w = w0 + t
+        q_ok = w < W
+        sh = tl.minimum(tl.maximum(h - HALF, 0), H - LH)          # shifted window: rows [sh, sh+LH)
+        sw = tl.minimum(tl.maximum(w - HALF, 0), W - LW)          # [BLOCK_T] first window column
+        c0 = tl.minimum(tl.maximum(w0 - HALF, 0), W - LW)         # band's first column = sw of query w0
+        r = tl.arange(0, BLOCK_R)
+        r_ok = c0 + r < W
+        src_rows = src_ptr + (b * N + h * W + w.to(tl.int64))[:, None] * D
         d = tl.arange(0, BLOCK_D)
-        if SINGLE_D:                                             # the whole feature fits one block: load once
-            x_all = tl.load(src_rows + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+        if SINGLE_D:                                              # the whole feature fits one block: load once
+            x_all = tl.load(src_rows + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)
+            if TO_F32:
+                x_all = x_all.to(tl.float32)
 
         # Running top-K per query, sorted descending; slots >= K are scratch.
         slot = tl.arange(0, KP)
-        from_prev = tl.broadcast_to(tl.maximum(slot - 1, 0)[None, :], [BLOCK_Q, KP])
-        best_s = tl.full([BLOCK_Q, KP], float("-inf"), tl.float32)
-        best_i = tl.full([BLOCK_Q, KP], 0, tl.int32)
+        from_prev = tl.broadcast_to(tl.maximum(slot - 1, 0)[None, :], [BLOCK_T, KP])
+        best_s = tl.full([BLOCK_T, KP], float("-inf"), tl.float32)
+        best_i = tl.full([BLOCK_T, KP], 0, tl.int32)
 
-        # Offsets run row-major through the window, i.e. by increasing flat index, so a
-        # new candidate whose score equals a kept one goes after it (lower index first).
-        for off in range(0, LH * LW):
-            cand = (sh + off // LW) * W + (sw + off % LW)        # [BLOCK_Q]
-            dst_rows = dst_base + cand.to(tl.int64)[:, None] * D
+        # Band rows, then window columns, in increasing order: candidates arrive by increasing
+        # flat index, so a later candidate whose score equals a kept one goes after it.
+        for i in range(0, LH):
+            kh = sh + i
+            key_rows = dst_ptr + (b * N + kh * W + (c0 + r).to(tl.int64))[:, None] * D
             if SINGLE_D:
-                y = tl.load(dst_rows + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)
-                acc = tl.sum(x_all * y.to(tl.float32), axis=1)
+                y = tl.load(key_rows + d[None, :], mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
+                if TO_F32:
+                    y = y.to(tl.float32)
+                sims = tl.dot(x_all, tl.trans(y), input_precision="ieee", out_dtype=tl.float32)
             else:
-                acc = tl.zeros([BLOCK_Q], tl.float32)
+                sims = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
                 for d0 in range(0, D, BLOCK_D):
-                    m = q_ok[:, None] & (d0 + d[None, :] < D)
-                    x = tl.load(src_rows + d0 + d[None, :], mask=m, other=0.0).to(tl.float32)
-                    y = tl.load(dst_rows + d0 + d[None, :], mask=m, other=0.0).to(tl.float32)
-                    acc += tl.sum(x * y, axis=1)
-            # Insert into the sorted list: kept scores >= acc stay, acc takes the first
-            # other slot, and the rest move down one slot.
-            a = acc[:, None]
-            prev_s = tl.gather(best_s, from_prev, 1)
-            prev_i = tl.gather(best_i, from_prev, 1)
-            keep = best_s >= a
-            here = (slot[None, :] == 0) | (prev_s >= a)
-            best_s = tl.where(keep, best_s, tl.where(here, a, prev_s))
-            best_i = tl.where(keep, best_i, tl.where(here, cand[:, None], prev_i))
+                    dm = d0 + d[None, :] < D
+                    x = tl.load(src_rows + d0 + d[None, :], mask=q_ok[:, None] & dm, other=0.0)
+                    y = tl.load(key_rows + d0 + d[None, :], mask=r_ok[:, None] & dm, other=0.0)
+                    if TO_F32:
+                        x = x.to(tl.float32)
+                        y = y.to(tl.float32)
+                    sims += tl.dot(x, tl.trans(y), input_precision="ieee", out_dtype=tl.float32)
+            for jj in range(0, LW):
+                col = sw - c0 + jj                                    # [BLOCK_T] band column of the candidate
+                # pick sims[t, col[t]]: the max of one value and -infs (exact, keeps -0.0)
+                acc = tl.max(tl.where(r[None, :] == col[:, None], sims, float("-inf")), axis=1)
+                cand = kh * W + sw + jj
+                # Insert into the sorted list: kept scores >= acc stay, acc takes the first
+                # other slot, and the rest move down one slot.
+                a = acc[:, None]
+                prev_s = tl.gather(best_s, from_prev, 1)
+                prev_i = tl.gather(best_i, from_prev, 1)
+                keep = best_s >= a
+                here = (slot[None, :] == 0) | (prev_s >= a)
+                best_s = tl.where(keep, best_s, tl.where(here, a, prev_s))
+                best_i = tl.where(keep, best_i, tl.where(here, cand[:, None], prev_i))
 
-        out = (b * N + q.to(tl.int64))[:, None] * K + slot[None, :]
+        out = (b * N + h * W + w.to(tl.int64))[:, None] * K + slot[None, :]
         m = q_ok[:, None] & (slot[None, :] < K)
         tl.store(score_ptr + out, best_s, mask=m)
         tl.store(idx_ptr + out, best_i.to(tl.int64), mask=m)
@@ -288,13 +672,19 @@ def window_topk_triton(
     window: int = 9,
     k: int = 3,
     *,
-    block_q: int = 64,
+    block_q: int = 32,
     block_d: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed top-K as one Triton kernel; never materialises a similarity tensor.
 
-    Runs on CUDA tensors, or on CPU tensors under the Triton interpreter. Inputs are
-    float16/bfloat16/float32; products accumulate in float32 and `score` is float32.
+    One program per row segment of `block_q` queries (at least 16): per window row, one
+    tl.dot of the segment's features against its key band row (block_q + l - 1 columns,
+    padded to a power of two), then each query's l candidates are picked from it into a
+    running top-K. Runs on CUDA tensors, or on CPU tensors under the Triton interpreter.
+    Inputs float16/bfloat16/float32; products accumulate in float32 (fp32 tl.dot with
+    input_precision="ieee", no TF32) and `score` is float32. bfloat16 tiles are converted
+    to float32 in the kernel before tl.dot (exact): Triton's CPU interpreter computes bf16
+    tl.dot wrongly, so a bf16 tl.dot path could not be verified and does not ship.
     """
     _check(src, dst, window, k)
     if src.dtype not in _TRITON_DTYPES:
@@ -304,12 +694,15 @@ def window_topk_triton(
     src, dst = src.contiguous(), dst.contiguous()
     idx = torch.empty(B, H, W, k, dtype=torch.long, device=src.device)
     score = torch.empty(B, H, W, k, dtype=torch.float32, device=src.device)
-    bq = min(block_q, triton.next_power_of_2(H * W))
-    bd = min(block_d, triton.next_power_of_2(D))
-    grid = (triton.cdiv(H * W, bq), B)
+    Lh, Lw = min(window, H), min(window, W)
+    bt = max(16, min(triton.next_power_of_2(block_q), triton.next_power_of_2(W)))
+    br = max(16, triton.next_power_of_2(bt + Lw - 1))
+    bd = max(16, min(triton.next_power_of_2(block_d), triton.next_power_of_2(D)))
+    grid = (triton.cdiv(W, bt), H, B)
     kernel[grid](
-        src, dst, idx, score, H, W, D, window // 2, min(window, H), min(window, W),
-        K=k, KP=triton.next_power_of_2(k), BLOCK_Q=bq, BLOCK_D=bd, SINGLE_D=D <= bd,
+        src, dst, idx, score, H, W, D, window // 2, Lh, Lw,
+        K=k, KP=triton.next_power_of_2(k), BLOCK_T=bt, BLOCK_R=br, BLOCK_D=bd,
+        SINGLE_D=D <= bd, TO_F32=src.dtype == torch.bfloat16,
     )
     return idx, score
 
@@ -325,6 +718,13 @@ def _triton_importable() -> bool:
     return True
 
 
+def _resolve(src: torch.Tensor, backend: str) -> str:
+    if backend == "auto":
+        use_triton = src.is_cuda and src.dtype in _TRITON_DTYPES and _triton_importable()
+        return "triton" if use_triton else "band"
+    return backend
+
+
 def window_topk(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -338,15 +738,15 @@ def window_topk(
     src, dst: [B, H, W, D]; returns idx [B, H, W, K] (int64, flat h*W+w into dst) and
     score [B, H, W, K] (float32; float64 for float64 inputs), descending, ties by lower
     index. backend: "auto" (Triton for CUDA float16/bfloat16/float32 tensors when triton
-    imports, the PyTorch reference otherwise), "triton" or "reference".
+    imports, the band path otherwise), "triton", "band" or "reference".
     """
     if backend not in _BACKENDS:
         raise ValueError(f"window_topk: backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        use_triton = src.is_cuda and src.dtype in _TRITON_DTYPES and _triton_importable()
-        backend = "triton" if use_triton else "reference"
+    backend = _resolve(src, backend)
     if backend == "triton":
         return window_topk_triton(src, dst, window, k)
+    if backend == "band":
+        return window_topk_band(src, dst, window, k)
     return window_topk_reference(src, dst, window, k)
 
 

@@ -1,5 +1,10 @@
-"""Sliding-window top-K correspondence: reference vs a brute-force loop, Triton (interpreter) vs
-reference, the border and tie rules, translation recovery and every input error."""
+"""Sliding-window top-K correspondence: reference vs a brute-force loop, the band path and the
+both-directions pass vs the reference (bitwise), Triton (interpreter) vs reference, the border and
+tie rules, translation recovery, memory and every input error.
+
+Bitwise comparisons between paths that sum a dot product in different orders (BLAS picks its
+kernel by shape) use features whose dot products are exact in float32 (small dyadic values), so
+equality is guaranteed on any CPU; on general floats only a rounding bound holds."""
 import os
 import subprocess
 import sys
@@ -13,6 +18,8 @@ from minivid.kernels.correspondence import (
     multiply_adds,
     window_starts,
     window_topk,
+    window_topk_band,
+    window_topk_pair,
     window_topk_reference,
     window_topk_triton,
 )
@@ -43,6 +50,13 @@ def integer_features(*shape, low=-2, high=3):
     return torch.randint(low, high, shape).float()
 
 
+def dyadic_features(*shape, seed=0):
+    """Random multiples of 1/64 in [-1, 1]: few ties, yet every dot product of D <= 64 terms is
+    exact in float32 (and the values exact in fp16/bf16), whatever the summation order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-64, 65, shape, generator=g).float() / 64
+
+
 # (B, H, W, D, window, k): H != W, frames narrower/shorter than the window, k up to the window size
 SHAPES = [
     (2, 5, 7, 3, 3, 3),
@@ -65,6 +79,99 @@ def test_reference_equals_brute_force_with_ties(shape):
         assert torch.equal(score.double(), score0), f"tile={tile}"
 
 
+# more shapes for the band path: W not a multiple of the tile, tile wider than the frame,
+# windows larger than one side only, both sides, and a single row/column
+BAND_SHAPES = SHAPES + [
+    (1, 20, 37, 3, 9, 3),
+    (1, 13, 17, 4, 5, 25),
+    (2, 12, 5, 3, 7, 4),
+    (1, 4, 23, 2, 9, 6),
+    (1, 1, 9, 2, 3, 3),
+    (1, 9, 1, 2, 5, 2),
+]
+
+
+@pytest.mark.parametrize("shape", BAND_SHAPES, ids=str)
+def test_band_and_pair_equal_reference_with_ties(shape):
+    """Integer features (many exact ties): the band path equals the reference bitwise, for
+    several tile widths, and the both-directions pass equals two separate searches."""
+    B, H, W, D, window, k = shape
+    src, dst = integer_features(B, H, W, D), integer_features(B, H, W, D)
+    fwd = window_topk_reference(src, dst, window, k)
+    bwd = window_topk_reference(dst, src, window, k)
+    for tile in (1, 3, 16, 40):
+        out = window_topk_band(src, dst, window, k, tile=tile)
+        assert torch.equal(out[0], fwd[0]) and torch.equal(out[1], fwd[1]), f"tile={tile}"
+        both = window_topk_pair(src, dst, window, k, tile=tile)
+        assert all(torch.equal(x, y) for x, y in zip(both, (*fwd, *bwd))), f"tile={tile}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_band_and_pair_random_dyadic_bitwise(dtype):
+    """Random features with exact dot products, border-heavy 19x23 frames, l = 9, K = 3 (the
+    max-pass top-k) and K = 9 (topk + tie sort): bitwise equal to the reference in every dtype."""
+    src = dyadic_features(3, 19, 23, 24, seed=1).to(dtype)
+    dst = dyadic_features(3, 19, 23, 24, seed=2).to(dtype)
+    for k in (3, 9):
+        fwd = window_topk_reference(src, dst, 9, k)
+        bwd = window_topk_reference(dst, src, 9, k)
+        out = window_topk_band(src, dst, 9, k)
+        assert out[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.equal(out[0], fwd[0]) and torch.equal(out[1], fwd[1])
+        both = window_topk_pair(src, dst, 9, k)
+        assert all(torch.equal(x, y) for x, y in zip(both, (*fwd, *bwd)))
+
+
+def test_band_worker_threads_give_the_same_result():
+    """Pairs spread over 2 or 3 worker threads (intra-op threads 1 meanwhile, restored after):
+    the same tensors as one thread, and torch's thread setting is unchanged."""
+    src, dst = dyadic_features(5, 11, 13, 8, seed=3), dyadic_features(5, 11, 13, 8, seed=4)
+    one = window_topk_pair(src, dst, 5, 3, threads=1)
+    before = torch.get_num_threads()
+    for threads in (2, 3):
+        assert all(torch.equal(x, y) for x, y in zip(window_topk_pair(src, dst, 5, 3, threads=threads), one))
+        band = window_topk_band(src, dst, 5, 3, threads=threads)
+        assert torch.equal(band[0], one[0]) and torch.equal(band[1], one[1])
+        assert torch.get_num_threads() == before
+    with torch.inference_mode():                      # the workers write the caller's (inference) outputs
+        assert all(torch.equal(x, y) for x, y in zip(window_topk_pair(src, dst, 5, 3, threads=2), one))
+        assert torch.equal(window_topk_band(src, dst, 5, 3, threads=2)[0], one[0])
+
+
+def test_band_gaussian_features_within_rounding():
+    """General floats: the band path and the reference sum each dot product in BLAS orders that
+    may differ (by shape), so scores agree to a rounding bound (|error| <= D·eps·sum|x·y|, here
+    <= 1 for unit vectors) and indices wherever the ranking is not decided by that rounding."""
+    tol = 64 * torch.finfo(torch.float32).eps
+    src = F.normalize(torch.randn(2, 17, 21, 64), dim=-1)
+    dst = F.normalize(torch.randn(2, 17, 21, 64), dim=-1)
+    idx0, score0 = window_topk_reference(src, dst, 9, 3)
+    idx, score = window_topk_band(src, dst, 9, 3)
+    assert torch.allclose(score, score0, atol=tol, rtol=0)
+    ref_all = window_topk_reference(src, dst, 9, 4)[1]
+    clear = (ref_all[..., :-1] - ref_all[..., 1:]).min(dim=-1).values > 2 * tol
+    assert clear.float().mean() > 0.9
+    assert torch.equal(idx[clear], idx0[clear])
+
+
+def test_band_memory_stays_below_the_window_tensor():
+    """The band path never holds the B·H·W·l² candidate scores of all pairs: beyond its outputs,
+    its peak allocation during a call (torch profiler, self allocations) is one pair's working
+    set, below a quarter of that tensor at B = 32 pairs."""
+    B, H, W, D, window, k = 32, 32, 32, 4, 9, 3
+    src, dst = torch.randn(B, H, W, D), torch.randn(B, H, W, D)
+    window_topk_pair(src, dst, window, k)                         # shape plan cached
+    for fn, outputs in ((window_topk_band, 1), (window_topk_pair, 2)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(src, dst, window, k)
+        peak = cur = 0
+        for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+            cur += e.self_cpu_memory_usage
+            peak = max(peak, cur)
+        extra = peak - outputs * B * H * W * k * (8 + 4)
+        assert 0 < extra < B * H * W * window * window * 4 / 4, (fn.__name__, extra)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_triton_equals_reference_with_ties(shape):
     B, H, W, D, window, k = shape
@@ -72,9 +179,25 @@ def test_triton_equals_reference_with_ties(shape):
     idx0, score0 = window_topk_reference(src, dst, window, k)
     idx, score = window_topk_triton(src, dst, window, k, block_q=128)
     assert torch.equal(idx, idx0) and torch.equal(score, score0)
-    if window <= 5:   # feature dim split over several blocks (the multi-block loop), several query blocks
-        idx, score = window_topk_triton(src, dst, window, k, block_q=32, block_d=2)
-        assert torch.equal(idx, idx0) and torch.equal(score, score0)
+
+
+def test_triton_row_segments_and_feature_blocks():
+    """Several row segments per row (the last one partial) and the feature dimension in several
+    blocks (the multi-block tl.dot loop), random dyadic features: bitwise equal to the reference."""
+    src, dst = dyadic_features(1, 7, 37, 40, seed=5), dyadic_features(1, 7, 37, 40, seed=6)
+    idx0, score0 = window_topk_reference(src, dst, 5, 3)
+    idx, score = window_topk_triton(src, dst, 5, 3, block_q=16, block_d=16)
+    assert torch.equal(idx, idx0) and torch.equal(score, score0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_dyadic_features_bitwise(dtype):
+    """Dot products exact in fp32 but not in fp16: the fp16 tl.dot must accumulate in fp32.
+    bf16 inputs go through the kernel's fp32 conversion (no bf16 tl.dot)."""
+    src, dst = dyadic_features(2, 6, 19, 24, seed=7), dyadic_features(2, 6, 19, 24, seed=8)
+    idx0, score0 = window_topk_reference(src, dst, 5, 3)
+    idx, score = window_topk_triton(src.to(dtype), dst.to(dtype), 5, 3, block_q=16)
+    assert torch.equal(idx, idx0) and torch.equal(score, score0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -105,11 +228,13 @@ def test_triton_random_features(dtype):
     assert torch.equal(idx[clear], idx0[clear])
 
 
-def test_dispatcher_backends_agree_and_cpu_uses_reference():
+def test_dispatcher_backends_agree_and_cpu_uses_band():
     src, dst = integer_features(1, 5, 6, 3), integer_features(1, 5, 6, 3)
     ref = window_topk(src, dst, 3, 2, backend="reference")
-    assert all(torch.equal(a, b) for a, b in zip(window_topk(src, dst, 3, 2), ref))
-    assert all(torch.equal(a, b) for a, b in zip(window_topk(src, dst, 3, 2, backend="triton"), ref))
+    for backend in ("auto", "band", "triton"):
+        assert all(torch.equal(a, b) for a, b in zip(window_topk(src, dst, 3, 2, backend=backend), ref)), backend
+        both = window_topk_pair(src, dst, 3, 2, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(both, (*ref, *window_topk_reference(dst, src, 3, 2)))), backend
     fp64 = window_topk(src.double(), dst.double(), 3, 2)
     assert fp64[1].dtype == torch.float64 and torch.equal(fp64[0], ref[0])
 
@@ -217,6 +342,14 @@ def test_bad_inputs():
         window_topk(x.double(), x.double(), backend="triton")
     with pytest.raises(ValueError, match="tile"):
         window_topk_reference(x, x, tile=0)
+    with pytest.raises(ValueError, match="tile"):
+        window_topk_band(x, x, 3, 2, tile=0)
+    with pytest.raises(ValueError, match="threads"):
+        window_topk_pair(x, x, 3, 2, threads=0)
+    with pytest.raises(ValueError, match="backend"):
+        window_topk_pair(x, x, backend="gpu")
+    with pytest.raises(ValueError, match="exceeds"):
+        window_topk_pair(x, x, 3, k=10)
 
 
 def test_multiply_adds_match_the_paper():
@@ -246,15 +379,18 @@ def test_triton_kernel_compiles_for_a_gpu():
         from triton.compiler import ASTSource
         from minivid.kernels.correspondence import _triton_kernel
         _, kernel = _triton_kernel()
-        sig = {"src_ptr": "*fp16", "dst_ptr": "*fp16", "idx_ptr": "*i64", "score_ptr": "*fp32",
-               "H": "i32", "W": "i32", "D": "i32", "HALF": "i32", "LH": "i32", "LW": "i32",
-               "K": "constexpr", "KP": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr",
-               "SINGLE_D": "constexpr"}
-        for single in (True, False):
-            src = ASTSource(fn=kernel, signature=sig,
-                            constexprs={"K": 3, "KP": 4, "BLOCK_Q": 64, "BLOCK_D": 64, "SINGLE_D": single})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32))
-            assert "window_topk_kernel" in compiled.asm["ptx"]
+        base = {"idx_ptr": "*i64", "score_ptr": "*fp32",
+                "H": "i32", "W": "i32", "D": "i32", "HALF": "i32", "LH": "i32", "LW": "i32",
+                "K": "constexpr", "KP": "constexpr", "BLOCK_T": "constexpr", "BLOCK_R": "constexpr",
+                "BLOCK_D": "constexpr", "SINGLE_D": "constexpr", "TO_F32": "constexpr"}
+        for dtype in ("fp32", "fp16", "bf16"):
+            sig = {"src_ptr": "*" + dtype, "dst_ptr": "*" + dtype, **base}
+            for single in (True, False):
+                src = ASTSource(fn=kernel, signature=sig, constexprs={
+                    "K": 3, "KP": 4, "BLOCK_T": 32, "BLOCK_R": 64, "BLOCK_D": 64, "SINGLE_D": single,
+                    "TO_F32": dtype == "bf16"})
+                compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32))
+                assert "window_topk_kernel" in compiled.asm["ptx"]
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -8,7 +8,8 @@ around the token's position (Eq. 7, 8, 10) and reaches farther frames by chainin
 feature, and so on; "similarly" for previous frames.
 
 Consequence used here: per consecutive pair we compute, once, the windowed top-K of
-every token forward (i -> i+1) and backward (i+1 -> i) (`consecutive_topk`); every
+every token forward (i -> i+1) and backward (i+1 -> i), both from one pass over the
+pair's similarities (`consecutive_topk`); every
 longer chain is then only an index gather (`chain`).
 
     fwd_idx, fwd_score, bwd_idx, bwd_score = consecutive_topk(features, window=9, k=3)
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minivid.kernels.correspondence import window_topk
+from minivid.kernels.correspondence import window_topk_pair
 
 __all__ = ["Correspondence", "consecutive_topk", "chain", "correspondence"]
 
@@ -99,6 +100,8 @@ def consecutive_topk(
     features: [F, H, W, D] (L2-normalised along D here unless normalize=False).
     Returns fwd_idx, fwd_score: [F-1, H, W, K], pair p = frame p -> frame p+1;
     bwd_idx, bwd_score: [F-1, H, W, K], pair p = frame p+1 -> frame p.
+    Both directions come from one pass over each pair's similarities (`window_topk_pair`:
+    a[p]·b[q] serves p -> q and q -> p); equal bitwise to two separate `window_topk` calls.
     """
     if features.dim() != 4:
         raise ValueError(f"consecutive_topk: features must be [F, H, W, D], got {tuple(features.shape)}")
@@ -106,10 +109,7 @@ def consecutive_topk(
         raise ValueError(f"consecutive_topk: need at least 2 frames, got {features.shape[0]}")
     if normalize:
         features = F.normalize(features, dim=-1)
-    a, b = features[:-1], features[1:]
-    fwd_idx, fwd_score = window_topk(a, b, window, k, backend=backend)
-    bwd_idx, bwd_score = window_topk(b, a, window, k, backend=backend)
-    return fwd_idx, fwd_score, bwd_idx, bwd_score
+    return window_topk_pair(features[:-1], features[1:], window, k, backend=backend)
 
 
 def chain(
