@@ -24,10 +24,10 @@ floor pooling.
 Three functions of one signature:
 - `fine_coarse_attention_reference`: PyTorch, never the F×F blow-up. Without autograd on
   CPU it attends to the own frame's keys and to each other frame's pooled keys in
-  separate fused calls, one (batch, head) and 512 query rows at a time, and merges them
-  by log-sum-exp into the output tensor: beyond the output it holds one head's running
-  log-sum-exp, one frame's pooled K/V and one chunk's partial result (below full
-  spatio-temporal attention's peak, docs/benchmarks.md). With autograd (training, the
+  separate fused calls, as many heads and query rows per call as a 512 KiB working set
+  allows, and merges them by log-sum-exp into the output tensor: beyond the output it holds
+  the running log-sum-exp of one group of heads, one frame's pooled K/V and one chunk's
+  partial result (below full spatio-temporal attention's peak, docs/benchmarks.md). With autograd (training, the
   Triton backward) or off the CPU it runs one `scaled_dot_product_attention` per frame
   over [own fine keys; other frames' coarse keys] (memory F·(L + (F-1)·P)·d);
 - `fine_coarse_attention_triton`: a flash-style Triton kernel with online softmax and
@@ -129,8 +129,8 @@ def fine_coarse_attention_reference(
 
     Two formulations of the same softmax, chosen by what the call needs:
     - without autograd, on CPU (inference, the benchmarks): `_lse_reference`, the fine and
-      the coarse keys attended separately and merged by log-sum-exp, one (batch, head) at a
-      time, so the memory beyond the output is one head's partial result (below full
+      the coarse keys attended separately and merged by log-sum-exp, a group of heads and of
+      query rows at a time, so the memory beyond the output is about 1 MiB (below full
       spatio-temporal attention's, see docs/benchmarks.md);
     - when a gradient is needed, or off the CPU: `_concat_reference`, one fused attention
       call per frame over [own fine keys; other frames' coarse keys] (autograd through
@@ -168,70 +168,81 @@ def _cpu_attention_with_lse():
 def _merge_(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lse_o: torch.Tensor) -> None:
     """In place: (acc, lse) <- the softmax over the union of two disjoint key sets.
 
-    acc (n, d), lse (n,): output and log-sum-exp so far; o, lse_o: those of the new keys.
-    out = (e^lse·acc + e^lse_o·o) / (e^lse + e^lse_o), shifted by the row maximum.
+    acc (..., n, d), lse (..., n): output and log-sum-exp so far; o, lse_o: those of the new keys.
+    With lse' = log(e^lse + e^lse_o) the merged output is the convex combination
+    acc + w·(o − acc), w = e^(lse_o − lse'): one `lerp_` over the large tensor.
     """
-    m = torch.maximum(lse, lse_o)
-    a, b = torch.exp(lse - m), torch.exp(lse_o - m)
-    total = a + b
-    o = o.to(acc.dtype) if o.dtype != acc.dtype else o
-    acc.mul_((a / total)[:, None]).add_(o.mul_((b / total)[:, None]))
-    lse.copy_(m + torch.log(total))
+    new = torch.logaddexp(lse, lse_o)
+    w = torch.exp(lse_o - new)
+    acc.lerp_(o.to(acc.dtype) if o.dtype != acc.dtype else o, w[..., None])
+    lse.copy_(new)
 
 
-def _pool_one(x: torch.Tensor, size: tuple[int, int], r: int) -> torch.Tensor:
-    """r×r average pooling of one frame of one head: (H·W, d) -> (P, d), as `pool_frames`."""
-    H, W = size
+def _pool_heads(x: torch.Tensor, size: tuple[int, int], r: int) -> torch.Tensor:
+    """r×r average pooling of one frame of g heads: (g, H·W, d) -> (g, P, d), as `pool_frames`."""
     if r == 1:
         return x
-    grid = x.reshape(1, H, W, -1).permute(0, 3, 1, 2)
-    return F.avg_pool2d(grid, r, stride=r, ceil_mode=True).flatten(2)[0].t().contiguous()
+    g, _, d = x.shape
+    grid = x.reshape(g, size[0], size[1], d).permute(0, 3, 1, 2)                    # channels-last view
+    return F.avg_pool2d(grid, r, stride=r, ceil_mode=True).flatten(2).transpose(1, 2).contiguous()
 
 
-_LSE_ROWS = 512
+# Working set of one fused call of the log-sum-exp path (one source frame's pooled K/V and one chunk's
+# partial output, for a group of heads): calls are made as large as this allows, so that there are few
+# of them (each is a parallel region; many small ones stall on a loaded machine).
+_LSE_WORK_BYTES = 512 * 1024
 
 
-def _chunks(start: int, length: int, rows: int):
-    """Slices of at most `rows` consecutive query rows covering start ... start + length - 1."""
-    return [slice(i, min(i + rows, start + length)) for i in range(start, start + length, rows)]
+def _lse_plan(heads: int, L: int, P: int, d: int, itemsize: int, budget: int) -> tuple[int, int]:
+    """(heads per call g, query rows per call R) so that pooled K/V (2·g·P·d) and the partial output
+    (g·R·d) each take at most half the budget; at least one head and min(L, 16) rows."""
+    half = budget // 2
+    g = max(1, min(heads, half // max(1, 2 * P * d * itemsize)))
+    g = -(-heads // -(-heads // g))                                                 # even groups
+    rows = max(min(L, 16), half // (g * d * itemsize))
+    chunks = -(-L // rows)
+    return g, -(-L // chunks)
 
 
-def _lse_reference(q, k, v, frames, size, r, scale, rows=_LSE_ROWS):
+def _lse_reference(q, k, v, frames, size, r, scale, budget=_LSE_WORK_BYTES):
     """Fine and coarse keys attended separately and merged by log-sum-exp (no concatenation).
 
-    For each (batch, head): every frame's queries attend to their own frame's L keys; then,
-    for each frame j, its r×r-pooled keys are built once and every other frame's queries
-    attend to them, merged into the running result with `_merge_`. The running output is
-    the output tensor itself (float32/float64 inputs) or one head's float32 buffer (16-bit
-    inputs, rounded once at the end); the running log-sum-exp is one head's F·L floats.
-    Extra memory: one frame's partial output and one frame's pooled K/V of one head.
+    For each (batch, group of heads): every frame's queries attend to their own frame's L keys;
+    then, for each frame j, its r×r-pooled keys are built once and every other frame's queries
+    attend to them, merged into the running result with `_merge_`. The running output is the
+    output tensor itself (float32/float64 inputs) or the group's float32 buffer (16-bit inputs,
+    rounded once at the end); the running log-sum-exp is the group's F·L floats per head. Extra
+    memory: that log-sum-exp, and per call about `budget` bytes (`_lse_plan`).
     """
     attend = _cpu_attention_with_lse()
     B, heads, N, d = q.shape
     L = size[0] * size[1]
+    P = pooled_size(size, r)[0] * pooled_size(size, r)[1]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g, rows = _lse_plan(heads, L, P, d, acc_dtype.itemsize, budget)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(N, dtype=acc_dtype, device=q.device)                   # reused by every head
-    one = lambda t: t[None, None]                                             # noqa: E731  (n, d) -> (1, 1, n, d)
+    lse = torch.empty(g, N, dtype=acc_dtype, device=q.device)                  # reused by every group
+    chunks = [(f, slice(f * L + c, f * L + min(c + rows, L))) for f in range(frames) for c in range(0, L, rows)]
     for b in range(B):
-        for h in range(heads):
-            qh, kh, vh = q[b, h], k[b, h], v[b, h]                            # (F·L, d) views
-            acc = out[b, h] if q.dtype == acc_dtype else torch.empty(N, d, dtype=acc_dtype, device=q.device)
-            for f in range(frames):                                           # fine: the own frame
+        for h0 in range(0, heads, g):
+            hs = slice(h0, min(h0 + g, heads))
+            qh, kh, vh = q[b, hs], k[b, hs], v[b, hs]                             # (g, F·L, d) views
+            gl = lse[: qh.shape[0]]
+            acc = out[b, hs] if q.dtype == acc_dtype else torch.empty(qh.shape, dtype=acc_dtype, device=q.device)
+            for f, c in chunks:                                                   # fine: the own frame
                 own = slice(f * L, (f + 1) * L)
-                for c in _chunks(f * L, L, rows):
-                    o, lse_o = attend(one(qh[c]), one(kh[own]), one(vh[own]), scale=scale)
-                    acc[c] = o[0, 0]
-                    lse[c] = lse_o[0, 0]
-            for j in range(frames):                                           # coarse: frame j's pooled keys
+                o, lse_o = attend(qh[None, :, c], kh[None, :, own], vh[None, :, own], scale=scale)
+                acc[:, c] = o[0]
+                gl[:, c] = lse_o[0]
+            for j in range(frames):                                               # coarse: frame j's pooled keys
                 src = slice(j * L, (j + 1) * L)
-                kc, vc = one(_pool_one(kh[src], size, r)), one(_pool_one(vh[src], size, r))
-                for f in range(frames):
-                    for c in _chunks(f * L, L, rows) if f != j else ():
-                        o, lse_o = attend(one(qh[c]), kc, vc, scale=scale)
-                        _merge_(acc[c], lse[c], o[0, 0], lse_o[0, 0])
+                kc, vc = _pool_heads(kh[:, src], size, r)[None], _pool_heads(vh[:, src], size, r)[None]
+                for f, c in chunks:
+                    if f != j:
+                        o, lse_o = attend(qh[None, :, c], kc, vc, scale=scale)
+                        _merge_(acc[:, c], gl[:, c], o[0], lse_o[0])
             if q.dtype != acc_dtype:
-                out[b, h] = acc
+                out[b, hs] = acc
     return out
 
 

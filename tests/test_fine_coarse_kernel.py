@@ -62,11 +62,21 @@ def test_reference_and_triton_equal_dense_concatenation(case):
     ref = fine_coarse_attention_reference(q, k, v, frames, (H, W), r)
     tri = fine_coarse_attention_triton(q, k, v, frames, (H, W), r, block_m=16, block_n=16)
     concat = fca._concat_reference(q, k, v, frames, (H, W), r, None)
-    chunked = fca._lse_reference(q, k, v, frames, (H, W), r, None, rows=4)     # partial query chunks
-    assert ref.shape == tri.shape == concat.shape == chunked.shape == q.shape
-    for out in (ref, tri, concat, chunked):
+    chunked = fca._lse_reference(q, k, v, frames, (H, W), r, None, budget=256)  # one head, 16-row chunks
+    grouped = fca._lse_reference(q, k, v, frames, (H, W), r, None, budget=2 ** 30)  # all heads, whole frames
+    assert ref.shape == tri.shape == concat.shape == chunked.shape == grouped.shape == q.shape
+    for out in (ref, tri, concat, chunked, grouped):
         assert (out - want).abs().max() <= 1e-5
     assert (tri - ref).abs().max() <= 1e-5
+
+
+def test_lse_plan_keeps_the_working_set_in_budget():
+    for heads, L, P, d in [(8, 4096, 1024, 40), (8, 1024, 256, 40), (8, 1024, 64, 80), (8, 64, 16, 160), (3, 63, 20, 16)]:
+        g, rows = fca._lse_plan(heads, L, P, d, 4, 2 ** 19)
+        assert 1 <= g <= heads and min(L, 16) <= rows <= L
+        assert g == 1 or 2 * g * P * d * 4 <= 2 ** 18                       # pooled K/V of a group: half the budget
+        assert rows == min(L, 16) or g * rows * d * 4 <= 2 ** 18                # a chunk's partial output: the other half
+    assert fca._lse_plan(8, 4096, 1024, 40, 4, 2 ** 19) == (1, 1366)        # SD's 64×64 layer, r = 2: 3 chunks per frame
 
 
 def test_reference_paths_by_autograd():
