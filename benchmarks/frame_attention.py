@@ -55,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-full-attention", action="store_true", help="skip full spatio-temporal attention (the slowest)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS measurement (one fresh process per variant)")
     p.add_argument("--ffam-backend", default="auto", choices=["auto", "reference", "triton"])
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 avoids OpenMP stalls on a shared, loaded machine")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared, loaded machine OpenMP regions stall, and the "
+                        "FFAM reference makes hundreds of fused calls; 0 = torch's choice)")
     p.add_argument("--tuning-step", action="store_true",
                    help="measure one EI² tuning step on the tiny model (fp32, gradient checkpointing, bf16 autocast) instead")
 
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         "(profiler). Extra peak RSS: VmHWM − VmRSS around one call in a fresh process after a half-size warm-up; "
         f"the output tensor alone is {out_mib}. Max |FFAM r=2 − concatenation path|: {', '.join(diffs)}.\n\n"
         "Command: `minivid bench frame-attention" + (" --full" if args.full else "")
-        + (f" --threads {args.threads}" if args.threads else "") + "`."
+        + (f" --threads {args.threads}" if args.threads != 1 else "") + "`."
     )
     print(notes)
     print(body)

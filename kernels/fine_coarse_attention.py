@@ -193,13 +193,19 @@ def _pool_heads(x: torch.Tensor, size: tuple[int, int], r: int) -> torch.Tensor:
 _LSE_WORK_BYTES = 512 * 1024
 
 
-def _lse_plan(heads: int, L: int, P: int, d: int, itemsize: int, budget: int) -> tuple[int, int]:
-    """(heads per call g, query rows per call R) so that pooled K/V (2·g·P·d) and the partial output
-    (g·R·d) each take at most half the budget; at least one head and min(L, 16) rows."""
+def _lse_plan(heads: int, L: int, P: int, d: int, itemsize: int, budget: int, frames: int = 1) -> tuple[int, int]:
+    """(heads per call g, query rows per call R) of the log-sum-exp path.
+
+    Per group of g heads the path holds one source frame's pooled K/V (2·g·P·d) and the running
+    log-sum-exp (g·F·L); g is the largest count keeping these within half the budget (at least
+    one head, groups of even size). R keeps a chunk's partial output (g·R·d) within the other
+    half, between min(L, 16) and 512 rows: below 768 query rows torch's CPU flash attention
+    uses 64-row blocks and a 4× smaller scratch buffer.
+    """
     half = budget // 2
-    g = max(1, min(heads, half // max(1, 2 * P * d * itemsize)))
+    g = max(1, min(heads, half // max(1, (2 * P * d + frames * L) * itemsize)))
     g = -(-heads // -(-heads // g))                                                 # even groups
-    rows = max(min(L, 16), half // (g * d * itemsize))
+    rows = min(512, max(min(L, 16), half // (g * d * itemsize)))
     chunks = -(-L // rows)
     return g, -(-L // chunks)
 
@@ -219,7 +225,7 @@ def _lse_reference(q, k, v, frames, size, r, scale, budget=_LSE_WORK_BYTES):
     L = size[0] * size[1]
     P = pooled_size(size, r)[0] * pooled_size(size, r)[1]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    g, rows = _lse_plan(heads, L, P, d, acc_dtype.itemsize, budget)
+    g, rows = _lse_plan(heads, L, P, d, acc_dtype.itemsize, budget, frames)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(g, N, dtype=acc_dtype, device=q.device)                  # reused by every group
     chunks = [(f, slice(f * L + c, f * L + min(c + rows, L))) for f in range(frames) for c in range(0, L, rows)]

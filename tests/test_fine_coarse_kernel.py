@@ -71,12 +71,14 @@ def test_reference_and_triton_equal_dense_concatenation(case):
 
 
 def test_lse_plan_keeps_the_working_set_in_budget():
-    for heads, L, P, d in [(8, 4096, 1024, 40), (8, 1024, 256, 40), (8, 1024, 64, 80), (8, 64, 16, 160), (3, 63, 20, 16)]:
-        g, rows = fca._lse_plan(heads, L, P, d, 4, 2 ** 19)
-        assert 1 <= g <= heads and min(L, 16) <= rows <= L
-        assert g == 1 or 2 * g * P * d * 4 <= 2 ** 18                       # pooled K/V of a group: half the budget
-        assert rows == min(L, 16) or g * rows * d * 4 <= 2 ** 18                # a chunk's partial output: the other half
-    assert fca._lse_plan(8, 4096, 1024, 40, 4, 2 ** 19) == (1, 1366)        # SD's 64×64 layer, r = 2: 3 chunks per frame
+    for heads, L, P, d, frames in [(8, 4096, 1024, 40, 8), (8, 1024, 256, 40, 8), (8, 1024, 64, 80, 8),
+                                   (8, 64, 16, 160, 8), (3, 63, 20, 16, 5)]:
+        g, rows = fca._lse_plan(heads, L, P, d, 4, 2 ** 19, frames)
+        assert 1 <= g <= heads and min(L, 16) <= rows <= min(L, 512)
+        assert g == 1 or (2 * P * d + frames * L) * g * 4 <= 2 ** 18       # pooled K/V + running lse: half the budget
+        assert rows == min(L, 16) or g * rows * d * 4 <= 2 ** 18              # a chunk's partial output: the other half
+    assert fca._lse_plan(8, 4096, 1024, 40, 4, 2 ** 19, 8) == (1, 512)     # SD's 64×64 layer, r = 2: 8 chunks per frame
+    assert fca._lse_plan(8, 1024, 256, 40, 4, 2 ** 19, 8) == (2, 512)
 
 
 def test_reference_paths_by_autograd():
