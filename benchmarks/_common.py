@@ -44,6 +44,12 @@ def load_note() -> str:
             "(a shared machine: absolute times vary, the interleaved ratios are the figures to read)")
 
 
+def section_title(title: str, args) -> str:
+    """The docs/benchmarks.md section of a run: `title` for --full (the paper-size figures), else
+    `title — default run`, so a quick run never overwrites the paper-size section."""
+    return title if getattr(args, "full", False) else f"{title} — default run"
+
+
 def sizes(args, default: dict, full: dict) -> None:
     """Fill every argument left at None from `full` (with --full) or `default`, in place."""
     for key, value in (full if getattr(args, "full", False) else default).items():

@@ -34,7 +34,7 @@ from minivid.samplers import cfg_denoise
 from minivid.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, load_note, peak_memory, sizes, table, write_section  # noqa: E402
+from _common import section_title, interleaved, load_note, peak_memory, sizes, table, write_section  # noqa: E402
 
 PAPER = {"without CGA": "9 GB / 2.2 min", "CGA": "14 GB / 2.7 min", "CGA + merging (50 %)": "11 GB / 2.4 min"}
 
@@ -121,5 +121,5 @@ def run(args: argparse.Namespace) -> int:
     text += f"\n\n{torch.get_num_threads()} thread(s); {load_note()}.\n\nCommand: `{cmd}`."
     print(text)
     if args.write:
-        write_section("COVE attention cost (Table 3: without CGA, CGA, CGA + merging)", text)
+        write_section(section_title("COVE attention cost (Table 3: without CGA, CGA, CGA + merging)", args), text)
     return 0

@@ -36,7 +36,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, peak_memory, peak_rss, table, write_section  # noqa: E402
+from _common import section_title, interleaved, peak_memory, peak_rss, table, write_section  # noqa: E402
 
 from minivid.attention import Attention, sdpa  # noqa: E402
 from minivid.kernels import fine_coarse_attention as fca  # noqa: E402
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     print(notes)
     print(body)
     if args.write:
-        write_section("Frame attention (EI² FFAM vs SA / SCA / full)", notes + "\n\n" + body)
+        write_section(section_title("Frame attention (EI² FFAM vs SA / SCA / full)", args), notes + "\n\n" + body)
     return 0
 
 
@@ -250,5 +250,5 @@ def run_tuning_step(args: argparse.Namespace, repeats: int) -> int:
     )
     print(body)
     if args.write:
-        write_section("EI² tuning step (tiny model)", notes + "\n\n" + body)
+        write_section(section_title("EI² tuning step (tiny model)", args), notes + "\n\n" + body)
     return 0

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import load_note, peak_memory, sizes, table, write_section  # noqa: E402
+from _common import section_title, load_note, peak_memory, sizes, table, write_section  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -138,5 +138,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(body)
     if args.write:
-        write_section("SVD UNet forward (minivid vs diffusers)", body)
+        write_section(section_title("SVD UNet forward (minivid vs diffusers)", args), body)
     return 0

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, load_note, peak_memory, random_weights_, sizes, table, write_section  # noqa: E402
+from _common import section_title, interleaved, load_note, peak_memory, random_weights_, sizes, table, write_section  # noqa: E402
 
 from minivid.attention import call_state, processors, sdpa  # noqa: E402
 from minivid.methods import tuneavideo  # noqa: E402
@@ -205,5 +205,5 @@ def run(args: argparse.Namespace) -> int:
         + (f" --threads {args.threads}" if args.threads else "") + " --write`."
     )
     if getattr(args, "write", False):
-        write_section("TCVE: temporal branch vs the SD 1.4 UNet", body)
+        write_section(section_title("TCVE: temporal branch vs the SD 1.4 UNet", args), body)
     return 0

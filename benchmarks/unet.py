@@ -19,7 +19,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from minivid.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, load_note, peak_memory, random_weights_, sizes, table, write_section  # noqa: E402
+from _common import section_title, interleaved, load_note, peak_memory, random_weights_, sizes, table, write_section  # noqa: E402
 
 # the ldm UNetModel parameters of v1-inference.yaml, as diffusers' config builder reads them
 SD14_LDM = dict(
@@ -86,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(body)
     if getattr(args, "write", False):
-        write_section("UNet: minivid vs diffusers (SD 1.4, CPU fp32)", body)
+        write_section(section_title("UNet: minivid vs diffusers (SD 1.4, CPU fp32)", args), body)
     return 0
