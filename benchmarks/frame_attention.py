@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         f"{repeats} interleaved runs, {torch.get_num_threads()} thread(s); ratios relative to per-frame self-attention. "
         "'paper ratio' is the paper's complexity over O(n·l²): SCA 2, FFAM (n-1+r²)/r², full n. FFAM runs the "
         f"reference on CPU (backend '{args.ffam_backend}'): fine and coarse keys attended separately and merged by "
-        "log-sum-exp, one head and 512 query rows at a time; 'concatenation' is the one-call-per-frame path it "
+        "log-sum-exp, in groups of heads and query rows under a 512 KiB working set; 'concatenation' is the one-call-per-frame path it "
         "replaced for inference (kept for autograd). Allocator peak: torch's CPU allocations during one call "
         "(profiler). Extra peak RSS: VmHWM − VmRSS around one call in a fresh process after a half-size warm-up; "
         f"the output tensor alone is {out_mib}. Max |FFAM r=2 − concatenation path|: {', '.join(diffs)}.\n\n"

@@ -29,7 +29,7 @@ SD14_LDM = dict(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default=None, help="latent sides to time, comma-separated (default 32; --full 32,64)")
+    p.add_argument("--sizes", default=None, help="latent sides to time, comma-separated (default 16; --full 32,64)")
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per model and size (default 3; --full 5)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
@@ -51,7 +51,7 @@ def build() -> tuple[UNet, UNet2DConditionModel]:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes(args, dict(sizes="32", repeats=3), dict(sizes="32,64", repeats=5))
+    sizes(args, dict(sizes="16", repeats=3), dict(sizes="32,64", repeats=5))
     if args.threads:
         torch.set_num_threads(args.threads)
     unet, ref = build()

@@ -178,13 +178,18 @@ def _merge_(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lse_o: torch.
     lse.copy_(new)
 
 
-def _pool_heads(x: torch.Tensor, size: tuple[int, int], r: int) -> torch.Tensor:
-    """r×r average pooling of one frame of g heads: (g, H·W, d) -> (g, P, d), as `pool_frames`."""
+def _pool_heads(x: torch.Tensor, size: tuple[int, int], r: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """r×r average pooling of one frame of g heads: (g, H·W, d) -> (g, P, d), as `pool_frames`;
+    written into `out` (g, P, d) when given (no allocation per frame)."""
     if r == 1:
-        return x
+        return x if out is None else out.copy_(x)
     g, _, d = x.shape
     grid = x.reshape(g, size[0], size[1], d).permute(0, 3, 1, 2)                    # channels-last view
-    return F.avg_pool2d(grid, r, stride=r, ceil_mode=True).flatten(2).transpose(1, 2).contiguous()
+    if out is None:
+        return F.avg_pool2d(grid, r, stride=r, ceil_mode=True).flatten(2).transpose(1, 2).contiguous()
+    Hp, Wp = pooled_size(size, r)
+    torch._C._nn.avg_pool2d(grid, r, r, 0, True, True, None, out=out.view(g, Hp, Wp, d).permute(0, 3, 1, 2))
+    return out
 
 
 # Working set of one fused call of the log-sum-exp path (one source frame's pooled K/V and one chunk's
@@ -228,6 +233,7 @@ def _lse_reference(q, k, v, frames, size, r, scale, budget=_LSE_WORK_BYTES):
     g, rows = _lse_plan(heads, L, P, d, acc_dtype.itemsize, budget, frames)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(g, N, dtype=acc_dtype, device=q.device)                  # reused by every group
+    pooled = torch.empty(2, g, P, d, dtype=q.dtype, device=q.device)            # one source frame's K, V
     chunks = [(f, slice(f * L + c, f * L + min(c + rows, L))) for f in range(frames) for c in range(0, L, rows)]
     for b in range(B):
         for h0 in range(0, heads, g):
@@ -242,7 +248,8 @@ def _lse_reference(q, k, v, frames, size, r, scale, budget=_LSE_WORK_BYTES):
                 gl[:, c] = lse_o[0]
             for j in range(frames):                                               # coarse: frame j's pooled keys
                 src = slice(j * L, (j + 1) * L)
-                kc, vc = _pool_heads(kh[:, src], size, r)[None], _pool_heads(vh[:, src], size, r)[None]
+                kc = _pool_heads(kh[:, src], size, r, pooled[0, : qh.shape[0]])[None]
+                vc = _pool_heads(vh[:, src], size, r, pooled[1, : qh.shape[0]])[None]
                 for f, c in chunks:
                     if f != j:
                         o, lse_o = attend(qh[None, :, c], kc, vc, scale=scale)
