@@ -55,9 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-full-attention", action="store_true", help="skip full spatio-temporal attention (the slowest)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS measurement (one fresh process per variant)")
     p.add_argument("--ffam-backend", default="auto", choices=["auto", "reference", "triton"])
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1: on a shared, loaded machine OpenMP regions stall, and the "
-                        "FFAM reference makes hundreds of fused calls; 0 = torch's choice)")
+                        "FFAM reference makes hundreds of fused calls)")
     p.add_argument("--tuning-step", action="store_true",
                    help="measure one EI² tuning step on the tiny model (fp32, gradient checkpointing, bf16 autocast) instead")
 
@@ -119,8 +119,8 @@ def rss_job(name: str, frames: int, H: int, W: int, channels: int, backend: str 
 def run(args: argparse.Namespace) -> int:
     configs = FULL if args.full else DEFAULT
     repeats = args.repeats or 3
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads = args.threads or 1
+    torch.set_num_threads(args.threads)
     if args.tuning_step:
         return run_tuning_step(args, repeats)
     names = [n for n in NAMES if not (args.no_full_attention and n == "full spatio-temporal")]

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+        if getattr(ns, "threads", None) is None and hasattr(ns, "threads"):
+            ns.threads = args.threads                     # a benchmark's own --threads default yields to it
     before = _load1()
     code = int(mod.run(ns) or 0)
     print(f"1-minute load average: {before:.2f} before, {_load1():.2f} after")
