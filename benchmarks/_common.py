@@ -1,11 +1,22 @@
-"""Helpers shared by the benchmark scripts: timing, peak memory, random weights, markdown tables."""
+"""Helpers shared by the benchmark scripts: timing, peak memory (allocator and RSS), the load average,
+default vs `--full` sizes, random weights, markdown tables and the marked sections of docs/benchmarks.md.
+
+Every script's default run finishes in a few minutes on a 2-core CPU; `--full` (added by
+`minivid bench`) selects the paper-size run. `--write` replaces the script's marked section of
+docs/benchmarks.md (`<!-- bench: TITLE -->` ... `<!-- /bench: TITLE -->`), leaving the rest alone.
+"""
 from __future__ import annotations
 
 import datetime
+import gc
+import json
 import os
 import pathlib
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -13,6 +24,37 @@ import torch
 import torch.nn as nn
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+START_LOAD = load_average()            # when the benchmark script was loaded, i.e. before it ran
+
+
+def load_note() -> str:
+    """'1-minute load average X before, Y after' (the machine is shared: read the interleaved ratios)."""
+    return (f"1-minute load average {START_LOAD:.1f} before, {load_average():.1f} after "
+            "(a shared machine: absolute times vary, the interleaved ratios are the figures to read)")
+
+
+def section_title(title: str, args) -> str:
+    """The docs/benchmarks.md section of a run: `title` for --full (the paper-size figures), else
+    `title — default run`, so a quick run never overwrites the paper-size section."""
+    return title if getattr(args, "full", False) else f"{title} — default run"
+
+
+def sizes(args, default: dict, full: dict) -> None:
+    """Fill every argument left at None from `full` (with --full) or `default`, in place."""
+    for key, value in (full if getattr(args, "full", False) else default).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -55,6 +97,60 @@ def peak_memory(fn: Callable[[], object]) -> int:
     return peak
 
 
+def _rss(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def measure_rss(warm: Callable[[], object], fn: Callable[[], object]) -> float:
+    """Extra peak resident memory (MiB) of one call of `fn`, in this process (Linux).
+
+    `warm` runs first (it pages in the code `fn` uses, which RSS would count otherwise); then
+    freed memory goes back to the OS (malloc_trim), the peak-RSS mark is reset
+    (/proc/self/clear_refs) and the figure is VmHWM after `fn` minus VmRSS before it.
+    """
+    import ctypes
+
+    warm()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss("VmRSS")
+    out = fn()
+    peak = _rss("VmHWM") - base
+    del out
+    return peak / 2 ** 20
+
+
+def peak_rss(script: str, job: str, *args, threads: int | None = None) -> float | None:
+    """`measure_rss(*benchmarks/<script>.<job>(*args))` in a fresh Python process, so that no earlier
+    allocation of this one hides or inflates the figure. None where it cannot be measured (not Linux)."""
+    if not pathlib.Path("/proc/self/clear_refs").exists():
+        return None
+    code = (
+        "import importlib.util, json, sys, torch\n"
+        f"sys.path.insert(0, {str(BENCH_DIR)!r})\n"
+        "from _common import measure_rss\n"
+        f"spec = importlib.util.spec_from_file_location('bench_child', {str(BENCH_DIR / (script + '.py'))!r})\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        + (f"torch.set_num_threads({int(threads)})\n" if threads else "")
+        + f"warm, fn = mod.{job}(*json.loads({json.dumps(json.dumps(args))}))\n"
+        "with torch.inference_mode():\n"
+        "    print(json.dumps(measure_rss(warm, fn)))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"peak_rss({script}.{job}{args}) failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def random_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Fan-in-scaled uniform weights, norms at identity, small biases: finite O(1) activations, no
     denormals (which would make the timings meaningless)."""
@@ -83,12 +179,33 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(title: str, body: str) -> None:
-    """Replace (or append) the section `## title` of docs/benchmarks.md."""
+def write_section(title: str, body: str, path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Replace the marked section `title` of docs/benchmarks.md (or `path`, or $MINIVID_BENCH_DOCS).
+
+    The section is `<!-- bench: title -->`, `## title`, the stamp (date, machine, load average),
+    `body`, `<!-- /bench: title -->`. An unmarked `## title` section (older files) is replaced up to
+    the next `## `; otherwise the section is appended. Everything else is kept byte for byte; the
+    file is written to a temporary file and renamed.
+    """
+    path = pathlib.Path(path or os.environ.get("MINIVID_BENCH_DOCS") or DOCS)
+    begin, end = f"<!-- bench: {title} -->", f"<!-- /bench: {title} -->"
     stamp = datetime.date.today().isoformat()
-    section = f"## {title}\n\nMeasured {stamp} on {machine()}.\n\n{body.strip()}\n"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\nEvery figure below was printed by `minivid bench ...` in one run.\n"
-    parts = text.split("\n## ")
-    kept = [parts[0]] + [p for p in parts[1:] if not p.startswith(title + "\n")]
-    DOCS.write_text("\n## ".join(kept).rstrip() + "\n\n" + section)
+    section = (f"{begin}\n## {title}\n\nMeasured {stamp} on {machine()}; {load_note()}.\n\n"
+               f"{body.strip()}\n{end}\n")
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery figure below was printed by `minivid bench ...` in one run.\n"
+    if begin in text and end in text.split(begin, 1)[1]:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+    elif f"\n## {title}\n" in text:
+        head, rest = text.split(f"\n## {title}\n", 1)
+        ends = [i for i in (rest.find("\n## "), rest.find("\n<!-- bench: ")) if i >= 0]
+        tail = rest[min(ends) + 1:] if ends else ""
+        text = head.rstrip("\n") + "\n\n" + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
 

@@ -21,7 +21,6 @@ profiler. The paper's Table 3 (RTX 3090, whole 10-frame edit): 9 GB / 2.2 min wi
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
@@ -35,16 +34,16 @@ from minivid.samplers import cfg_denoise
 from minivid.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, peak_memory, table, write_section  # noqa: E402
+from _common import section_title, interleaved, load_note, peak_memory, sizes, table, write_section  # noqa: E402
 
 PAPER = {"without CGA": "9 GB / 2.2 min", "CGA": "14 GB / 2.7 min", "CGA + merging (50 %)": "11 GB / 2.4 min"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", type=int, default=10)
-    p.add_argument("--latent", type=int, default=16, help="latent side of the UNet step (default 16: 128 px)")
-    p.add_argument("--grid", type=int, default=64, help="token grid side of the CGA-alone measurement (default 64)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (median reported)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default 4; --full 10)")
+    p.add_argument("--latent", type=int, default=None, help="latent side of the UNet step (default 8: 64 px; --full 16: 128 px)")
+    p.add_argument("--grid", type=int, default=None, help="token grid side of the CGA-alone measurement (default 32; --full 64)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (median reported; default 2)")
     p.add_argument("--skip-unet", action="store_true", help="only the CGA-alone measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
@@ -110,18 +109,17 @@ def cga_alone(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    sizes(args, dict(frames=4, latent=8, grid=32, repeats=2), dict(frames=10, latent=16, grid=64, repeats=2))
     if args.threads:
         torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
     sections = []
     if not args.skip_unet:
         sections.append(unet_step(args))
     sections.append(cga_alone(args))
-    cmd = "minivid bench cove" + (f" --threads {args.threads}" if args.threads else "") + (" --skip-unet" if args.skip_unet else "")
+    cmd = "minivid bench cove" + (" --full" if args.full else "") + (f" --threads {args.threads}" if args.threads else "") + (" --skip-unet" if args.skip_unet else "")
     text = "\n\n".join(f"{notes}\n\n{body}" for notes, body in sections)
-    text += (f"\n\n{torch.get_num_threads()} thread(s); 1-minute load average {load:.1f} before, "
-             f"{os.getloadavg()[0]:.1f} after (shared machine: read the ratios).\n\nCommand: `{cmd}`.")
+    text += f"\n\n{torch.get_num_threads()} thread(s); {load_note()}.\n\nCommand: `{cmd}`."
     print(text)
     if args.write:
-        write_section("COVE attention cost (Table 3: without CGA, CGA, CGA + merging)", text)
+        write_section(section_title("COVE attention cost (Table 3: without CGA, CGA, CGA + merging)", args), text)
     return 0

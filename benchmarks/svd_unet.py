@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import peak_memory, table, write_section  # noqa: E402
+from _common import section_title, load_note, peak_memory, sizes, table, write_section  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", type=int, default=14, help="frames per clip (default 14, SVD's)")
-    p.add_argument("--latent", type=int, default=8, help="latent side h = w (default 8, i.e. 64×64 pixels)")
-    p.add_argument("--repeats", type=int, default=6, help="timed forwards per model, in alternating order (median reported)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (default 6; --full 14, SVD's)")
+    p.add_argument("--latent", type=int, default=None, help="latent side h = w (default 8, i.e. 64×64 pixels; --full 8)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed forwards per model, in alternating order (median reported; default 3, --full 6)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--trainable", action="store_true",
                    help="leave the weights requiring grad (default: frozen, as for inference or LoRA tuning)")
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from minivid.weights.diffusers_names import original_to_diffusers
     from minivid.weights import svd_names  # noqa: F401
 
+    sizes(args, dict(frames=6, latent=8, repeats=3), dict(frames=14, latent=8, repeats=6))
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = VideoUNetConfig.preset("svd")
@@ -128,12 +130,13 @@ def run(args: argparse.Namespace) -> int:
         f"mark during one forward, beyond the weights. Max |minivid − diffusers| = {err:.2e} "
         f"(diffusers' ResBlock GroupNorm eps set to sgm's 1e-5). With frozen weights diffusers feeds strided token "
         f"tensors to some Linear layers (proj_in ...), which torch then multiplies as a batched matmul of the "
-        f"expanded weight; minivid passes dense tensors. With trainable weights both take the same path.\n\n"
-        f"Command: `minivid bench svd-unet --frames {F} --latent {h} --repeats {args.repeats}"
+        f"expanded weight; minivid passes dense tensors. With trainable weights both take the same path. "
+        f"{load_note()}.\n\n"
+        f"Command: `minivid bench svd-unet{' --full' if args.full else ''} --frames {F} --latent {h} --repeats {args.repeats}"
         f"{f' --threads {args.threads}' if args.threads else ''}{' --trainable' if args.trainable else ''}`.\n\n"
         + table(["model", "CPU s (median)", "time ratio", "peak MiB", "memory ratio"], rows)
     )
     print(body)
     if args.write:
-        write_section("SVD UNet forward (minivid vs diffusers)", body)
+        write_section(section_title("SVD UNet forward (minivid vs diffusers)", args), body)
     return 0

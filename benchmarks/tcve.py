@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import pathlib
 import sys
 from typing import Iterator
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, peak_memory, random_weights_, table, write_section  # noqa: E402
+from _common import section_title, interleaved, load_note, peak_memory, random_weights_, sizes, table, write_section  # noqa: E402
 
 from minivid.attention import call_state, processors, sdpa  # noqa: E402
 from minivid.methods import tuneavideo  # noqa: E402
@@ -44,10 +43,10 @@ from minivid.unet import UNet, UNetConfig  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", type=int, default=8, help="frames of the clip (default 8)")
-    p.add_argument("--latent", type=int, default=16, help="latent side h = w at SD size (default 16, i.e. 128 px)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported; default 3)")
-    p.add_argument("--tiny-frames", type=int, default=8, help="frames of the tiny tuning step's clip (default 8, 32 px)")
+    p.add_argument("--frames", type=int, default=None, help="frames of the clip (default 4; --full 8)")
+    p.add_argument("--latent", type=int, default=None, help="latent side h = w at SD size (default 8, i.e. 64 px; --full 16)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (median reported; default 2, --full 5)")
+    p.add_argument("--tiny-frames", type=int, default=None, help="frames of the tiny tuning step's clip (default 8, 32 px)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 avoids OpenMP stalls on a shared, loaded machine")
 
@@ -185,14 +184,13 @@ def _tav_loss(unet, mean, std, context, frames, sd):
 
 
 def run(args: argparse.Namespace) -> int:
+    sizes(args, dict(frames=4, latent=8, repeats=2, tiny_frames=8), dict(frames=8, latent=16, repeats=5, tiny_frames=8))
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
     p_table, t_table = full_size(args)
     print(p_table, "\n\n", t_table, sep="", flush=True)
     s_table = tiny_step(args)
     print("\n" + s_table)
-    load_after = os.getloadavg()[0]
     body = (
         f"Parameters at SD 1.4 size:\n\n{p_table}\n\n"
         f"One denoiser call at SD 1.4 size on {args.frames} frames at {args.latent}×{args.latent} latents "
@@ -202,11 +200,10 @@ def run(args: argparse.Namespace) -> int:
         f"(plain SD: the inflated blocks temporarily switched back to the image block).\n\n{t_table}\n\n"
         f"One tuning step (forward, backward, clip, AdamW) on the tiny SD model, {args.tiny_frames} frames at "
         f"32×32 px (8×8 latents):\n\n{s_table}\n\n"
-        f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (a shared machine: absolute "
-        f"times vary, the interleaved ratios are the figures to read).\n\n"
-        f"Command: `minivid bench tcve --frames {args.frames} --latent {args.latent} --repeats {args.repeats}"
+        f"{load_note()}.\n\n"
+        f"Command: `minivid bench tcve{' --full' if args.full else ''} --frames {args.frames} --latent {args.latent} --repeats {args.repeats}"
         + (f" --threads {args.threads}" if args.threads else "") + " --write`."
     )
     if getattr(args, "write", False):
-        write_section("TCVE: temporal branch vs the SD 1.4 UNet", body)
+        write_section(section_title("TCVE: temporal branch vs the SD 1.4 UNet", args), body)
     return 0

@@ -9,7 +9,6 @@ difference of the outputs (the two must agree to float rounding).
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
@@ -20,7 +19,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from minivid.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, peak_memory, random_weights_, table, write_section  # noqa: E402
+from _common import section_title, interleaved, load_note, peak_memory, random_weights_, sizes, table, write_section  # noqa: E402
 
 # the ldm UNetModel parameters of v1-inference.yaml, as diffusers' config builder reads them
 SD14_LDM = dict(
@@ -30,8 +29,8 @@ SD14_LDM = dict(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default="32,64", help="latent sides to time, comma-separated (default 32,64)")
-    p.add_argument("--repeats", type=int, default=5, help="timed forwards per model and size (default 5)")
+    p.add_argument("--sizes", default=None, help="latent sides to time, comma-separated (default 16; --full 32,64)")
+    p.add_argument("--repeats", type=int, default=None, help="timed forwards per model and size (default 3; --full 5)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
 
@@ -52,9 +51,9 @@ def build() -> tuple[UNet, UNet2DConditionModel]:
 
 
 def run(args: argparse.Namespace) -> int:
+    sizes(args, dict(sizes="16", repeats=3), dict(sizes="32,64", repeats=5))
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
     unet, ref = build()
     rows = []
     for side in (int(s) for s in args.sizes.split(",")):
@@ -72,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
             mem["minivid"], mem["diffusers"], mem["minivid"] / mem["diffusers"], f"{err:.1e}",
         ])
         print(f"{side}×{side}: minivid {times['minivid']:.3f} s, diffusers {times['diffusers']:.3f} s", flush=True)
-    load_after = os.getloadavg()[0]
     body = table(
         ["latent", "minivid s", "diffusers s", "time ratio", "minivid peak MiB", "diffusers peak MiB",
          "memory ratio", "max abs diff"],
@@ -82,13 +80,11 @@ def run(args: argparse.Namespace) -> int:
         f"\n\nSD 1.4 UNet (`UNetConfig.preset('sd14')`), random weights shared with diffusers' "
         f"UNet2DConditionModel through `convert_ldm_unet_checkpoint`; batch 1, fp32, 77×768 context, "
         f"median of {args.repeats} interleaved forwards after one untimed forward each. Peak memory: "
-        f"bytes allocated by torch during one forward (weights excluded). 1-minute load average "
-        f"{load_before:.1f} before, {load_after:.1f} after (the machine is shared: absolute times vary, "
-        f"the interleaved ratio is the figure to read).\n\n"
-        f"Command: `minivid bench unet --sizes {args.sizes} --repeats {args.repeats}"
+        f"bytes allocated by torch during one forward (weights excluded). {load_note()}.\n\n"
+        f"Command: `minivid bench unet{' --full' if args.full else ''} --sizes {args.sizes} --repeats {args.repeats}"
         f"{f' --threads {args.threads}' if args.threads else ''} --write`"
     )
     print(body)
     if getattr(args, "write", False):
-        write_section("UNet: minivid vs diffusers (SD 1.4, CPU fp32)", body)
+        write_section(section_title("UNet: minivid vs diffusers (SD 1.4, CPU fp32)", args), body)
     return 0

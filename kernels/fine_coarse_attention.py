@@ -22,8 +22,14 @@ to stay within the feature map, and the pooled map would otherwise vanish under
 floor pooling.
 
 Three functions of one signature:
-- `fine_coarse_attention_reference`: PyTorch, one `scaled_dot_product_attention` per
-  frame over [own fine keys; other frames' coarse keys] (no F×F blow-up);
+- `fine_coarse_attention_reference`: PyTorch, never the F×F blow-up. Without autograd on
+  CPU it attends to the own frame's keys and to each other frame's pooled keys in
+  separate fused calls, as many heads and query rows per call as a 512 KiB working set
+  allows, and merges them by log-sum-exp into the output tensor: beyond the output it holds
+  the running log-sum-exp of one group of heads, one frame's pooled K/V and one chunk's
+  partial result (below full spatio-temporal attention's peak, docs/benchmarks.md). With autograd (training, the
+  Triton backward) or off the CPU it runs one `scaled_dot_product_attention` per frame
+  over [own fine keys; other frames' coarse keys] (memory F·(L + (F-1)·P)·d);
 - `fine_coarse_attention_triton`: a flash-style Triton kernel with online softmax and
   float32 accumulation; for a block of queries of frame f it walks frame f's fine keys
   and then the coarse keys of frames < f and > f, never building the concatenation.
@@ -33,6 +39,13 @@ Three functions of one signature:
 - `fine_coarse_attention`: dispatcher (Triton on CUDA, the reference elsewhere).
 The kernel itself lives in `_fine_coarse_attention_triton.py`, imported on first use,
 so triton is loaded only when the Triton path runs.
+
+bfloat16: Triton 3.9's CPU interpreter computes bfloat16 `tl.dot` wrongly, so the native
+bfloat16 kernel cannot be checked without a GPU. Until a GPU run of `minivid bench kernels
+--check` has verified it (then set `BF16_NATIVE_VERIFIED = True`), bfloat16 inputs of the
+Triton path are computed by the float32 kernel (inputs upcast, output rounded to bfloat16
+once): exact to bfloat16 rounding, at float32's memory traffic. float16 runs natively
+(checked under the interpreter). `bf16_native=True` forces the native path (the check uses it).
 """
 from __future__ import annotations
 
@@ -45,6 +58,9 @@ __all__ = [
 ]
 
 _LOG2E = 1.4426950408889634
+
+# Set to True once `minivid bench kernels --check` has passed the native bfloat16 kernel on a GPU.
+BF16_NATIVE_VERIFIED = False
 
 
 # ---------------------------------------------------------------- shapes and pooling
@@ -111,11 +127,26 @@ def fine_coarse_attention_reference(
 ) -> torch.Tensor:
     """Fine-coarse frame attention in PyTorch: (B, h, F·H·W, d) ×3 -> (B, h, F·H·W, d).
 
-    One fused attention call per frame over its L fine keys and the (F-1)·P coarse keys of
-    the other frames, so memory grows like F·(L + (F-1)·P)·d, never F²·L·d.
+    Two formulations of the same softmax, chosen by what the call needs:
+    - without autograd, on CPU (inference, the benchmarks): `_lse_reference`, the fine and
+      the coarse keys attended separately and merged by log-sum-exp, a group of heads and of
+      query rows at a time, so the memory beyond the output is about 1 MiB (below full
+      spatio-temporal attention's, see docs/benchmarks.md);
+    - when a gradient is needed, or off the CPU: `_concat_reference`, one fused attention
+      call per frame over [own fine keys; other frames' coarse keys] (autograd through
+      `scaled_dot_product_attention`; memory grows like F·(L + (F-1)·P)·d, never F²·L·d).
+    Both agree to float32 rounding (tests/test_fine_coarse_kernel.py).
     """
     H, W = _check(q, k, v, frames, size, r)
-    L = H * W
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad or q.device.type != "cpu" or _cpu_attention_with_lse() is None:
+        return _concat_reference(q, k, v, frames, (H, W), r, scale)
+    return _lse_reference(q, k, v, frames, (H, W), r, scale)
+
+
+def _concat_reference(q, k, v, frames, size, r, scale):
+    """One `scaled_dot_product_attention` per frame over the concatenated fine and coarse keys."""
+    L = size[0] * size[1]
     k_coarse = pool_frames(k, frames, size, r)                 # (B, h, F, P, d)
     v_coarse = pool_frames(v, frames, size, r)
     out = torch.empty_like(q)
@@ -125,6 +156,106 @@ def fine_coarse_attention_reference(
         keys = torch.cat([k[:, :, own], others(k_coarse)], dim=2)     # (B, h, L + (F-1)·P, d)
         values = torch.cat([v[:, :, own], others(v_coarse)], dim=2)
         out[:, :, own] = F.scaled_dot_product_attention(q[:, :, own], keys, values, scale=scale)
+    return out
+
+
+def _cpu_attention_with_lse():
+    """torch's CPU flash attention returning (output, log-sum-exp of the scaled logits), or None
+    if this torch build has no such operator (then the concatenation path runs)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _merge_(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lse_o: torch.Tensor) -> None:
+    """In place: (acc, lse) <- the softmax over the union of two disjoint key sets.
+
+    acc (..., n, d), lse (..., n): output and log-sum-exp so far; o, lse_o: those of the new keys.
+    With lse' = log(e^lse + e^lse_o) the merged output is the convex combination
+    acc + w·(o − acc), w = e^(lse_o − lse'): one `lerp_` over the large tensor.
+    """
+    new = torch.logaddexp(lse, lse_o)
+    w = torch.exp(lse_o - new)
+    acc.lerp_(o.to(acc.dtype) if o.dtype != acc.dtype else o, w[..., None])
+    lse.copy_(new)
+
+
+def _pool_heads(x: torch.Tensor, size: tuple[int, int], r: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """r×r average pooling of one frame of g heads: (g, H·W, d) -> (g, P, d), as `pool_frames`;
+    written into `out` (g, P, d) when given (no allocation per frame)."""
+    if r == 1:
+        return x if out is None else out.copy_(x)
+    g, _, d = x.shape
+    grid = x.reshape(g, size[0], size[1], d).permute(0, 3, 1, 2)                    # channels-last view
+    if out is None:
+        return F.avg_pool2d(grid, r, stride=r, ceil_mode=True).flatten(2).transpose(1, 2).contiguous()
+    Hp, Wp = pooled_size(size, r)
+    torch._C._nn.avg_pool2d(grid, r, r, 0, True, True, None, out=out.view(g, Hp, Wp, d).permute(0, 3, 1, 2))
+    return out
+
+
+# Working set of one fused call of the log-sum-exp path (one source frame's pooled K/V and one chunk's
+# partial output, for a group of heads): calls are made as large as this allows, so that there are few
+# of them (each is a parallel region; many small ones stall on a loaded machine).
+_LSE_WORK_BYTES = 512 * 1024
+
+
+def _lse_plan(heads: int, L: int, P: int, d: int, itemsize: int, budget: int, frames: int = 1) -> tuple[int, int]:
+    """(heads per call g, query rows per call R) of the log-sum-exp path.
+
+    Per group of g heads the path holds one source frame's pooled K/V (2·g·P·d) and the running
+    log-sum-exp (g·F·L); g is the largest count keeping these within half the budget (at least
+    one head, groups of even size). R keeps a chunk's partial output (g·R·d) within the other
+    half, between min(L, 16) and 512 rows: below 768 query rows torch's CPU flash attention
+    uses 64-row blocks and a 4× smaller scratch buffer.
+    """
+    half = budget // 2
+    g = max(1, min(heads, half // max(1, (2 * P * d + frames * L) * itemsize)))
+    g = -(-heads // -(-heads // g))                                                 # even groups
+    rows = min(512, max(min(L, 16), half // (g * d * itemsize)))
+    chunks = -(-L // rows)
+    return g, -(-L // chunks)
+
+
+def _lse_reference(q, k, v, frames, size, r, scale, budget=_LSE_WORK_BYTES):
+    """Fine and coarse keys attended separately and merged by log-sum-exp (no concatenation).
+
+    For each (batch, group of heads): every frame's queries attend to their own frame's L keys;
+    then, for each frame j, its r×r-pooled keys are built once and every other frame's queries
+    attend to them, merged into the running result with `_merge_`. The running output is the
+    output tensor itself (float32/float64 inputs) or the group's float32 buffer (16-bit inputs,
+    rounded once at the end); the running log-sum-exp is the group's F·L floats per head. Extra
+    memory: that log-sum-exp, and per call about `budget` bytes (`_lse_plan`).
+    """
+    attend = _cpu_attention_with_lse()
+    B, heads, N, d = q.shape
+    L = size[0] * size[1]
+    P = pooled_size(size, r)[0] * pooled_size(size, r)[1]
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g, rows = _lse_plan(heads, L, P, d, acc_dtype.itemsize, budget, frames)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(g, N, dtype=acc_dtype, device=q.device)                  # reused by every group
+    pooled = torch.empty(2, g, P, d, dtype=q.dtype, device=q.device)            # one source frame's K, V
+    chunks = [(f, slice(f * L + c, f * L + min(c + rows, L))) for f in range(frames) for c in range(0, L, rows)]
+    for b in range(B):
+        for h0 in range(0, heads, g):
+            hs = slice(h0, min(h0 + g, heads))
+            qh, kh, vh = q[b, hs], k[b, hs], v[b, hs]                             # (g, F·L, d) views
+            gl = lse[: qh.shape[0]]
+            acc = out[b, hs] if q.dtype == acc_dtype else torch.empty(qh.shape, dtype=acc_dtype, device=q.device)
+            for f, c in chunks:                                                   # fine: the own frame
+                own = slice(f * L, (f + 1) * L)
+                o, lse_o = attend(qh[None, :, c], kh[None, :, own], vh[None, :, own], scale=scale)
+                acc[:, c] = o[0]
+                gl[:, c] = lse_o[0]
+            for j in range(frames):                                               # coarse: frame j's pooled keys
+                src = slice(j * L, (j + 1) * L)
+                kc = _pool_heads(kh[:, src], size, r, pooled[0, : qh.shape[0]])[None]
+                vc = _pool_heads(vh[:, src], size, r, pooled[1, : qh.shape[0]])[None]
+                for f, c in chunks:
+                    if f != j:
+                        o, lse_o = attend(qh[None, :, c], kc, vc, scale=scale)
+                        _merge_(acc[:, c], gl[:, c], o[0], lse_o[0])
+            if q.dtype != acc_dtype:
+                out[b, hs] = acc
     return out
 
 
@@ -164,9 +295,12 @@ class _FineCoarseTriton(torch.autograd.Function):
     """Triton forward; backward recomputes the PyTorch reference and differentiates it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, frames, size, r, scale, block_m, block_n):
+    def forward(ctx, q, k, v, frames, size, r, scale, block_m, block_n, bf16_native):
         ctx.save_for_backward(q, k, v)
         ctx.args = (frames, size, r, scale)
+        if q.dtype == torch.bfloat16 and not bf16_native:           # unverified native bf16: run the fp32 kernel
+            out = _triton_forward(q.float(), k.float(), v.float(), frames, size, r, scale, block_m, block_n)
+            return out.to(torch.bfloat16)
         return _triton_forward(q, k, v, frames, size, r, scale, block_m, block_n)
 
     @staticmethod
@@ -176,7 +310,7 @@ class _FineCoarseTriton(torch.autograd.Function):
         with torch.enable_grad():
             out = fine_coarse_attention_reference(q, k, v, frames, size, r, scale=scale)
             grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def fine_coarse_attention_triton(
@@ -190,15 +324,19 @@ def fine_coarse_attention_triton(
     scale: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    bf16_native: bool | None = None,
 ) -> torch.Tensor:
     """Fine-coarse frame attention with the Triton kernel: (B, h, F·H·W, d) ×3 -> (B, h, F·H·W, d).
 
     Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton
     was first imported (the tests do). `block_m`/`block_n` (>= 16) override the tile sizes.
+    bfloat16 inputs run the float32 kernel unless `bf16_native` (default:
+    `BF16_NATIVE_VERIFIED`, False until a GPU check passed; see the module docstring).
     """
     H, W = _check(q, k, v, frames, size, r)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _FineCoarseTriton.apply(q, k, v, frames, (H, W), r, scale, block_m, block_n)
+    native = BF16_NATIVE_VERIFIED if bf16_native is None else bool(bf16_native)
+    return _FineCoarseTriton.apply(q, k, v, frames, (H, W), r, scale, block_m, block_n, native)
 
 
 # ---------------------------------------------------------------- dispatcher

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minivid.kernels import fine_coarse_attention as fca
 from minivid.kernels.fine_coarse_attention import (
     fine_coarse_attention,
     fine_coarse_attention_reference,
@@ -60,10 +61,47 @@ def test_reference_and_triton_equal_dense_concatenation(case):
     want = dense(q, k, v, frames, H, W, r).float()
     ref = fine_coarse_attention_reference(q, k, v, frames, (H, W), r)
     tri = fine_coarse_attention_triton(q, k, v, frames, (H, W), r, block_m=16, block_n=16)
-    assert ref.shape == tri.shape == q.shape
-    assert (ref - want).abs().max() <= 1e-5
-    assert (tri - want).abs().max() <= 1e-5
+    concat = fca._concat_reference(q, k, v, frames, (H, W), r, None)
+    chunked = fca._lse_reference(q, k, v, frames, (H, W), r, None, budget=256)  # one head, 16-row chunks
+    grouped = fca._lse_reference(q, k, v, frames, (H, W), r, None, budget=2 ** 30)  # all heads, whole frames
+    assert ref.shape == tri.shape == concat.shape == chunked.shape == grouped.shape == q.shape
+    for out in (ref, tri, concat, chunked, grouped):
+        assert (out - want).abs().max() <= 1e-5
     assert (tri - ref).abs().max() <= 1e-5
+
+
+def test_lse_plan_keeps_the_working_set_in_budget():
+    for heads, L, P, d, frames in [(8, 4096, 1024, 40, 8), (8, 1024, 256, 40, 8), (8, 1024, 64, 80, 8),
+                                   (8, 64, 16, 160, 8), (3, 63, 20, 16, 5)]:
+        g, rows = fca._lse_plan(heads, L, P, d, 4, 2 ** 19, frames)
+        assert 1 <= g <= heads and min(L, 16) <= rows <= min(L, 512)
+        assert g == 1 or (2 * P * d + frames * L) * g * 4 <= 2 ** 18       # pooled K/V + running lse: half the budget
+        assert rows == min(L, 16) or g * rows * d * 4 <= 2 ** 18              # a chunk's partial output: the other half
+    assert fca._lse_plan(8, 4096, 1024, 40, 4, 2 ** 19, 8) == (1, 512)     # SD's 64×64 layer, r = 2: 8 chunks per frame
+    assert fca._lse_plan(8, 1024, 256, 40, 4, 2 ** 19, 8) == (2, 512)
+
+
+def test_reference_paths_by_autograd():
+    """No gradient: the log-sum-exp path (bitwise); a gradient: the concatenation path, differentiable."""
+    q, k, v = qkv(1, 2, 3, 5, 3, 16)
+    assert torch.equal(fine_coarse_attention_reference(q, k, v, 3, (5, 3), 2), fca._lse_reference(q, k, v, 3, (5, 3), 2, None))
+    qg = q.clone().requires_grad_()
+    out = fine_coarse_attention_reference(qg, k, v, 3, (5, 3), 2)
+    assert out.requires_grad and torch.equal(out.detach(), fca._concat_reference(q, k, v, 3, (5, 3), 2, None))
+
+
+def test_lse_merge_equals_concatenation():
+    """The two reference formulations of one softmax, F = 8 frames (8 merges per query), float32.
+
+    Bound: each formulation is within a few float32 ulps of the exact softmax average (whose size
+    is at most max|v|); a merge rescales and adds once (2 roundings), F + 1 partial results per
+    query, so |lse - concat| <= 2·(F + 2)·2^-24·max|v| with room for the fused kernels' own sums.
+    """
+    frames = 8
+    q, k, v = qkv(1, 2, frames, 6, 6, 40)
+    a = fca._lse_reference(q, k, v, frames, (6, 6), 2, None)
+    b = fca._concat_reference(q, k, v, frames, (6, 6), 2, None)
+    assert (a - b).abs().max() <= 2 * (frames + 2) * 2 ** -24 * v.abs().max()
 
 
 def test_pooled_size_keeps_border_windows():
@@ -120,6 +158,15 @@ def test_float16_inputs():
                 fine_coarse_attention_triton(q, k, v, 3, (6, 5), 2, block_m=16, block_n=16)):
         assert out.dtype == torch.float16
         assert (out.float() - want).abs().max() <= tol
+
+
+def test_bfloat16_triton_runs_the_float32_kernel_until_verified():
+    """bf16 tl.dot is not checkable under the interpreter: bf16 inputs take the float32 kernel."""
+    assert fca.BF16_NATIVE_VERIFIED is False
+    q, k, v = qkv(1, 2, 3, 6, 5, 40, dtype=torch.bfloat16)
+    out = fine_coarse_attention_triton(q, k, v, 3, (6, 5), 2, block_m=16, block_n=16)
+    want = fine_coarse_attention_triton(q.float(), k.float(), v.float(), 3, (6, 5), 2, block_m=16, block_n=16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.to(torch.bfloat16))
 
 
 def test_triton_reads_strided_inputs():

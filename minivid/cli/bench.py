@@ -3,13 +3,16 @@
 Benchmarks compare minivid with the reference libraries (diffusers), which the library
 itself never imports; so they live beside the tests, outside the package, and need a
 source checkout (`pip install -e .`). Each script defines `add_arguments(parser)` and
-`run(args) -> int`, prints a table of ratios measured in one run and can append it to
-docs/benchmarks.md with `--write`.
+`run(args) -> int` and prints a table of ratios measured in one run. Every benchmark takes
+`--full` (the paper-size run; the default run finishes in a few minutes on a 2-core CPU) and
+`--write` (replace its marked section of docs/benchmarks.md); this command adds both, and
+prints the 1-minute load average before and after the run.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import pathlib
 
 from minivid.cli.common import THREADS
@@ -43,9 +46,34 @@ def load(name: str):
     return mod
 
 
+def parser_for(name: str, mod) -> argparse.ArgumentParser:
+    """The argument parser of benchmark `name`: its own arguments plus --full and --write."""
+    doc = (mod.__doc__ or "").strip()
+    parser = argparse.ArgumentParser(prog=f"minivid bench {name}", description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--full", action="store_true",
+                        help="the paper-size run (long); the default run finishes in a few minutes on a 2-core CPU")
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section of docs/benchmarks.md")
+    mod.add_arguments(parser)
+    return parser
+
+
+def _load1() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def run(args: argparse.Namespace) -> int:
     mod = load(args.name)
-    parser = argparse.ArgumentParser(prog=f"minivid bench {args.name}", description=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
-    parser.add_argument("--write", action="store_true", help="append the measured table to docs/benchmarks.md")
-    mod.add_arguments(parser)
-    return int(mod.run(parser.parse_args(args.rest)) or 0)
+    ns = parser_for(args.name, mod).parse_args(args.rest)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if getattr(ns, "threads", None) is None and hasattr(ns, "threads"):
+            ns.threads = args.threads                     # a benchmark's own --threads default yields to it
+    before = _load1()
+    code = int(mod.run(ns) or 0)
+    print(f"1-minute load average: {before:.2f} before, {_load1():.2f} after")
+    return code

@@ -24,7 +24,12 @@
 Inversion runs with the source prompt and guidance 1 (the conditional model alone, as DDIM inversion is
 usually run); with an empty source prompt this is FLATTEN's inversion. The inversion has twice the steps
 of the sampling, so x_T comes from a finer inversion than the sampling that starts from it, as in the
-paper (and FLATTEN). Every UNet call runs the F frames as one batch ([uncond; cond] = 2F under
+paper (and FLATTEN). Two details the paper leaves implicit (docs/cove.md, "Inversion"):
+- which ε a step uses: Eq. 3 writes x_{t+1} from ε_θ(x_t), the model at the level the step starts
+  from; diffusers' DDIMInverseScheduler and FLATTEN's code evaluate it at the step's TARGET timestep.
+  `inversion_eps_at="target"` (default) is the latter, `"source"` is Eq. 3 (`samplers.ddim_invert`);
+- the 100-step inversion climbs to t = 991 (levels 1, 11, …, 991) while the 50-step sampling starts
+  at t = 981: x_T sits at ᾱ_991 and is denoised as if it were at ᾱ_981 (FLATTEN does the same). Every UNet call runs the F frames as one batch ([uncond; cond] = 2F under
 guidance) inside `call_state(unet, frames=F)`.
 """
 from __future__ import annotations
@@ -47,7 +52,7 @@ from .correspondence import Correspondence, correspondence
 from .features import FEATURE_T, diffusion_features
 from .inject import FeatureBank, injection_layers, match_timesteps
 
-__all__ = ["COVEConfig", "COVEResult", "edit_video", "STORE_DTYPES"]
+__all__ = ["COVEConfig", "COVEResult", "edit_video", "STORE_DTYPES", "inversion_unet_timesteps", "injection_schedule"]
 
 
 STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -59,6 +64,7 @@ class COVEConfig:
 
     # sampling (§4)
     inversion_steps: int = 100
+    inversion_eps_at: str = "target"       # "target" (diffusers/FLATTEN) or "source" (Eq. 3: ε_θ(x_t))
     steps: int = 50
     guidance: float = 7.5
     negative_prompt: str = ""
@@ -87,6 +93,8 @@ class COVEConfig:
             raise ValueError("COVEConfig: inversion_steps and steps must be at least 1")
         if not 0 <= self.inject_steps <= self.steps:
             raise ValueError(f"COVEConfig: inject_steps must be in [0, steps={self.steps}], got {self.inject_steps}")
+        if self.inversion_eps_at not in ("target", "source"):
+            raise ValueError(f"COVEConfig: inversion_eps_at must be 'target' or 'source', got {self.inversion_eps_at!r}")
         if self.feature_prompt not in ("empty", "source"):
             raise ValueError(f"COVEConfig: feature_prompt must be 'empty' or 'source', got {self.feature_prompt!r}")
         if self.mode not in MODES:
@@ -107,6 +115,28 @@ class COVEResult(NamedTuple):
     correspondence: Correspondence     # idx/score [F, N, F, K] on the feature grid
     features: Tensor                   # diffusion features [F, h', w', D], unit vectors
     stats: dict[str, Any]              # seconds per stage, injection layers, bank memory, ...
+
+
+def inversion_unet_timesteps(inversion_steps: int, eps_at: str = "target", num_train: int = 1000) -> list[int]:
+    """The timesteps the inversion calls the UNet at, in order: the target levels 1, 1+r, …, 1+(n−1)r
+    (r = T // n; 991 for n = 100) with eps_at="target", each step's source level (0, 1, …, 1+(n−2)r) with
+    "source" (Eq. 3). Same rule as `samplers.ddim_invert`."""
+    ts = ddim_timesteps(inversion_steps, num_train).flip(0).tolist()
+    if eps_at == "target":
+        return ts
+    r = num_train // inversion_steps
+    return [max(min(t - r, num_train - 1), 0) for t in ts]
+
+
+def injection_schedule(cfg: COVEConfig, num_train: int = 1000) -> dict[int, int]:
+    """{sampling timestep: inversion UNet-call timestep whose features it receives} for the first
+    `inject_steps` sampling steps: `inject.match_timesteps` for eps_at="target"; for "source" the same
+    rule (exact where visited, else nearest, ties lower) over the timesteps that inversion visits."""
+    if cfg.inversion_eps_at == "target":
+        return match_timesteps(cfg.inversion_steps, cfg.steps, cfg.inject_steps, num_train)
+    visited = inversion_unet_timesteps(cfg.inversion_steps, "source", num_train)
+    return {t: min(visited, key=lambda s: (abs(s - t), s))
+            for t in ddim_timesteps(cfg.steps, num_train)[:cfg.inject_steps].tolist()}
 
 
 def _denoiser(sd, cond: Tensor, uncond: Tensor, guidance: float, frames: int, bank: FeatureBank | None
@@ -179,7 +209,7 @@ def edit_video(
     cga = CorrespondenceGuidedAttention(corr, k=cfg.k, merge_ratio=cfg.merge_ratio, mode=cfg.mode,
                                         resolutions=cfg.resolutions, include_self=cfg.include_self)
     resnets, attentions = injection_layers(unet)
-    schedule = match_timesteps(cfg.inversion_steps, cfg.steps, cfg.inject_steps, sd.schedule.num_train_timesteps)
+    schedule = injection_schedule(cfg, sd.schedule.num_train_timesteps)
     bank = FeatureBank(resnets, attentions, schedule, cfg.store_device, STORE_DTYPES[cfg.store_dtype])
     stats["injection"] = {"resnets": resnets, "attentions": attentions,
                           "sampling_to_inversion_timestep": {str(k): v for k, v in schedule.items()}}
@@ -190,7 +220,7 @@ def edit_video(
     invert = _denoiser(sd, source, source, 1.0, Fr, bank)
     with inversion_attention, bank.recording(unet), _autocast(sd, dtype):
         x_T, trajectory = ddim_invert(invert, z, cfg.inversion_steps, sd.schedule, sd.prediction,
-                                      progress=progress, return_trajectory=True)
+                                      eps_at=cfg.inversion_eps_at, progress=progress, return_trajectory=True)
     inversion = Inversion(x_T, z, trajectory, ddim_timesteps(cfg.inversion_steps, sd.schedule.num_train_timesteps).flip(0))
     stats["bank_bytes"], stats["bank_steps"] = bank.nbytes, len(bank.steps)
     lap("inversion")
