@@ -9,7 +9,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["inspect", "generate", "invert", "animate", "tune", "edit", "bench", "demo"]
+SUBCOMMANDS = ["inspect", "generate", "invert", "animate", "tune", "edit", "bench", "demo", "parity"]
 
 
 def build_parser() -> argparse.ArgumentParser:
