@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from minivid.cli.common import show_progress
+
+    args.progress = show_progress(args)        # what every job passes as progress= to the long loops
     if getattr(args, "threads", None):
         import torch
 
