@@ -4,7 +4,7 @@ Reports the model (SD 1.x / 2.x with its eps-or-v guess / SVD / SVD-XT / unknown
 the dtypes, the parameters per component, and every difference from the matching manifest of
 the official file (missing, unexpected, other shape). Reads only what it must: the header of a
 .safetensors file, a memory map of a .ckpt. `--write-tiny DIR` writes a small random checkpoint
-with the official SD names (see weights/README.md) and inspects it.
+with the official SD or SVD names (see weights/README.md) and inspects it.
 """
 from __future__ import annotations
 
