@@ -113,7 +113,7 @@ class Job:
 
         return self.add_output(write_video(self.output_path(name), frames, fps=fps, overwrite=self.overwrite))
 
-    def write_grid(self, name: str, frames: torch.Tensor, rows: list[str] | None = None, cols: int | None = None,
+    def write_grid(self, name: str, frames: torch.Tensor, cols: int | None = None, *, rows: list[str] | None = None,
                    legend: list | None = None, title: str | None = None,
                    numbers: list[str] | None = None) -> pathlib.Path:
         """A labelled frame grid (minivid.pictures): `rows` names each row (frames split evenly), the
