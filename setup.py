@@ -17,6 +17,9 @@ setup(
         "tqdm",
         "triton",
     ],
-    extras_require={"test": ["pytest", "diffusers", "transformers"]},
+    extras_require={
+        "test": ["pytest", "diffusers", "transformers"],
+        "parity": ["diffusers", "transformers"],          # `minivid parity` (minivid.parity imports them lazily)
+    },
     entry_points={"console_scripts": ["minivid=minivid.cli:main"]},
 )

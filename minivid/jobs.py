@@ -236,10 +236,22 @@ class Job:
 
         return self.add_output(write_video(self.output_path(name), frames, fps=fps, overwrite=self.overwrite))
 
-    def write_grid(self, name: str, frames: torch.Tensor, cols: int | None = None) -> pathlib.Path:
+    def write_grid(self, name: str, frames: torch.Tensor, cols: int | None = None, *, rows: list[str] | None = None,
+                   legend: list | None = None, title: str | None = None,
+                   numbers: list[str] | None = None) -> pathlib.Path:
+        """A labelled frame grid (minivid.pictures): `rows` names each row (frames split evenly), the
+        columns carry frame numbers; without rows the cells are tiled and numbered; `legend`:
+        [(RGB uint8 colour, text)]."""
+        from minivid.pictures import save_labelled_grid
+
+        return self.add_output(save_labelled_grid(self.output_path(name), frames, rows=rows, cols=cols, legend=legend,
+                                                  title=title, numbers=numbers, overwrite=self.overwrite))
+
+    def write_image(self, name: str, image: torch.Tensor) -> pathlib.Path:
+        """One picture [3, H, W] in [-1, 1] as a PNG, pixel for pixel (no labels)."""
         from minivid.video import save_grid
 
-        return self.add_output(save_grid(self.output_path(name), frames, cols=cols, overwrite=self.overwrite))
+        return self.add_output(save_grid(self.output_path(name), image[None], overwrite=self.overwrite))
 
     def write_side_by_side(self, name: str, source: torch.Tensor, result: torch.Tensor, fps: float = 8) -> pathlib.Path:
         from minivid.video import side_by_side

@@ -79,6 +79,15 @@ def test_write_tiny_sd2(tmp_path, run):
     assert report["prediction_reason"].startswith("WARNING")  # "tiny-sd-v2-1" says neither 768 nor 512
 
 
+def test_write_tiny_svd(tmp_path, run):
+    """The SVD layout: exactly the official names (the conditioning-VAE copy included), smaller shapes."""
+    code, out, _ = run("--write-tiny", tmp_path, "--like", "svd", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["model"] == "svd" and report["tensors"] == len(W.load_manifest("svd").tensors)
+    assert report["manifest"]["missing"] == [] and report["manifest"]["unexpected"] == []
+    assert report["manifest"]["shapes"]
+
+
 @pytest.mark.parametrize("name,filename,model,prediction", [
     ("sd-v1-4", "sd-v1-4.safetensors", "sd1", "eps"),
     ("sd-v2-1", "v2-1_768-ema-pruned.safetensors", "sd2", "v"),

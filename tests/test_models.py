@@ -318,7 +318,8 @@ def test_prediction_argument_overrides_the_file_with_a_warning(tiny_sd, tmp_path
 
 
 def test_tiny_official_names_checkpoint_loads(tmp_path):
-    """`minivid inspect --write-tiny`'s fp16 file (official names, SD 1.4 proportions) loads into fp32."""
+    """`minivid inspect --write-tiny`'s fp16 files (official names, SD proportions) load into fp32; the config
+    in their metadata gives the head counts (the SD 2 rule, 64-wide heads, does not fit 32 channels)."""
     from minivid.weights.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path, "sd-v1-4")
@@ -327,8 +328,22 @@ def test_tiny_official_names_checkpoint_loads(tmp_path):
     assert sd.config.text.width == 96 and sd.config.text.layers == 12 and sd.config.vae.ch_mult == (1, 2, 4, 4)
     file = safetensors.torch.load_file(str(path))
     assert torch.equal(sd.unet.out[2].weight, file["model.diffusion_model.out.2.weight"].float())
+    sd2_path = write_tiny_checkpoint(tmp_path, "sd-v2-1")
+    sd2 = StableDiffusion.load(sd2_path)
+    assert sd2.kind == "sd2" and sd2.prediction == "v" and sd2.config.unet.num_head_channels == 8
+    assert sd2.config.text.heads == 16 and sd2.config.text.width == 128
+    bare = tmp_path / "no-metadata.safetensors"
+    safetensors.torch.save_file(safetensors.torch.load_file(str(sd2_path)), str(bare))
     with pytest.raises(W.WeightsError, match="config="):        # SD 2 rule: 64-wide heads do not fit 32 channels
-        StableDiffusion.load(write_tiny_checkpoint(tmp_path, "sd-v2-1"))
+        StableDiffusion.load(bare)
+
+
+def test_tiny_svd_checkpoint_loads(tmp_path):
+    from minivid.svd import StableVideoDiffusion
+    from minivid.weights.tiny import tiny_svd_config, write_tiny_checkpoint
+
+    svd = StableVideoDiffusion.load(write_tiny_checkpoint(tmp_path, "svd"))
+    assert svd.config == tiny_svd_config("svd") and svd.load_info["conditioning_encoder_difference"] == 0.0
 
 
 def test_half_precision_files_load_into_any_dtype(tiny_sd, tmp_path):

@@ -9,7 +9,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["inspect", "generate", "invert", "animate", "tune", "edit", "bench", "demo", "eval", "batch"]
+SUBCOMMANDS = ["inspect", "generate", "invert", "animate", "tune", "edit", "bench", "demo", "eval", "batch", "parity"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     checks.reset()
     threads = None
+    from minivid.cli.common import show_progress
+
+    args.progress = show_progress(args)        # what every job passes as progress= to the long loops
     if getattr(args, "threads", None):
         torch = torch_module()
         threads = torch.get_num_threads()

@@ -87,12 +87,12 @@ def run(args: argparse.Namespace) -> int:
         out = image_to_video(
             svd, image, num_frames=frames, num_steps=args.steps, min_guidance=args.min_guidance,
             max_guidance=args.max_guidance, fps=args.fps, motion_bucket_id=args.motion_bucket,
-            noise_aug_strength=args.noise_aug, decode_chunk_size=args.decode_chunk, generator=generator,
+            noise_aug_strength=args.noise_aug, decode_chunk_size=args.decode_chunk, generator=generator, progress=args.progress,
         )
     result = out.frames[0].clamp(-1, 1).cpu()
     job.write_video("result.mp4", result, fps=args.fps)
-    job.write_grid("grid.png", result)
-    job.write_grid("source.png", image[None])
+    job.write_grid("grid.png", result, rows=["generated"])
+    job.write_image("source.png", image)
     job.write_side_by_side("source_result.mp4", image[None].expand_as(result), result, fps=args.fps)
     record = job.finish(
         model=svd.load_info.get("detected", "tiny (random)") if args.weights else "tiny (random)",

@@ -114,12 +114,21 @@ CHUNK = integer(1, 100_000)
 # ---------------------------------------------------------------- options
 
 def add_run_arguments(p: argparse.ArgumentParser, device: str | None = None) -> None:
-    """--device, --seed, --out, --threads: what every job takes."""
+    """--device, --seed, --out, --threads, --quiet: what every job takes."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device", type=torch_device, default=dev, help=f"torch device (default {dev})")
     p.add_argument("--seed", type=SEED, default=0, help="random seed, an integer ≥ 0 (default 0)")
     p.add_argument("--out", help="output folder (default outputs/<job>-<time>/); must be writable and apart from the inputs")
     p.add_argument("--threads", type=THREADS, help="CPU threads for torch, ≥ 1 (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are also off when stderr is not a terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars (tqdm, on stderr, one per stage) unless --quiet or stderr is not a terminal."""
+    import sys
+
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
 def add_model_arguments(p: argparse.ArgumentParser, weights_help: str = "official checkpoint file or diffusers folder") -> None:
@@ -366,7 +375,7 @@ def write_edit(job: Job, source: torch.Tensor, edited: torch.Tensor, fps: float 
     source, edited = source.cpu(), edited.cpu()
     with job.timed("write"):
         job.write_video("edited.mp4", edited, fps=fps)
-        job.write_grid("grid.png", torch.cat([source, edited]), cols=len(source))
+        job.write_grid("grid.png", torch.cat([source, edited]), rows=["source", "edited"])
         job.write_side_by_side("side_by_side.mp4", source, edited, fps=fps)
 
 

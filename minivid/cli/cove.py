@@ -23,7 +23,7 @@ from minivid.cli.common import (
 from minivid.jobs import Job
 
 from minivid.methods.cove.pipeline import STORE_DTYPES, COVEConfig, edit_video
-from minivid.methods.cove.visualize import correspondence_picture
+from minivid.methods.cove.visualize import correspondence_legend, correspondence_picture
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def _write(job: Job, source: torch.Tensor, out, point: tuple[float, float], fps:
     write_edit(job, source, out.images, fps=fps)
     with job.timed("write"):
         job.write_grid("correspondence.png", correspondence_picture(source.cpu(), out.correspondence, point),
-                       cols=len(source))
+                       rows=["source"], legend=correspondence_legend(out.correspondence.k),
+                       title=f"query: frame 0 at y,x = {point[0]:g},{point[1]:g}")
 
 
 def _results(out, config: COVEConfig, frames: torch.Tensor, point: tuple[float, float]) -> dict:
@@ -114,7 +115,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
         frames = read_source(args, sd)
     job.record["model"] = {"kind": sd.kind, "prediction": sd.prediction}
     with job.timed("edit"):
-        out = edit_video(sd, frames, args.prompt, args.source_prompt, config, seed=args.seed, dtype=DTYPES[args.dtype])
+        out = edit_video(sd, frames, args.prompt, args.source_prompt, config, seed=args.seed, dtype=DTYPES[args.dtype],
+                          progress=args.progress)
     _write(job, frames, out, point, args.fps)
     log.info("COVE: feature bank %.1f MB over %d inversion steps", out.stats["bank_bytes"] / 2 ** 20, out.stats["bank_steps"])
     return {"source_prompt": args.source_prompt, "prompt": args.prompt, **_results(out, config, frames, point)}
@@ -175,7 +177,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
             sd = StableDiffusion.from_config(model, device=args.device, seed=args.seed)
             clip = moving_shapes(args.frames, size).to(sd.device)
         with job.timed("edit"):
-            out = edit_video(sd, clip, DEMO_PROMPT, DEMO_SOURCE, config, seed=args.seed, progress=False)
+            out = edit_video(sd, clip, DEMO_PROMPT, DEMO_SOURCE, config, seed=args.seed, progress=args.progress)
     finally:
         torch.set_num_threads(threads)
     point = (0.25, 0.25)                                     # the red disc's centre in frame 0

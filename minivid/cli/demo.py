@@ -67,21 +67,21 @@ def run_tiny(args: argparse.Namespace) -> int:
         sd = StableDiffusion.from_config(args.model, device=args.device, seed=args.seed)
     with job.timed("generate"):
         images = text_to_image(sd, PROMPTS, steps=args.steps, guidance=7.5, height=args.size, width=args.size,
-                               seed=args.seed, progress=False).images
-    job.write_grid("generated.png", images.cpu())
+                               seed=args.seed, progress=args.progress).images
+    job.write_grid("generated.png", images.cpu(), rows=["generated"], numbers=[f"prompt {i}" for i in range(len(images))])
 
     with job.timed("generate clip"):
         noise = _interpolated_noise(sd, args.frames, args.size, args.seed)
         generated = text_to_image(sd, CLIP_PROMPT, steps=args.steps, guidance=7.5, num_images=args.frames,
-                                  latents=noise, progress=False)
+                                  latents=noise, progress=args.progress)
     with job.timed("inversion"):
         inv = invert(sd, latents=generated.latents, prompt=CLIP_PROMPT, steps=args.steps, frames=args.frames,
-                     progress=False)
+                     progress=args.progress)
     with job.timed("reconstruction"):
-        rec = reconstruct(sd, inv, CLIP_PROMPT, frames=args.frames, progress=False)
+        rec = reconstruct(sd, inv, CLIP_PROMPT, frames=args.frames, progress=args.progress)
     clip, result = generated.images.cpu(), rec.images.cpu()
     job.write_video("clip.mp4", clip)
-    job.write_grid("clip_grid.png", clip)
+    job.write_grid("clip_grid.png", torch.cat([clip, result]), rows=["clip", "reconstruction"])
     job.write_video("reconstruction.mp4", result)
     job.write_side_by_side("side_by_side.mp4", clip, result)
     quality = psnr(result, clip)

@@ -69,12 +69,12 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
         frames = read_source(args, sd)
     config = _config(args)
     cfg = TuneConfig(steps=steps, lr=args.lr or DEFAULT_LR, autocast=args.autocast,
-                     checkpoint_every=args.checkpoint_every, seed=args.seed)
+                     checkpoint_every=args.checkpoint_every, seed=args.seed, progress=args.progress)
     with job.timed("tuning"):
         _, result = tune_video(sd, frames, args.prompt, job.dir, config, cfg,
                                gradient_checkpointing=args.gradient_checkpointing, resume=not (args.no_resume or args.restart),
                                meta={"base": tiny_base(args), "source": frames_digest(frames)})
-    job.write_grid("source_grid.png", frames.cpu())
+    job.write_grid("source_grid.png", frames.cpu(), rows=["source"])
     if result.checkpoint is not None:
         job.add_output(result.checkpoint, keep=True)
     return {**tuning_summary(METHOD_NAME, result, frames), "ei2": config.to_dict(), "tune": vars(cfg)}
@@ -104,7 +104,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     steps = args.steps or DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     with job.timed("edit (inversion + sampling)"):
-        out = ei2_edit(sd, frames, args.prompt, source_prompt, steps, guidance, dtype=DTYPES[args.dtype])
+        out = ei2_edit(sd, frames, args.prompt, source_prompt, steps, guidance, dtype=DTYPES[args.dtype],
+                       progress=args.progress)
     write_edit(job, frames, out.images, fps=args.fps)
     return {
         "tuned": info["path"], "tuned_step": info.get("step"), "tuned_prompt": info.get("prompt"),
@@ -165,10 +166,10 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     before = fixed_batch_loss(fixed)
     with job.timed("tuning"):
         _, result = tune_video(sd, clip, DEMO_SOURCE, job.path("tuning"), model=model,
-                               cfg=TuneConfig(steps=DEMO_TUNE_STEPS, lr=DEMO_LR, seed=args.seed, progress=False))
+                               cfg=TuneConfig(steps=DEMO_TUNE_STEPS, lr=DEMO_LR, seed=args.seed, progress=args.progress))
     after = fixed_batch_loss(fixed)
     with job.timed("edit"):
-        out = ei2_edit(sd, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=False)
+        out = ei2_edit(sd, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=args.progress)
     job.write_video("source.mp4", clip.cpu())
     write_edit(job, clip, out.images)
     print(f"tuning loss on a fixed batch: {before:.4f} before, {after:.4f} after {DEMO_TUNE_STEPS} steps "

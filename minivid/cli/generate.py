@@ -42,10 +42,11 @@ def run(args: argparse.Namespace) -> int:
     check_job_memory(sd, args.num_images, height, width, args.device, what=f"{args.num_images} image(s) of {width}x{height}")
     with job.timed("generate"):
         out = text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                            height=args.height, width=args.width, num_images=args.num_images, seed=args.seed)
+                            height=args.height, width=args.width, num_images=args.num_images, seed=args.seed,
+                            progress=args.progress)
     images = out.images.cpu()
     for i, image in enumerate(images):
-        job.write_grid(f"image_{i:02d}.png", image[None])
+        job.write_image(f"image_{i:02d}.png", image)
     job.write_grid("grid.png", images)
     job.ran(frames=len(images), size=list(images.shape[-2:]))
     record = job.finish(images=len(images), size=list(images.shape[-2:]))

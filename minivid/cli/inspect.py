@@ -4,7 +4,7 @@ Reports the model (SD 1.x / 2.x with its eps-or-v guess / SVD / SVD-XT / unknown
 the dtypes, the parameters per component, and every difference from the matching manifest of
 the official file (missing, unexpected, other shape). Reads only what it must: the header of a
 .safetensors file, a memory map of a .ckpt. `--write-tiny DIR` writes a small random checkpoint
-with the official SD names (see weights/README.md) and inspects it.
+with the official SD or SVD names (see weights/README.md) and inspects it.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minivid import weights as W
-from minivid.weights.tiny import TINY_WIDTHS, write_tiny_checkpoint
+from minivid.weights.tiny import TINY_LAYOUTS, write_tiny_checkpoint
 
 help = "say which official model a checkpoint file or diffusers folder holds, and how it differs from it"
 
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="compare with this manifest (sd-v1-4, sd-v2-1, svd, svd_xt) instead of the detected one")
     p.add_argument("--write-tiny", metavar="DIR",
                    help="write DIR/tiny-<like>.safetensors, a small random checkpoint with the official names, and inspect it")
-    p.add_argument("--like", choices=sorted(TINY_WIDTHS), default="sd-v1-4", help="official layout for --write-tiny")
+    p.add_argument("--like", choices=list(TINY_LAYOUTS), default="sd-v1-4", help="official layout for --write-tiny")
 
 
 def _params(shape) -> int:

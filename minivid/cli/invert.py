@@ -40,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
         source = read_source(args, sd, images=True)
     job.record["model"] = {"kind": sd.kind, "prediction": sd.prediction}
     with job.timed("inversion"):
-        inv = invert_video(sd, source, args.prompt, args.steps, args.guidance, chunk=args.chunk)
+        inv = invert_video(sd, source, args.prompt, args.steps, args.guidance, chunk=args.chunk, progress=args.progress)
     with job.timed("reconstruction"):
-        rec = reconstruct_video(sd, inv, args.prompt, guidance=args.guidance, chunk=args.chunk)
+        rec = reconstruct_video(sd, inv, args.prompt, guidance=args.guidance, chunk=args.chunk,
+                                progress=args.progress)
         with torch.no_grad():
             vae_only = sd.decode_latents(inv.latents)
     source, result = source.cpu(), rec.images.cpu()
@@ -63,15 +64,14 @@ def run(args: argparse.Namespace) -> int:
 def write_outputs(job: Job, source: torch.Tensor, result: torch.Tensor, vae_only: torch.Tensor, fps: float) -> dict:
     """Grids (and videos for more than one frame); returns the PSNR figures for the record."""
     from minivid.pipelines.sd import psnr
-    from minivid.video import side_by_side
 
-    job.write_grid("source_grid.png", source)
-    job.write_grid("reconstruction_grid.png", result)
+    job.write_grid("source_grid.png", source, rows=["source"])
+    job.write_grid("reconstruction_grid.png", result, rows=["reconstruction"])
     if len(source) > 1:
         job.write_video("reconstruction.mp4", result, fps=fps)
         job.write_side_by_side("side_by_side.mp4", source, result, fps=fps)
     else:
-        job.write_grid("side_by_side.png", side_by_side(source, result))
+        job.write_grid("side_by_side.png", torch.cat([source, result]), rows=["source", "reconstruction"])
     per_frame = psnr(result, source)
     return {
         "psnr_db": round(float(per_frame.mean()), 3),

@@ -63,7 +63,7 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
         raise ValueError("TCVE tuning keeps the tuned tensors in float32: use --dtype fp32 with --autocast bf16|fp16 "
                          "for mixed precision")
     cfg = tune_config(steps=args.steps, lr=args.lr, autocast=args.autocast, checkpoint_every=args.checkpoint_every,
-                      seed=args.seed)
+                      seed=args.seed, progress=args.progress)
     if cfg.steps < 1 or cfg.checkpoint_every < 1:
         raise ValueError("--steps and --checkpoint-every must be at least 1")
     with job.timed("load"):
@@ -78,7 +78,7 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
         result = tune_tcve(sd, model, frames, args.prompt, cfg, job.dir, resume=not (args.no_resume or args.restart),
                            checkpointing=args.gradient_checkpointing, vae_chunk=_opt(args, "vae_chunk"),
                            meta={"base": tiny_base(args), "source": frames_digest(frames)})
-    job.write_grid("source_grid.png", frames.cpu())
+    job.write_grid("source_grid.png", frames.cpu(), rows=["source"])
     if result.checkpoint is not None:
         job.add_output(result.checkpoint, keep=True)
     return {**tuning_summary(METHOD_NAME, result, frames), "tcve": model.settings, "tune": vars(cfg),
@@ -115,7 +115,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     guidance = EDIT_GUIDANCE if args.guidance is None else args.guidance
     with job.timed("edit (inversion + sampling)"):
         out = edit_tcve(sd, model, frames, args.prompt, source_prompt, inversion_prompt=inversion, steps=steps,
-                        guidance=guidance, vae_chunk=_opt(args, "vae_chunk"), dtype=DTYPES[args.dtype])
+                        guidance=guidance, vae_chunk=_opt(args, "vae_chunk"), dtype=DTYPES[args.dtype],
+                        progress=args.progress)
     write_edit(job, frames, out.images, fps=args.fps)
     return {
         "tuned": info.get("path"), "tuned_step": info.get("step"), "tuned_prompt": info.get("prompt"),
@@ -177,10 +178,10 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     before = fixed_batch_loss(fixed)
     with job.timed("tuning"):
         result = tune_tcve(sd, model, clip, DEMO_SOURCE, tune_config(steps=DEMO_TUNE_STEPS, lr=DEMO_LR, seed=args.seed,
-                                                                     progress=False), job.path("tuning"))
+                                                                     progress=args.progress), job.path("tuning"))
     after = fixed_batch_loss(fixed)
     with job.timed("edit"):
-        out = edit_tcve(sd, model, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=False)
+        out = edit_tcve(sd, model, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=args.progress)
     job.write_video("source.mp4", clip.cpu())
     write_edit(job, clip, out.images)
     print(f"tuning loss on a fixed batch: {before:.4f} before, {after:.4f} after {DEMO_TUNE_STEPS} steps "

@@ -1,6 +1,7 @@
 """Tune-A-Video's two video blocks on the SD UNet: sparse-causal self-attention and temporal attention.
 
-Tune-A-Video (Wu et al., 2023) inflates SD into a video model with two changes to every
+Tune-A-Video (Wu et al., "Tune-A-Video: One-Shot Tuning of Image Diffusion Models for
+Text-to-Video Generation", ICCV 2023, arXiv:2212.11565) inflates SD into a video model with two changes to every
 BasicTransformerBlock; TCVE builds on it, and the EI² benchmark uses it as its baseline.
 
 1. Sparse-causal self-attention (`sparse_causal`, a processor for the `attn1` layers): the

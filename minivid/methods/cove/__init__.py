@@ -1,5 +1,8 @@
 """COVE: consistent high-quality video editing with diffusion-feature correspondence (SD 2.1).
 
+Wang, Ma, Guo, Xiao, Huang, Li, "COVE: Unleashing the Diffusion Feature Correspondence for
+Consistent Video Editing", NeurIPS 2024, arXiv:2406.08850.
+
 In the order of the paper (§3.2-3.3, Appendix A, C, E):
 - `features`: diffusion features, one UNet pass on each frame noised to t = 261 (Eq. 4);
 - `correspondence`: sliding-window top-K correspondence between consecutive frames and its

@@ -1,12 +1,15 @@
 """The correspondence picture of COVE's Appendix C: one token of one frame and its K matches in every frame.
 
-    pic = correspondence_picture(frames, corr, point=(0.5, 0.5))     # [F, 3, H, W], save with video.save_grid
+    pic = correspondence_picture(frames, corr, point=(0.5, 0.5))     # [F, 3, H, W]
+    save_labelled_grid("correspondence.png", pic, rows=["source"], legend=correspondence_legend(corr.k))
 
 Markers are drawn into a copy of the frames (no plotting library): the query token as a white square
 in its own frame, and in every other frame its K corresponding tokens as squares coloured by rank
 (top-1 red, then orange, yellow, green, cyan, ...), each with a black outline; the top-1 is drawn
 last, so it stays visible when matches overlap. A square covers the token's cell of the feature grid
-(8×8 pixels at 512 px with a 64×64 feature), at least 5 pixels wide.
+(8×8 pixels at 512 px with a 64×64 feature), at least 5 pixels wide. `correspondence_legend(k)` gives
+the legend entries for `minivid.pictures.save_labelled_grid`, which also enlarges small frames
+(nearest neighbour) to a readable size.
 """
 from __future__ import annotations
 
@@ -15,11 +18,22 @@ from torch import Tensor
 
 from .correspondence import Correspondence
 
-__all__ = ["RANK_COLORS", "point_token", "correspondence_picture"]
+__all__ = ["RANK_COLORS", "point_token", "correspondence_picture", "correspondence_legend"]
 
 RANK_COLORS = ((1.0, -1.0, -1.0), (1.0, 0.3, -1.0), (1.0, 1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, 1.0, 1.0),
                (-1.0, -1.0, 1.0), (1.0, -1.0, 1.0))          # RGB in [-1, 1]
 QUERY_COLOR = (1.0, 1.0, 1.0)
+
+
+def _uint8(color: tuple[float, float, float]) -> tuple[int, int, int]:
+    return tuple(int(round((c + 1) * 127.5)) for c in color)  # type: ignore[return-value]
+
+
+def correspondence_legend(k: int) -> list[tuple[tuple[int, int, int], str]]:
+    """The legend of the picture: (RGB uint8 colour, text) for the query point and match ranks 1..k."""
+    return [(_uint8(QUERY_COLOR), "query point")] + [
+        (_uint8(RANK_COLORS[r % len(RANK_COLORS)]), f"match {r + 1}" + (" (best)" if r == 0 and k > 1 else ""))
+        for r in range(k)]
 
 
 def point_token(point: tuple[float, float], hw: tuple[int, int]) -> int:

@@ -1,4 +1,5 @@
-"""EI² (Zhang et al., NeurIPS 2023): consistent video editing by inflating SD 1.4 with a
+"""EI² (Zhang, Li, Nie, Han, Guo, Liu, "Towards Consistent Video Editing with Text-to-Image
+Diffusion Models", NeurIPS 2023): consistent video editing by inflating SD 1.4 with a
 Shift-restricted Temporal Attention Module (STAM, §4.3) and a Fine-coarse Frame Attention
 Module (FFAM, §4.4), then one-shot tuning on the source video (§5). See docs/ei2.md.
 

@@ -1,4 +1,5 @@
-"""TCVE: Edit Temporal-Consistent Videos with Image Diffusion Model (Wang et al., 2023).
+"""TCVE: "Edit Temporal-Consistent Videos with Image Diffusion Model" (Wang, Li, Zhang, Liu, Dai,
+Chan, Cui; arXiv:2308.09091, 2023).
 
 SD 1.4 made a video model the Tune-A-Video way (minivid.methods.tuneavideo: sparse-causal
 self-attention, temporal attention), plus a temporal branch beside it:
