@@ -62,13 +62,17 @@ PROMPTS = ["a photo of a cat", "an astronaut riding a horse, highly detailed"]
 INSTALL = "pip install 'minivid[parity]'   (or: pip install diffusers transformers)"
 
 
+class OraclesMissing(ValueError):
+    """diffusers/transformers (the `[parity]` extra) are not installed: the user's to fix, not a bug."""
+
+
 def require_oracles() -> None:
-    """Import check for the `[parity]` extra; a RuntimeError saying what to install when it is absent."""
+    """Import check for the `[parity]` extra; an OraclesMissing error saying what to install when it is absent."""
     import importlib.util
 
     missing = [name for name in ("diffusers", "transformers") if importlib.util.find_spec(name) is None]
     if missing:
-        raise RuntimeError(f"minivid parity compares against {' and '.join(missing)}, which "
+        raise OraclesMissing(f"minivid parity compares against {' and '.join(missing)}, which "
                            f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL}")
 
 

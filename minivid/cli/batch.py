@@ -136,6 +136,7 @@ def run_item(item: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
             except SystemExit:
                 raise ValueError(usage.getvalue().strip().splitlines()[-1]) from None
         args.device = distributed.resolve_device(args.device)
+        args.progress = False              # one bar over the items (rank 0), none inside them
         with distributed.local():          # an item is one process's job: its tuning does not all-reduce
             code = int(args._run(args) or 0)
         if code:
