@@ -569,6 +569,7 @@ def window_topk_pair(
                 _band_sims(qb, qa, P, rest_chunks, j, keys, rest_sims[j])
             cand.index_copy_(0, rest_rows, rest_sims.view(-1).index_select(0, rest_gather).view(len(rest), W, -1))
         s, p = _select_topk(cand.view(H * W, -1), k)
+        del cand
         out[3][i] = s.view(H, W, k)
         out[2][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
         s, p = _select_topk(flat.index_select(0, fwd_gather).view(H * W, -1), k)
