@@ -182,7 +182,10 @@ def run(args: argparse.Namespace) -> int:
         f"on the number of frames. Bitwise on these features: band = reference {band_eq}, pair = two "
         f"reference searches {pair_eq}. 'concurrent job': a second process multiplying 2048×2048 fp32 "
         "matrices on 2 threads throughout the phase (on top of whatever else runs on the shared machine). "
-        f"Peak memory measured at {threads[0]} thread(s).\n\nCommand: `{cmd}`."
+        f"Peak memory measured at {threads[0]} thread(s); with more threads each worker thread holds its "
+        "own buffers (the profiler does not see worker threads): add the peak minus the outputs per extra "
+        "worker. 'executed / exact': executed multiply-adds over the exact windowed count of the same "
+        "directions (for the per-pair path: its whole-frame products over the window's).\n\nCommand: `{cmd}`."
     )
     print(body)
     print(f"\nbitwise: band == reference {band_eq}; pair == two reference searches {pair_eq}")

@@ -235,21 +235,21 @@ def window_topk_reference(
 # A query row segment (row h, columns w0..w0+T-1) has all its windows inside one key band:
 # rows [s_h, s_h + L_h) (the window rows of row h, the same for the whole row) by the
 # R = T + L_w - 1 columns covering the segment's window columns. Let keys_j hold columns
-# [c_j, c_j + R) of every key row, contiguous ([H, R, D]); the band of row h is then the
-# contiguous block keys_j[s_h : s_h + L_h] ([L_h*R, D]), and the bands of consecutive rows
-# with s_h = h - l//2 are one overlapping strided view (batch stride R*D). Border rows share
-# one band (batch stride 0). So a column tile is a few bmm calls on views: no query or band
-# copies, only keys_j (1.5 frames per pair at T=16, l=9).
+# [c_j, c_j + R) of the key rows, contiguous ([rows, R, D], copied in chunks of _KEY_ROWS
+# query rows); the band of row h is then the contiguous block keys_j[s_h : s_h + L_h]
+# ([L_h*R, D]), and the bands of consecutive rows with s_h = h - l//2 are one overlapping
+# strided view (batch stride R*D). Border rows share one band (batch stride 0). So a column
+# tile is a few bmm calls on views: no query or band copies, only keys_j (~1.5 frames per
+# pair at T=16, l=9).
 
 @functools.lru_cache(maxsize=64)
 def _band_plan(H: int, W: int, window: int, tile: int):
-    """Shape-only plan of the band search (cached; on the CPU, moved to a device by the caller).
+    """Shape-only plan of the band search (cached, plain Python numbers).
 
     Returns a dict: Lh, Lw, T, R; w0 [nT] first query column of each tile (the last tile
     ends at W, overlapping its neighbour); c [nT] first key column of each tile's band
-    (the band lies inside the frame); runs: row runs (h0, h1, s0, step) with band start
-    s0 + step*(h - h0), step 1 (interior) or 0 (border rows sharing a band); col_tile,
-    col_t [W]: the tile and slot whose result column w takes (the last tile covering it).
+    (the band lies inside the frame); rs [H], cs [W]: window starts; col_tile, col_t [W]:
+    the tile and slot whose result column w takes (the last tile covering it).
     """
     Lh, Lw = min(window, H), min(window, W)
     T = min(tile, W)
@@ -259,26 +259,12 @@ def _band_plan(H: int, W: int, window: int, tile: int):
     rs = window_starts(H, window).tolist()
     R = max(cs[w + T - 1] + Lw - cs[w] for w in w0)
     c = [min(cs[w], W - R) for w in w0]
-    runs = []
-    h = 0
-    while h < H:
-        h1 = h + 1
-        step = None
-        while h1 < H:
-            d = rs[h1] - rs[h1 - 1]
-            if step is None and d in (0, 1):
-                step = d
-            if d != step:
-                break
-            h1 += 1
-        runs.append((h, h1, rs[h], step or 0))
-        h = h1
     col_tile = [0] * W
     col_t = [0] * W
     for j, x in enumerate(w0):
         for t in range(T):
             col_tile[x + t], col_t[x + t] = j, t
-    return dict(Lh=Lh, Lw=Lw, T=T, R=R, w0=w0, c=c, runs=runs, rs=rs, cs=cs, col_tile=col_tile, col_t=col_t)
+    return dict(Lh=Lh, Lw=Lw, T=T, R=R, w0=w0, c=c, rs=rs, cs=cs, col_tile=col_tile, col_t=col_t)
 
 
 @functools.lru_cache(maxsize=64)
@@ -569,6 +555,7 @@ def window_topk_pair(
                 _band_sims(qb, qa, P, rest_chunks, j, keys, rest_sims[j])
             cand.index_copy_(0, rest_rows, rest_sims.view(-1).index_select(0, rest_gather).view(len(rest), W, -1))
         s, p = _select_topk(cand.view(H * W, -1), k)
+        del cand
         out[3][i] = s.view(H, W, k)
         out[2][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
         s, p = _select_topk(flat.index_select(0, fwd_gather).view(H * W, -1), k)
