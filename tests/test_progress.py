@@ -27,7 +27,7 @@ def test_show_progress(monkeypatch):
         assert "--quiet" in build_parser()._subparsers._group_actions[0].choices[job].format_help(), job
 
 
-class _Stop(Exception):
+class _Stop(BaseException):   # not an Exception: main() turns those into an exit status
     pass
 
 
