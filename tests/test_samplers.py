@@ -50,9 +50,15 @@ def test_schedule_matches_diffusers_exactly():
     assert torch.equal(S.SD_SCHEDULE.betas, ref.betas)
     assert torch.equal(S.SD_SCHEDULE.alphas_cumprod, ref.alphas_cumprod)
     assert torch.equal(S.SD_SCHEDULE.final_alpha_cumprod, ref.final_alpha_cumprod)
-    # ldm computes the same schedule in float64: within 1e-6 relative, not bit-equal.
+    # ldm computes the same schedule in float64, diffusers in float32: ᾱ_t is a product of t float32
+    # factors, each multiplication rounding by ≤ u = 2⁻²⁴, so the float32 product is within γ_t ≈ t·u
+    # relative of the float64 one (1000·u = 6e-5 at t = 1000; measured 9.5e-7, so the bound is not tight,
+    # but a fixed 1e-6 was within 5 % of what this CPU gives)
     ldm = S.DDPMSchedule.scaled_linear(compute_dtype=torch.float64)
-    assert torch.allclose(ldm.alphas_cumprod, ref.alphas_cumprod, rtol=1e-6, atol=0)
+    u = torch.finfo(torch.float32).eps / 2
+    gamma = torch.arange(1, 1001, dtype=torch.float64) * u * 1.01                # γ_t, + the rounding of β
+    assert ((ldm.alphas_cumprod.double() - ref.alphas_cumprod.double()).abs() <= gamma * ref.alphas_cumprod).all()
+    assert not torch.equal(ldm.alphas_cumprod, ref.alphas_cumprod)
     assert float(S.DDPMSchedule.scaled_linear(set_alpha_to_one=True).alpha_bar(-1)) == 1.0
 
 

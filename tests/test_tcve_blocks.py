@@ -256,18 +256,20 @@ def test_attached_branch_ablation_no_stu_changes_output_at_init():
 
 
 def test_tcve_model_at_init_first_frame_is_plain_sd():
-    """Tune-A-Video inflation + temporal branch, at initialisation: frame 0 of each video is SD's."""
-    unet = _unet()
-    base = _unet()
+    """Tune-A-Video inflation + temporal branch, at initialisation: frame 0 of each video is SD's
+    (in float64: batched and per-frame calls run kernels of other shapes (other summation orders, and other kernels on other CPUs: float32 margins were 3.5x here); two float64 orders differ by ~1e-13)."""
+    unet = _unet().double()
+    base = _unet().double()
     inflate_for_tuneavideo(unet)
-    branch = TemporalBranch.for_unet(unet.cfg)
+    branch = TemporalBranch.for_unet(unet.cfg).double()
     Fr = 3
-    x, ctx = torch.randn(2 * Fr, 4, 8, 8), torch.randn(1, 5, 32).expand(2 * Fr, 5, 32)
+    x, ctx = torch.randn(2 * Fr, 4, 8, 8).double(), torch.randn(1, 5, 32).double().expand(2 * Fr, 5, 32)
     with torch.no_grad(), branch.attach(unet), call_state(unet, frames=Fr):
         out = unet(x, 250, ctx)
     with torch.no_grad():
         first = base(x[::Fr], 250, ctx[::Fr])
-    torch.testing.assert_close(out[::Fr], first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[::Fr], first, atol=1e-10, rtol=0)
+    assert (out[1::Fr] - first).abs().max() > 1e-3                       # later frames differ: the check sees it
 
 
 def test_attach_needs_the_frame_count():

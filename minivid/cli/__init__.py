@@ -78,7 +78,7 @@ def _interrupt_message(command: str, tb) -> str:
     aborted, _ = _abort_jobs(KeyboardInterrupt())
     where = _interrupted_at(tb)
     kept = [f for job in aborted for f in job.kept()]
-    checkpoints = [f for f in kept if f.endswith(".safetensors")]
+    checkpoints = [f for f in kept if f.endswith(".safetensors") and not f.endswith(".optim.safetensors")]
     if checkpoints:
         folder = aborted[-1].dir
         what = f"kept {len(kept)} file(s) in {folder} (newest checkpoint {sorted(checkpoints)[-1]})"
