@@ -47,7 +47,7 @@ from minivid.tuning import TuneConfig, TuneResult
 __all__ = [
     "METHOD", "SIGMA_MIN", "SIGMA_MAX", "SIGMA_DATA", "IMAGE_D", "NOISE_D_LOW", "NOISE_D_HIGH",
     "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_CHECKPOINT_EVERY", "DEFAULT_USE_STEP", "CHECKPOINTED_BLOCKS",
-    "MotionTuneConfig", "ClipData", "stratified_uniform", "logsnr_cosine_interpolated", "sample_sigmas",
+    "MotionTuneConfig", "ClipData", "check_clip", "stratified_uniform", "logsnr_cosine_interpolated", "sample_sigmas",
     "default_tune_config", "training_time_ids", "prepare_clip", "motion_loss", "tune_motion_lora",
     "lora_checkpoint", "load_motion_lora", "clip_ranges", "tune_clips",
 ]
@@ -165,13 +165,8 @@ class ClipData:
     extra: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
-def prepare_clip(svd, frames: torch.Tensor, config: MotionTuneConfig | None = None, seed: int = 0,
-                 vae_chunk: int | None = None) -> ClipData:
-    """Encode a clip [F, 3, H, W] in [-1, 1] once: z₀ (a posterior sample · 0.18215), the conditioning
-    latent (a second posterior sample of frame 0, unscaled: `refer_latents / scaling_factor`), CLIP of
-    frame 0 (not truncated to uint8: the code does that only for inversion) and the time ids."""
-    config = config or MotionTuneConfig()
+def check_clip(svd, frames: torch.Tensor) -> None:
+    """A clip [F ≥ 2, 3, H, W] with sides the VAE takes, or a ValueError saying what is wrong."""
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be [F, 3, H, W] in [-1, 1], got shape {tuple(frames.shape)}")
     if frames.shape[0] < 2:
@@ -179,6 +174,16 @@ def prepare_clip(svd, frames: torch.Tensor, config: MotionTuneConfig | None = No
     m = svd.config.downsample_factor
     if frames.shape[-2] % m or frames.shape[-1] % m:
         raise ValueError(f"frame size {tuple(frames.shape[-2:])} is not a multiple of {m} (the VAE's downsampling)")
+
+
+@torch.no_grad()
+def prepare_clip(svd, frames: torch.Tensor, config: MotionTuneConfig | None = None, seed: int = 0,
+                 vae_chunk: int | None = None) -> ClipData:
+    """Encode a clip [F, 3, H, W] in [-1, 1] once: z₀ (a posterior sample · 0.18215), the conditioning
+    latent (a second posterior sample of frame 0, unscaled: `refer_latents / scaling_factor`), CLIP of
+    frame 0 (not truncated to uint8: the code does that only for inversion) and the time ids."""
+    config = config or MotionTuneConfig()
+    check_clip(svd, frames)
     device = svd.device
     vae_dtype = svd.vae.encoder.conv_in.weight.dtype
     g = torch.Generator().manual_seed(seed)
@@ -252,6 +257,7 @@ def tune_motion_lora(
     if svd.dtype != torch.float32:
         raise ValueError(f"motion LoRA tuning needs float32 weights (the model is {svd.dtype}); "
                          f"use autocast (fp16 on CUDA, bf16 on CPU) for mixed precision")
+    check_clip(svd, frames)
     if lora is None:
         lora = attach_motion_lora(svd.unet, config.rank, config.dropout, 1.0, config.targets, config.lora_seed)
     elif lora.unet is not svd.unet:
