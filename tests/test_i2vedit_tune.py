@@ -269,3 +269,61 @@ def test_tune_clips_writes_one_lora_per_clip_and_leaves_the_unet_clean(tmp_path)
     assert getattr(svd.unet, "_motion_lora", None) is None
     with pytest.raises(ValueError, match="one frame"):
         tune_clips(svd, clip(4), tmp_path / "x", clip_length=3, overlap=0, cfg=fast_cfg(steps=1))
+
+
+# ---------------------------------------------------------------- the command line
+
+def _moving_disc_video(path, frames=5, h=40, w=56):
+    from minivid.video import write_video
+
+    y = torch.linspace(-1, 1, h)[:, None].expand(h, w)
+    x = torch.linspace(-1, 1, w)[None].expand(h, w)
+    clip_ = [torch.stack([((x - (-0.5 + 0.2 * f)) ** 2 + y ** 2 < 0.1).float() * 2 - 1, 0.5 * x, 0.5 * y])
+             for f in range(frames)]
+    return write_video(path, torch.stack(clip_), fps=5)
+
+
+def test_cli_tune_writes_a_lora_per_clip_and_resumes(tmp_path, capsys):
+    import json
+
+    from minivid.cli import main
+
+    video = _moving_disc_video(tmp_path / "in.mp4")
+    out = tmp_path / "job"
+    argv = ["tune", "--method", "i2vedit", "--tiny", "--video", str(video), "--frames", "5",
+            "--i2vedit-clip-length", "3", "--i2vedit-size", "16x24", "--steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    rec = json.loads((out / "record.json").read_text())["results"]
+    assert rec["clip_ranges"] == [[0, 3], [2, 5]] and rec["size"] == [16, 24]
+    assert rec["i2vedit"]["rank"] == 32 and rec["tune"]["lr"] == 5e-4 and rec["tune"]["checkpoint_every"] == 50
+    for k in (0, 1):
+        assert (out / f"clip_{k}" / "tuned-000001.safetensors").is_file()
+    loaded, info = load_motion_lora(tiny_svd(), out / "clip_1")
+    assert info["clip"] == 1 and info["clip_range"] == [2, 5] and info["base"]["tiny_seed"] == 0
+    # the same --out with more steps resumes each clip
+    assert main(argv[:-4] + ["--steps", "2", "--i2vedit-clips", "1", "--out", str(out)]) == 0
+    rec = json.loads((out / "record.json").read_text())["results"]
+    assert [c["clip"] for c in rec["clips"]] == [1] and rec["clips"][0]["start_step"] == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--frames", "2"], "fewer than one clip of 3"),
+    (["--i2vedit-size", "15x24"], "multiples of"),
+    (["--i2vedit-size", "big"], None),
+    (["--i2vedit-clips", "7"], "clips 0..1"),
+    (["--i2vedit-overlap", "3"], "overlap"),
+    (["--dtype", "bf16"], "fp32"),
+])
+def test_cli_tune_bad_inputs(tmp_path, capsys, extra, message):
+    from minivid.cli import main
+
+    video = _moving_disc_video(tmp_path / "in.mp4")
+    argv = ["tune", "--method", "i2vedit", "--tiny", "--video", str(video), "--frames", "5",
+            "--i2vedit-clip-length", "3", "--i2vedit-size", "16x24", "--steps", "1", "--out", str(tmp_path / "o")]
+    if message is None:
+        with pytest.raises(SystemExit):
+            main(argv + extra)
+        return
+    assert main(argv + extra) == 1
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path / "o").glob("clip_*/tuned-*"))
