@@ -327,3 +327,12 @@ def test_cli_tune_bad_inputs(tmp_path, capsys, extra, message):
     assert main(argv + extra) == 1
     assert message in capsys.readouterr().err
     assert not list((tmp_path / "o").glob("clip_*/tuned-*"))
+
+
+def test_fp16_autocast_runs_with_loss_scaling(tmp_path):
+    # the engine scales fp16 losses (GradScaler); on the CPU too, where torch autocasts fp16
+    svd = tiny_svd()
+    lora, res = tune_motion_lora(svd, clip(3), tmp_path, cfg=fast_cfg(steps=2, autocast="fp16"))
+    assert all(math.isfinite(v) for v in res.losses)
+    assert any(torch.count_nonzero(lora.branch(n).lora_up.weight) for n in lora.names)
+    assert all(p.dtype == torch.float32 for p in lora.parameters())
