@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import peak_memory, random_weights_, table, write_section  # noqa: E402
 
-MODES = ("fp32", "bf16", "fp32+checkpointing", "bf16+checkpointing")
+MODES = ("fp32", "bf16", "fp32+checkpointing", "bf16+checkpointing", "bf16-weights", "bf16-weights+checkpointing")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=11, help="frames per clip (default 11, the authors' clip length)")
     p.add_argument("--latent", default="8x8", help="latent h×w (default 8x8, i.e. 64×64 pixels)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per mode after one warm-up (median reported)")
-    p.add_argument("--modes", default=",".join(MODES[:3]), help=f"comma-separated, of {', '.join(MODES)} "
-                                                               f"(default the first three)")
+    p.add_argument("--modes", default="fp32,fp32+checkpointing,bf16,bf16-weights",
+                   help=f"comma-separated, of {', '.join(MODES)} (default fp32,fp32+checkpointing,bf16,bf16-weights; "
+                        f"bf16-weights modes last: they cast the UNet)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
@@ -99,7 +100,8 @@ def lora_step_section(args: argparse.Namespace) -> str:
 
     results = {}
     for mode in modes:
-        amp_dtype = torch.bfloat16 if mode.startswith("bf16") else None
+        amp_dtype = torch.bfloat16 if mode.split("+")[0] == "bf16" else None
+        unet.to(torch.bfloat16 if mode.startswith("bf16-weights") else torch.float32)
         with contextlib.ExitStack() as stack:
             if mode.endswith("checkpointing"):
                 for pattern in CHECKPOINTED_BLOCKS:
@@ -121,7 +123,7 @@ def lora_step_section(args: argparse.Namespace) -> str:
         f"parameters) of the {size} on B=1 clip of {F} frames at a {h}×{w} latent ({8 * h}×{8 * w} pixels), "
         f"{torch.get_num_threads()} thread(s); median of {args.repeats} steps after one warm-up. Peak = torch CPU "
         f"allocator high-water mark during one step beyond the weights and AdamW state. bf16 = torch.autocast "
-        f"on the CPU (weights stay fp32); checkpointing recomputes every spatial and temporal transformer block "
+        f"on the CPU (weights stay fp32; autocast keeps a bf16 copy of each weight it casts for the step); bf16-weights = the frozen UNet stored in bf16, the LoRA in fp32, no autocast; checkpointing recomputes every spatial and temporal transformer block "
         f"in the backward pass.\n\n"
         f"Command: `minivid bench i2vedit --preset {args.preset} --frames {F} --latent {h}x{w} --repeats {args.repeats} "
         f"--modes {','.join(modes)}{f' --threads {args.threads}' if args.threads else ''}`.\n\n"

@@ -244,8 +244,6 @@ def test_bad_inputs_fail_before_compute(tmp_path):
         tune_motion_lora(svd, clip(1), tmp_path, cfg=fast_cfg(steps=1))
     with pytest.raises(ValueError, match="multiple of"):
         tune_motion_lora(svd, clip(3, 30, 44), tmp_path, cfg=fast_cfg(steps=1))
-    with pytest.raises(ValueError, match="float32"):
-        tune_motion_lora(svd.to(torch.bfloat16), clip(3), tmp_path, cfg=fast_cfg(steps=1))
 
 
 # ---------------------------------------------------------------- clips
@@ -312,7 +310,6 @@ def test_cli_tune_writes_a_lora_per_clip_and_resumes(tmp_path, capsys):
     (["--i2vedit-size", "big"], None),
     (["--i2vedit-clips", "7"], "clips 0..1"),
     (["--i2vedit-overlap", "3"], "overlap"),
-    (["--dtype", "bf16"], "fp32"),
 ])
 def test_cli_tune_bad_inputs(tmp_path, capsys, extra, message):
     from minivid.cli import main
@@ -336,3 +333,11 @@ def test_fp16_autocast_runs_with_loss_scaling(tmp_path):
     assert all(math.isfinite(v) for v in res.losses)
     assert any(torch.count_nonzero(lora.branch(n).lora_up.weight) for n in lora.names)
     assert all(p.dtype == torch.float32 for p in lora.parameters())
+
+
+def test_bf16_base_weights_train_an_fp32_lora(tmp_path):
+    svd = tiny_svd().to(torch.bfloat16)
+    lora, res = tune_motion_lora(svd, clip(3), tmp_path, cfg=fast_cfg(steps=2))
+    assert all(math.isfinite(v) for v in res.losses)
+    assert all(p.dtype == torch.float32 for p in lora.parameters())
+    assert any(torch.count_nonzero(lora.branch(n).lora_up.weight) for n in lora.names)

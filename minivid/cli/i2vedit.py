@@ -106,8 +106,6 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     if args.i2vedit_rank < 1 or not 0 <= args.i2vedit_dropout <= 1:
         raise ValueError("--i2vedit-rank must be at least 1 and --i2vedit-dropout in [0, 1]")
     clip_ranges(args.frames, args.i2vedit_clip_length, args.i2vedit_overlap)   # the options, before any loading
-    if args.dtype != "fp32":
-        raise ValueError("I2VEdit tuning keeps the weights in fp32; use --autocast bf16|fp16 for mixed precision")
     if args.tiny and not args.threads:
         torch.set_num_threads(1)   # the tiny model's small ops only lose time to thread synchronisation
     with job.timed("load"):

@@ -251,12 +251,11 @@ def tune_motion_lora(
     """Attach a motion LoRA to `svd.unet` (or take `lora`, attached to it) and tune it on one clip
     [F, 3, H, W] in [-1, 1]. Checkpoints `out_dir/tuned-<step>.safetensors` (every 50 steps by default)
     hold the LoRA under its documented names, with AdamW's moments beside them; with `resume` the
-    newest one there is continued. Returns the LoRA (eval mode, still attached) and the engine's result."""
+    newest one there is continued. The frozen SVD may be in any dtype (bf16 weights halve its memory);
+    the LoRA is float32 either way, and `cfg.autocast` runs the forward in mixed precision.
+    Returns the LoRA (eval mode, still attached) and the engine's result."""
     config = config or MotionTuneConfig()
     cfg = cfg or default_tune_config(svd.device)
-    if svd.dtype != torch.float32:
-        raise ValueError(f"motion LoRA tuning needs float32 weights (the model is {svd.dtype}); "
-                         f"use autocast (fp16 on CUDA, bf16 on CPU) for mixed precision")
     check_clip(svd, frames)
     if lora is None:
         lora = attach_motion_lora(svd.unet, config.rank, config.dropout, 1.0, config.targets, config.lora_seed)
