@@ -113,10 +113,12 @@ def lora_step_section(args: argparse.Namespace) -> str:
                 step(amp_dtype)
                 times.append(time.perf_counter() - t0)
             mem = peak_memory(lambda: step(amp_dtype))
-        results[mode] = (statistics.median(times), mem)
+        weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+        results[mode] = (statistics.median(times), mem, weights)
         print(f"{mode}: {results[mode][0]:.3f} s, peak {mem / 2**20:.1f} MiB", file=sys.stderr)
-    ref_t, ref_m = results.get("fp32", next(iter(results.values())))
-    rows = [[mode, f"{t:.3f}", f"{t / ref_t:.3f}", f"{m / 2**20:.1f}", f"{m / ref_m:.3f}"] for mode, (t, m) in results.items()]
+    ref_t, ref_m, _ = results.get("fp32", next(iter(results.values())))
+    rows = [[mode, f"{t:.3f}", f"{t / ref_t:.3f}", f"{m / 2**20:.1f}", f"{m / ref_m:.3f}", f"{wb / 2**30:.2f}"]
+            for mode, (t, m, wb) in results.items()]
     size = "full-size SVD UNet (1.52 B parameters, random fp32 weights, frozen)" if args.preset == "svd" else "tiny UNet"
     return (
         f"One motion-LoRA tuning step (loss, backward, AdamW on {len(lora.names)} LoRA layers, {n_params:,} "
@@ -127,7 +129,7 @@ def lora_step_section(args: argparse.Namespace) -> str:
         f"in the backward pass.\n\n"
         f"Command: `minivid bench i2vedit --preset {args.preset} --frames {F} --latent {h}x{w} --repeats {args.repeats} "
         f"--modes {','.join(modes)}{f' --threads {args.threads}' if args.threads else ''}`.\n\n"
-        + table(["mode", "CPU s per step (median)", "time ratio", "peak MiB", "memory ratio"], rows)
+        + table(["mode", "CPU s per step (median)", "time ratio", "peak MiB", "memory ratio", "UNet weights GiB"], rows)
     )
 
 
