@@ -40,18 +40,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_unet(preset: str):
+    """The UNet with random O(1)-activation weights, frozen; the full size is built on the meta device and
+    each tensor then filled in place of its own storage (no copies: the weights exist once, ~6.1 GB fp32)."""
     from minivid.unet_video import VideoUNet, VideoUNetConfig
 
     cfg = VideoUNetConfig.preset(preset)
     if preset == "tiny":
-        unet = random_weights_(VideoUNet(cfg))
-    else:
-        from svd_unet import random_fill_
-
-        with torch.device("meta"):
-            unet = VideoUNet(cfg)
-        random_fill_(unet)
-    return unet.eval().requires_grad_(False)
+        return random_weights_(VideoUNet(cfg)).eval().requires_grad_(False)
+    with torch.device("meta"):
+        unet = VideoUNet(cfg)
+    g = torch.Generator().manual_seed(0)
+    for name, p in list(unet.named_parameters()):
+        module_name, _, leaf = name.rpartition(".")
+        t = torch.empty(p.shape)
+        if leaf == "mix_factor":
+            t.normal_(0.0, 1.0, generator=g)
+        elif p.ndim == 1 and leaf == "weight":
+            t.normal_(1.0, 0.1, generator=g)
+        elif p.ndim == 1:
+            t.normal_(0.0, 0.05, generator=g)
+        else:
+            t.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+        setattr(unet.get_submodule(module_name), leaf, torch.nn.Parameter(t, requires_grad=False))
+    return unet.eval()
 
 
 class _SVD:
