@@ -302,6 +302,12 @@ def test_cli_tune_writes_a_lora_per_clip_and_resumes(tmp_path, capsys):
     assert main(argv[:-4] + ["--steps", "2", "--i2vedit-clips", "1", "--out", str(out)]) == 0
     rec = json.loads((out / "record.json").read_text())["results"]
     assert [c["clip"] for c in rec["clips"]] == [1] and rec["clips"][0]["start_step"] == 1
+    # the paper's reading: LoRA on the temporal attention layers only; loading follows the checkpoint
+    paper = tmp_path / "paper"
+    assert main(argv[:-4] + ["--steps", "1", "--i2vedit-lora-layers", "paper", "--i2vedit-clips", "0",
+                             "--out", str(paper)]) == 0
+    lora, _ = load_motion_lora(tiny_svd(), paper / "clip_0")
+    assert lora.targets == ("attn1", "attn2") and all(".attn" in n for n in lora.names)
 
 
 @pytest.mark.parametrize("extra, message", [
