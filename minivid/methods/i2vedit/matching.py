@@ -215,6 +215,8 @@ class _Temporal:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
         ctl = self.ctl
+        if ctx.hw is not None:
+            ctl.hw[ctx.name] = tuple(ctx.hw)
         if ctl.kv_record is not None:                      # skip-interval: clip 0 keeps its K/V
             ctl.kv_record[ctx.name] = (k.detach(), v.detach())
         if ctl.kv_source is not None:                      # skip-interval: K = [K_clip0; K], V likewise
