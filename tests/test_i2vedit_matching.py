@@ -65,6 +65,14 @@ def test_difference_is_in_0_1_and_follows_eq7():
     del one
 
 
+def test_query_chunks_give_the_same_result():
+    q, k, v = [t[0] for t in _qkv(n=23)]
+    qs, ks, _ = [t[0] for t in _qkv(n=23, seed=4)]
+    whole = spatial_match(q, k, v, qs, ks, 0.3, 0.35, chunk=10_000)
+    parts = spatial_match(q, k, v, qs, ks, 0.3, 0.35, chunk=5)
+    assert (whole[0] - parts[0]).abs().max() <= 1e-6 and (whole[1] - parts[1]).abs().max() <= 1e-6
+
+
 def test_ge_versus_the_papers_gt():
     q, k, v = [t[0] for t in _qkv()]
     qs, ks, _ = [t[0] for t in _qkv(seed=2)]
