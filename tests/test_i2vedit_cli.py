@@ -23,7 +23,7 @@ def inputs(tmp_path_factory):
 
 def _edit(inputs, out, *extra):
     return main(["edit", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
-                 "--i2vedit-clip-len", "4", "--steps", "2", "--i2vedit-size", "32x48", "--out", str(out), *extra])
+                 "--i2vedit-clip-length", "4", "--steps", "2", "--i2vedit-size", "32x48", "--out", str(out), *extra])
 
 
 def test_edit_tiny_writes_every_output(inputs, tmp_path):
@@ -55,7 +55,7 @@ def test_first_frame_of_another_size_is_resized_and_said(inputs, tmp_path, capsy
 @pytest.mark.parametrize("extra, message", [
     ((), "needs --first-frame"),
     (("--first-frame", "missing.png"), "no such file"),
-    (("--first-frame", "EDITED", "--i2vedit-clip-len", "11"), "fewer than one clip"),
+    (("--first-frame", "EDITED", "--i2vedit-clip-length", "11"), "fewer than one clip"),
     (("--first-frame", "EDITED", "--lora", "no_such_folder"), "no such folder"),
     (("--first-frame", "EDITED", "--i2vedit-size", "30x48"), "multiple"),
 ])

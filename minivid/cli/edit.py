@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the method's)")
     add_model_arguments(p)
     add_video_arguments(p)
+    p.set_defaults(frames=None)                       # resolved per method in run(): I2VEdit reads 21
     for name, mod in available_clis().items():
         mod.add_arguments(p.add_argument_group(f"{name} options"))
     from minivid.cli import i2vedit_edit
@@ -29,4 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.method not in NO_PROMPT and not args.prompt:
         raise ValueError(f"--method {args.method} needs --prompt")
+    if args.frames is None:
+        args.frames = 21 if args.method == "i2vedit" else 8     # I2VEdit: 2.5 fps over 8.4 s, two clips of 11
     return run_method(args, "edit")

@@ -3,8 +3,8 @@
     minivid edit --method i2vedit --weights weights/svd.safetensors --video in.mp4 --first-frame edited.png \
         [--lora DIR] [--preset local|global|shape]
 
-The source video is read at its own size (--frames frames every --stride; I2VEdit edits clips of
---i2vedit-clip-len frames, 11 by default, so give at least that many), edited clip by clip at
+The source video is read at its own size (--frames frames every --stride, 21 by default for I2VEdit:
+two clips of --i2vedit-clip-length 11 overlapping by 1, as the authors' 2.5 fps over 8.4 s), edited clip by clip at
 --i2vedit-size (576x1024, SVD's; --tiny: 32x48) and written back at the source size: edited.mp4,
 grid.png (source row over edited row), side_by_side.mp4, matching_mask.png (the spatial matching
 mask M of clip 0 per layer — rows — and step — columns — over its middle frame) and record.json
@@ -32,7 +32,7 @@ FULL_SIZE, TINY_SIZE = (576, 1024), (32, 48)
 # option -> I2VEditConfig field
 _FIELDS = {
     "preset": "preset", "i2vedit_layer_set": "layer_set", "i2vedit_compare": "compare",
-    "i2vedit_store": "store", "i2vedit_clip_len": "clip_len", "i2vedit_overlap": "overlap",
+    "i2vedit_store": "store", "i2vedit_clip_length": "clip_len", "i2vedit_overlap": "overlap",
     "i2vedit_skip_interval": "skip_interval", "i2vedit_output_fps": "output_fps",
     "i2vedit_decode_chunk": "decode_chunk", "i2vedit_seed": "seed",
 }
@@ -58,7 +58,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--i2vedit-store", choices=["recompute", "stored"],
                        help="source attention: recompute at every edit step (default) or keep what editing reads")
     group.add_argument("--i2vedit-no-matching", action="store_true", help="edit without attention matching")
-    group.add_argument("--i2vedit-clip-len", type=int, help=f"frames per clip (default {d.clip_len})")
+    group.add_argument("--i2vedit-clip-length", type=int, help=f"frames per clip (default {d.clip_len})")
     group.add_argument("--i2vedit-overlap", type=int, help=f"frames shared by consecutive clips (default {d.overlap})")
     group.add_argument("--i2vedit-skip-interval", action="store_true",
                        default=None, help="skip-interval cross-attention to clip 0's temporal K/V (off by default)")
