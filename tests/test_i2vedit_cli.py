@@ -68,6 +68,25 @@ def test_bad_inputs_give_clear_errors(inputs, tmp_path, capsys, extra, message):
     assert not (out / "edited.mp4").exists()
 
 
+def test_edit_with_the_tuned_motion_loras(inputs, tmp_path, capsys):
+    """`minivid tune --method i2vedit` writes one LoRA per clip; `edit --lora DIR` loads clip k's for clip k."""
+    loras = tmp_path / "loras"
+    assert main(["tune", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
+                 "--i2vedit-clip-length", "4", "--steps", "1", "--i2vedit-size", "32x48", "--i2vedit-clips", "0",
+                 "--out", str(loras)]) == 0
+    out = tmp_path / "job"
+    # only clip 0 was tuned: a clear error before any compute
+    assert _edit(inputs, out, "--first-frame", str(inputs / "edited.png"), "--lora", str(loras)) == 1
+    assert "no motion LoRA for clip(s) [1]" in capsys.readouterr().err
+    assert main(["tune", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
+                 "--i2vedit-clip-length", "4", "--steps", "1", "--i2vedit-size", "32x48", "--i2vedit-clips", "1",
+                 "--out", str(loras)]) == 0
+    assert _edit(inputs, out, "--first-frame", str(inputs / "edited.png"), "--lora", str(loras)) == 0
+    loaded = json.loads((out / "record.json").read_text())["results"]["loras"]
+    assert [entry["clip"] for entry in loaded] == [0, 1]
+    assert all(entry["path"].endswith("tuned-000001.safetensors") and entry["rank"] == 32 for entry in loaded)
+
+
 def test_other_methods_still_need_a_prompt(inputs, tmp_path, capsys):
     assert main(["edit", "--method", "cove", "--tiny", "--video", str(inputs / "in.mp4"), "--out", str(tmp_path)]) == 1
     assert "needs --prompt" in capsys.readouterr().err

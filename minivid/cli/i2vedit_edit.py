@@ -45,6 +45,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     d = I2VEditConfig()
     group.add_argument("--first-frame", help="I2VEdit: the edited first frame (png/jpg, from any image editor)")
     group.add_argument("--lora", help="I2VEdit: folder of motion LoRAs from `minivid tune --method i2vedit` (one per clip)")
+    group.add_argument("--i2vedit-lora-step", type=int, default=250,
+                       help="tuning checkpoint of each clip's LoRA (default 250, the authors'; the newest if absent)")
+    group.add_argument("--i2vedit-lora-scale", type=float, default=1.0, help="motion LoRA scale (default 1)")
     group.add_argument("--preset", choices=sorted(PRESETS),
                        help="I2VEdit temporal attention stages (β1, β2): " +
                             ", ".join(f"{k} {v}" for k, v in PRESETS.items()) + f" (default {d.preset})")
@@ -107,21 +110,30 @@ def _load_svd(args: argparse.Namespace):
 
 
 def _lora_for_clip(args: argparse.Namespace, svd, ranges):
-    """clip k -> attached motion LoRA from --lora DIR (the motion-LoRA module's loader), or None."""
+    """(clip k -> attached motion LoRA, [what was loaded per clip]) from --lora DIR (DIR/clip_<k>, a
+    `minivid tune --method i2vedit` job folder), or (None, []). Every clip's LoRA is loaded once here and
+    detached, so a missing clip, another method's checkpoint or a LoRA of another rank or model is an
+    error before any compute."""
     if not args.lora:
-        return None
+        return None, []
+    from minivid.methods.i2vedit.tune import load_motion_lora
+
     folder = Path(args.lora)
     if not folder.is_dir():
         raise FileNotFoundError(f"--lora {folder}: no such folder (expected the job folder of `minivid tune "
-                                f"--method i2vedit`, with one LoRA per clip)")
-    try:
-        from minivid.methods.i2vedit import lora as lora_mod
-    except ModuleNotFoundError:
-        raise ValueError("--lora: this installation has no I2VEdit motion LoRA (minivid.methods.i2vedit.lora)") from None
-    load = getattr(lora_mod, "load_for_clip", None)
-    if load is None:
-        raise ValueError("--lora: minivid.methods.i2vedit.lora has no load_for_clip(unet, folder, clip)")
-    return lambda k: load(svd.unet, folder, k)
+                                f"--method i2vedit`, with one LoRA per clip in clip_<k>/)")
+    missing = [k for k in range(len(ranges)) if not (folder / f"clip_{k}").is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--lora {folder}: no motion LoRA for clip(s) {missing} of {ranges} (expected "
+                                f"{folder}/clip_<k>/ from `minivid tune --method i2vedit` with the same clips)")
+    step, scale = args.i2vedit_lora_step, args.i2vedit_lora_scale
+    loaded = []
+    for k in range(len(ranges)):
+        lora, meta = load_motion_lora(svd, folder / f"clip_{k}", step=step, scale=scale)
+        lora.detach()
+        loaded.append({"clip": k, "path": meta.get("path"), "rank": lora.rank, "step": meta.get("step"),
+                       "base_mismatch": meta.get("base_mismatch", False)})
+    return (lambda k: load_motion_lora(svd, folder / f"clip_{k}", step=step, scale=scale)[0]), loaded
 
 
 def _read_inputs(args: argparse.Namespace):
@@ -135,6 +147,9 @@ def _read_inputs(args: argparse.Namespace):
     first_path = Path(args.first_frame)
     if not first_path.is_file():
         raise FileNotFoundError(f"--first-frame {first_path}: no such file")
+    if args.lora and not Path(args.lora).is_dir():
+        raise FileNotFoundError(f"--lora {args.lora}: no such folder (expected the job folder of `minivid tune "
+                                f"--method i2vedit`, with one LoRA per clip in clip_<k>/)")
     video = read_video(args.video, num_frames=args.frames, stride=args.stride)
     first = read_image(first_path)
     notes = []
@@ -206,18 +221,24 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
         svd = _load_svd(args)
     work = _parse_size(args.i2vedit_size, TINY_SIZE if args.tiny else FULL_SIZE)
     ranges = _check(svd, cfg, video, work)
-    lora_for_clip = _lora_for_clip(args, svd, ranges)
+    lora_for_clip, loras = _lora_for_clip(args, svd, ranges)
     print(f"I2VEdit: {video.shape[0]} frames {video.shape[-2]}x{video.shape[-1]} in clips {ranges}, edited at "
           f"{work[0]}x{work[1]}, {cfg.steps} steps, preset {cfg.preset} {cfg.beta or ''}, store {cfg.store}"
           f"{', no LoRA' if lora_for_clip is None else ''}")
+    threads = torch.get_num_threads()
+    if args.tiny and not args.threads and torch.device(args.device).type == "cpu":
+        torch.set_num_threads(1)        # the tiny model's small ops only lose time to thread synchronisation
     t0 = time.perf_counter()
-    with job.timed("edit"):
-        result = edit_video(svd, video.to(svd.device), first.to(svd.device), cfg, work_size=work,
-                            lora_for_clip=lora_for_clip, progress=True)
+    try:
+        with job.timed("edit"):
+            result = edit_video(svd, video.to(svd.device), first.to(svd.device), cfg, work_size=work,
+                                lora_for_clip=lora_for_clip, progress=True)
+    finally:
+        torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
     info = _outputs(job, video, result, args.fps)
     return {**_results(svd, cfg, result, video, work, notes, seconds), **info,
-            "model": svd.load_info.get("detected", "tiny (random)"), "lora": args.lora}
+            "model": svd.load_info.get("detected", "tiny (random)"), "lora": args.lora, "loras": loras}
 
 
 # ---------------------------------------------------------------- the demo
