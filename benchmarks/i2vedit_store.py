@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         with torch.device("meta"):
             unet = VideoUNet(cfg)
         random_fill_(unet)
+        for module in unet.modules():          # random_fill_ leaves some weights as views of a larger pool copy
+            for leaf, prm in list(module.named_parameters(recurse=False)):
+                if prm.untyped_storage().nbytes() > prm.numel() * prm.element_size():
+                    setattr(module, leaf, torch.nn.Parameter(prm.detach().clone(), requires_grad=False))
         unet.eval()
         svd = SimpleNamespace(unet=unet, dtype=torch.float32, device=torch.device("cpu"))
         h, w = (int(v) for v in args.latent.lower().split("x"))

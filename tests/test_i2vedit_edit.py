@@ -464,3 +464,30 @@ def test_bad_inputs(svd):
         I2VEditConfig(beta=(0.9, 0.2))
     with pytest.raises(ValueError, match="layer_set"):
         I2VEditConfig(layer_set="all")
+
+
+def test_stored_equals_recompute_with_skip_interval_and_a_motion_lora(svd):
+    """Recomputation runs with the motion LoRA off and with clip 0's inversion K/V, as the inversion did."""
+    from minivid.methods.i2vedit.lora import attach_motion_lora
+
+    video = _video(6)
+    first = _video(1, seed=4)[0]
+
+    def lora_for_clip(k):
+        lora = attach_motion_lora(svd.unet, rank=4, seed=k)
+        g = torch.Generator().manual_seed(100 + k)
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if name.endswith("lora_up.weight"):
+                    p.normal_(0, 0.5, generator=g)
+        return lora
+
+    out = {}
+    for store in ("recompute", "stored"):
+        cfg = I2VEditConfig(steps=3, clip_len=4, overlap=1, skip_interval=True, store=store)
+        out[store] = edit_video(svd, video, first, cfg, lora_for_clip=lora_for_clip, progress=False)
+    assert torch.equal(out["recompute"].frames, out["stored"].frames)
+    plain = edit_video(svd, video, first, I2VEditConfig(steps=3, clip_len=4, overlap=1, skip_interval=True),
+                       progress=False)
+    assert not torch.equal(plain.frames, out["recompute"].frames)        # the LoRA was on while editing
+    assert getattr(svd.unet, "_motion_lora", None) is None                # and detached after each clip
