@@ -21,6 +21,8 @@ from .clips import clip_ranges
 from .conditioning import InversionCondition, edit_condition, inversion_condition, uint8_truncate
 from .edit import ClipEdit, EditResult, I2VEditConfig, edit_clip, edit_video, source_attention
 from .invert import Inversion, invert_clip, sarp, sarp_mask, sobel_magnitude
+from .lora import MotionLoRA, attach_motion_lora
+from .tune import MotionTuneConfig, load_motion_lora, tune_clips, tune_motion_lora
 from .matching import (LAYER_SETS, PRESETS, MatchingConfig, MatchingController, TemporalSelector, downscale,
                        install, official_coarse_layers, spatial_match, store_bytes)
 
@@ -30,4 +32,5 @@ __all__ = [
     "Inversion", "invert_clip", "sarp", "sarp_mask", "sobel_magnitude",
     "LAYER_SETS", "PRESETS", "MatchingConfig", "MatchingController", "TemporalSelector", "downscale", "install",
     "official_coarse_layers", "spatial_match", "store_bytes",
+    "MotionLoRA", "attach_motion_lora", "MotionTuneConfig", "load_motion_lora", "tune_clips", "tune_motion_lora",
 ]
