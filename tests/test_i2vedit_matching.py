@@ -228,3 +228,20 @@ def test_store_bytes_at_full_size_on_meta():
     temporal_all = t * (5 * 9216 * 5 + 5 * 2304 * 10 + 5 * 576 * 20 + 144 * 20)
     temporal_coarse = t * (4 * 576 * 20 + 144 * 20)               # input 7, 8, output 3, 4 and the middle block
     assert est["stored"]["per_clip"] == 25 * spatial_step + 12 * temporal_all + 8 * temporal_coarse
+
+
+def test_mask_picture_layout_and_colours():
+    from minivid.methods.i2vedit.visualize import heat_colors, mask_picture, pick_steps
+
+    assert torch.equal(heat_colors(torch.zeros(2, 2)), -torch.ones(3, 2, 2))        # M = 0: black
+    assert torch.equal(heat_colors(torch.ones(2, 2)), torch.ones(3, 2, 2))          # M = 1: white
+    assert pick_steps(list(range(25)), 6) == [0, 5, 10, 14, 19, 24]
+    layers = {"input_blocks.1.1.transformer_blocks.0.attn1": (2, 3), "middle_block.1.transformer_blocks.0.attn1": (1, 2)}
+    masks = {(n, s): torch.rand(4, hw[0] * hw[1]) for n, hw in layers.items() for s in range(3)}
+    masks["input_blocks.1.1.transformer_blocks.0.attn1", 1][2] = 1.0               # frame 2, step 1: all ones
+    frames = torch.zeros(4, 3, 8, 12)
+    tiles, rows, cols = mask_picture(masks, layers, frames, frame=2, min_height=8)
+    assert rows == list(layers) and cols == [0, 1, 2] and tiles.shape == (6, 3, 8, 12)
+    assert torch.allclose(tiles[1], torch.full((3, 8, 12), 0.7))                    # 0.7·white + 0.3·frame
+    with pytest.raises(ValueError, match="no matching masks"):
+        mask_picture({}, layers, frames)
