@@ -252,6 +252,9 @@ def edit_video(
     work = tuple(work_size or size)
     check_size(svd, *work)
     ranges = clip_ranges(video.shape[0], cfg.clip_len, cfg.overlap)     # raises on a video shorter than a clip
+    if tuple(first_frame.shape[-2:]) != size:
+        log.warning("edit_video: the edited first frame is %dx%d, the video %dx%d: resized to the video's size",
+                    *first_frame.shape[-2:], *size)
     first = resize_frames(first_frame.float(), size)
     first = resize_frames(first, work)
     out: list[Tensor] = []
