@@ -3,7 +3,7 @@
 1. Bytes per step and per clip at the official setting (576×1024, 14 frames, 25 steps; the arithmetic of
    `minivid.methods.i2vedit.store_bytes` from a meta-device pass of the full SVD UNet), as ratios to the
    authors' fp32 disk store.
-2. Time of one edit step at full SVD size (random weights, fp32) on a small latent: the CFG UNet call
+2. Time of one edit step at full SVD size (random weights, fp32, filled in place: peak ≈ 6.5 GB) on a small latent: the CFG UNet call
    (batch 2) without matching; with matching and the source attention recomputed (one more batch-1
    UNet call, LoRA off); with matching reading the stored records. Median of alternating runs.
 The goal (issue 10): recompute ≤ 1/100 of the official bytes at ≤ 1.6× the step time without matching.
@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import table, write_section  # noqa: E402
-from svd_unet import alternating, random_fill_  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +28,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--bytes-only", action="store_true", help="only the store arithmetic (no full-size timing)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu: process CPU time (default; steadier on a machine shared with other jobs, use with "
+                        "--threads 1), wall: elapsed time")
+
+
+def timed_alternating(fns: dict, repeats: int, clock: str) -> dict[str, float]:
+    """Median seconds per function over `repeats` rounds in alternating order (a, b, c, c, b, a, ...)."""
+    import statistics
+    import time
+
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            t0 = now()
+            fns[k]()
+            times[k].append(now() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bytes_table() -> tuple[str, dict]:
@@ -65,12 +83,15 @@ def run(args: argparse.Namespace) -> int:
         cfg = VideoUNetConfig.preset("svd")
         with torch.device("meta"):
             unet = VideoUNet(cfg)
-        random_fill_(unet)
-        for module in unet.modules():          # random_fill_ leaves some weights as views of a larger pool copy
-            for leaf, prm in list(module.named_parameters(recurse=False)):
-                if prm.untyped_storage().nbytes() > prm.numel() * prm.element_size():
-                    setattr(module, leaf, torch.nn.Parameter(prm.detach().clone(), requires_grad=False))
-        unet.eval()
+        unet.to_empty(device="cpu")            # weights filled in place: one copy (6.1 GB), no pool
+        fill = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, prm in unet.named_parameters():
+                if name.endswith("mix_factor") or prm.ndim == 1:
+                    prm.normal_(1.0 if name.endswith("weight") and prm.ndim == 1 else 0.0, 0.05, generator=fill)
+                else:
+                    prm.normal_(0.0, prm[0].numel() ** -0.5, generator=fill)
+        unet.eval().requires_grad_(False)
         svd = SimpleNamespace(unet=unet, dtype=torch.float32, device=torch.device("cpu"))
         h, w = (int(v) for v in args.latent.lower().split("x"))
         Fr, N, j = args.frames, 25, args.step
@@ -107,16 +128,16 @@ def run(args: argparse.Namespace) -> int:
                 with torch.no_grad():
                     match(source_attention(svd, inv, ctl, j))
 
-            times = alternating({"matching off": off, "recompute": recompute, "stored": lambda: match(stored)},
-                                repeats=args.repeats)
+            times = timed_alternating({"matching off": off, "recompute": recompute, "stored": lambda: match(stored)},
+                                      args.repeats, args.clock)
         rows = [[k, f"{v:.3f}", f"{v / times['matching off']:.3f}"] for k, v in times.items()]
         body += (f"\n\nOne edit step (edit step {j}) at full SVD size (1.52 B parameters, random fp32 weights) on a "
                  f"{h}×{w} latent, {Fr} frames, CFG batch 2, no LoRA; median of {args.repeats} alternating runs, "
-                 f"{torch.get_num_threads()} thread(s). recompute = the matched CFG call plus one batch-1 UNet call "
+                 f"{torch.get_num_threads()} thread(s), {'process CPU' if args.clock == 'cpu' else 'wall-clock'} time. recompute = the matched CFG call plus one batch-1 UNet call "
                  f"recording the source attention; stored = the matched CFG call reading records held in memory.\n\n"
-                 + table(["edit step", "CPU s (median)", "time ratio to matching off"], rows))
+                 + table(["edit step", f"{args.clock} s (median)", "time ratio to matching off"], rows))
     body += (f"\n\nCommand: `minivid bench i2vedit-store --frames {args.frames} --latent {args.latent} --step {args.step} "
-             f"--repeats {args.repeats}{' --bytes-only' if args.bytes_only else ''}"
+             f"--repeats {args.repeats} --clock {args.clock}{' --bytes-only' if args.bytes_only else ''}"
              f"{f' --threads {args.threads}' if args.threads else ''}`.")
     print(body)
     if args.write:
