@@ -381,6 +381,10 @@ def test_recompute_equals_captured_bitwise(svd):
                 wanted = {(n, k) for n, kinds in rec.items() for k in kinds
                           if keep_for(j, ctl)(n, k, ctl.hw[n])}
                 assert {(n, k) for n, kinds in src.items() for k in kinds} == wanted
+            # the recomputation ends after the last layer read: at the last step (stage 2, no temporal maps)
+            # the finest spatial attn1, before its own temporal block
+            assert ctl.last_needed(keep_for(steps - 1, ctl)) == "output_blocks.8.1.transformer_blocks.0.attn1"
+            assert ctl.last_needed(keep_for(0, ctl)) == "output_blocks.8.1.time_stack.0.attn1"
             # with the LoRA on, the temporal attention differs: the recomputation did turn it off
             ctl.phase, ctl.captured, ctl.keep = "record", {}, (lambda n, k, hw: True)
             from minivid.methods.i2vedit.invert import inversion_denoiser

@@ -40,7 +40,7 @@ from minivid.svd import StableVideoDiffusion
 from .clips import clip_ranges
 from .conditioning import edit_condition
 from .invert import Inversion, invert_clip, inversion_denoiser, lora_off
-from .matching import PRESETS, MatchingConfig, MatchingController, install, keep_for, temporal_names
+from .matching import PRESETS, MatchingConfig, MatchingController, StopForward, install, keep_for, temporal_names
 
 __all__ = ["I2VEditConfig", "ClipEdit", "EditResult", "edit_clip", "edit_video", "source_attention",
            "quantize", "resize_frames"]
@@ -127,19 +127,24 @@ def source_attention(svd: StableVideoDiffusion, inv: Inversion, ctl: MatchingCon
                      lora: Any = None, kv_source: dict | None = None) -> dict[str, dict[str, Tensor]]:
     """The recompute mode: the source attention that edit step j reads — inversion record N−1−j — from
     one batch-1 UNet call on the trajectory's x_{N−1−j} at levels[N−1−j], motion LoRA off. Bitwise what
-    the inversion computed there."""
+    the inversion computed there. The call ends after the last layer the step reads (in the order the
+    controller saw the layers called), since nothing after it is used."""
     r = inv.steps - 1 - edit_step
     denoise = inversion_denoiser(svd, inv.cond, inv.frames)
     saved = (ctl.phase, ctl.keep, ctl.kv_source, ctl.kv_record)
     ctl.phase, ctl.captured, ctl.keep = "record", {}, keep_for(edit_step, ctl)
     ctl.kv_source, ctl.kv_record = kv_source, None
+    ctl.stop_after = ctl.last_needed(ctl.keep) if ctl.order else None   # the rest of the UNet is not needed
     try:
         with lora_off(lora):
             denoise(inv.trajectory[r], inv.levels[r])
-        return ctl.captured
+    except StopForward:
+        pass
     finally:
         ctl.phase, ctl.keep, ctl.kv_source, ctl.kv_record = saved
-        ctl.captured = {}
+        ctl.stop_after = None
+    captured, ctl.captured = ctl.captured, {}
+    return captured
 
 
 @torch.no_grad()

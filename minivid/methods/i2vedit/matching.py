@@ -172,6 +172,27 @@ class MatchingController:
         self.masks: dict[tuple[str, int], Tensor] = {}   # (layer, step) -> M [F, N] (fp16, CPU)
         self.copied: dict[int, list[str]] = {}           # step -> temporal layers that took the source's maps
         self.hw: dict[str, tuple[int, int]] = {}         # layer -> token grid seen
+        self.order: list[str] = []                       # attn1 layers in call order (seen in the first call)
+        self.stop_after: str | None = None               # "record": end the forward after this layer
+
+    def _seen(self, ctx: AttnContext) -> None:
+        if ctx.hw is not None:
+            self.hw[ctx.name] = tuple(ctx.hw)
+        if ctx.name not in self.order:
+            self.order.append(ctx.name)
+
+    def _maybe_stop(self, ctx: AttnContext) -> None:
+        if self.stop_after is not None and ctx.name == self.stop_after:
+            raise StopForward
+
+    def last_needed(self, keep) -> str | None:
+        """The last layer, in call order, of which `keep` wants a tensor (the recomputation ends there)."""
+        last = None
+        for name in self.order:
+            kinds = ("probs",) if "time_stack" in name else ("q", "k")
+            if any(keep(name, kind, self.hw.get(name)) for kind in kinds):
+                last = name
+        return last
 
     def _capture(self, ctx: AttnContext, kind: str, t: Tensor) -> None:
         if self.keep(ctx.name, kind, tuple(ctx.hw)):
@@ -183,17 +204,21 @@ class MatchingController:
         return [(t1 - t0) / self.frames * f + t0 for f in range(self.frames)]
 
 
+class StopForward(Exception):
+    """Raised by a recording processor after the last layer a recomputation needs."""
+
+
 class _Spatial:
     def __init__(self, inner, ctl: MatchingController):
         self.inner, self.ctl = inner, ctl
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
         ctl = self.ctl
-        if ctx.hw is not None:
-            ctl.hw[ctx.name] = tuple(ctx.hw)
+        ctl._seen(ctx)
         if ctl.phase == "record":
             ctl._capture(ctx, "q", q)
             ctl._capture(ctx, "k", k)
+            ctl._maybe_stop(ctx)
             return F.scaled_dot_product_attention(q, k, v, scale=ctx.scale)      # the authors' inversion: sdpa
         if ctl.phase != "match" or not ctl.cfg.spatial:
             return self.inner(q, k, v, ctx)
@@ -221,8 +246,7 @@ class _Temporal:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
         ctl = self.ctl
-        if ctx.hw is not None:
-            ctl.hw[ctx.name] = tuple(ctx.hw)
+        ctl._seen(ctx)
         if ctl.kv_record is not None:                      # skip-interval: clip 0 keeps its K/V
             ctl.kv_record[ctx.name] = (k.detach(), v.detach())
         if ctl.kv_source is not None:                      # skip-interval: K = [K_clip0; K], V likewise
@@ -232,6 +256,7 @@ class _Temporal:
         if ctl.phase == "record":
             probs = attention_probs(q, k, ctx)
             ctl._capture(ctx, "probs", probs)
+            ctl._maybe_stop(ctx)
             return torch.matmul(probs, v)
         if ctl.phase != "match" or not ctl.cfg.temporal:
             return self.inner(q, k, v, ctx)
