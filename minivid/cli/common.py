@@ -5,6 +5,7 @@ and the outputs every edit writes. Used by the subcommands and by the methods' C
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from pathlib import Path
 
@@ -112,13 +113,17 @@ def read_source(args: argparse.Namespace, sd, images: bool = False) -> torch.Ten
 
 # ---------------------------------------------------------------- handing over to a method
 
+# Method CLIs that already live under minivid/cli/ (the agreed layout), by method name.
+CLI_MODULES = {"i2vedit": "minivid.cli.i2vedit_edit"}
+
+
 def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
     """`minivid <action> --method NAME`: run `minivid.methods.<name>.cli.<action>(args, job)` in a job
     folder of its own and write its record. `hint`: what to do instead when the method has none."""
     from minivid.methods import method_cli
 
     try:
-        mod = method_cli(args.method)
+        mod = importlib.import_module(CLI_MODULES[args.method]) if args.method in CLI_MODULES else method_cli(args.method)
     except ModuleNotFoundError:
         mod = None
     if mod is None or not hasattr(mod, action):
