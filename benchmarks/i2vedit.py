@@ -1,4 +1,9 @@
-"""I2VEdit: one motion-LoRA tuning step (time and peak memory) in fp32, bf16 autocast and with gradient checkpointing.
+"""I2VEdit: the source-attention store (bytes, edit-step time) and one motion-LoRA tuning step (time, peak memory).
+
+`--sections store,lora` (default both). "store" is benchmarks/i2vedit_store.py (the official fp32 disk
+store, the stored mode and the recompute mode in bytes per step and per clip, and one edit step's time
+with matching off / recompute / stored; `--store-bytes-only` skips its full-size timing). "lora" is the
+tuning step below, in fp32, bf16 autocast, bf16 weights and with gradient checkpointing.
 
 The step is the one `minivid.methods.i2vedit.tune.tune_motion_lora` runs through the shared engine:
 the loss of `motion_loss` (EDM denoised-output MSE, σ from the cosine-interpolated log-SNR sampler)
@@ -29,7 +34,11 @@ MODES = ("fp32", "bf16", "fp32+checkpointing", "bf16+checkpointing", "bf16-weigh
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["svd", "tiny"], default="svd", help="UNet size (default svd, the full size)")
+    p.add_argument("--sections", default="store,lora", help="store, lora or both (default store,lora)")
+    p.add_argument("--store-bytes-only", action="store_true", help="store section: only the byte arithmetic")
+    p.add_argument("--store-latent", default="8x12", help="store section: latent HxW of the edit-step timing (default 8x12)")
+    p.add_argument("--store-frames", type=int, default=14, help="store section: frames of the edit-step timing (default 14)")
+    p.add_argument("--preset", choices=["svd", "tiny"], default="svd", help="lora section: UNet size (default svd, the full size)")
     p.add_argument("--frames", type=int, default=11, help="frames per clip (default 11, the authors' clip length)")
     p.add_argument("--latent", default="8x8", help="latent h×w (default 8x8, i.e. 64×64 pixels)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per mode after one warm-up (median reported)")
@@ -142,7 +151,7 @@ def lora_step_section(args: argparse.Namespace) -> str:
         f"allocator high-water mark during one step beyond the weights and AdamW state. bf16 = torch.autocast "
         f"on the CPU (weights stay fp32; autocast keeps a bf16 copy of each weight it casts for the step); bf16-weights = the frozen UNet stored in bf16, the LoRA in fp32, no autocast; checkpointing recomputes every spatial and temporal transformer block "
         f"in the backward pass.\n\n"
-        f"Command: `minivid bench i2vedit --preset {args.preset} --frames {F} --latent {h}x{w} --repeats {args.repeats} "
+        f"Command: `minivid bench i2vedit --sections lora --preset {args.preset} --frames {F} --latent {h}x{w} --repeats {args.repeats} "
         f"--modes {','.join(modes)} --clock {args.clock}{f' --threads {args.threads}' if args.threads else ''}`.\n\n"
         + table(["mode", f"{args.clock} s per step (median)", "time ratio", "peak MiB", "memory ratio", "UNet weights GiB"], rows)
     )
@@ -154,11 +163,30 @@ def _default_config():
     return MotionTuneConfig()
 
 
+def store_section(args: argparse.Namespace) -> int:
+    """benchmarks/i2vedit_store.py with this run's shared options (it prints and writes its own section)."""
+    import i2vedit_store
+
+    parser = argparse.ArgumentParser()
+    i2vedit_store.add_arguments(parser)
+    store_args = parser.parse_args([])
+    store_args.repeats, store_args.threads, store_args.clock, store_args.write = \
+        args.repeats, args.threads, args.clock, args.write
+    store_args.bytes_only, store_args.latent, store_args.frames = args.store_bytes_only, args.store_latent, args.store_frames
+    return i2vedit_store.run(store_args)
+
+
 def run(args: argparse.Namespace) -> int:
+    sections = [s for s in args.sections.split(",") if s]
+    if not sections or any(s not in ("store", "lora") for s in sections):
+        raise ValueError(f"--sections must list store and/or lora, got {args.sections!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    body = lora_step_section(args)
-    print(body)
-    if args.write:
-        write_section("I2VEdit motion-LoRA tuning step", body)
+    if "store" in sections:
+        store_section(args)
+    if "lora" in sections:
+        body = lora_step_section(args)
+        print(body)
+        if args.write:
+            write_section("I2VEdit motion-LoRA tuning step", body)
     return 0

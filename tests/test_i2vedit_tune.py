@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from minivid.methods.i2vedit.lora import LoRAError, attach_motion_lora
+from minivid.methods.i2vedit.clips import clip_ranges
 from minivid.methods.i2vedit.tune import (
-    MotionTuneConfig, clip_ranges, default_tune_config, load_motion_lora, lora_checkpoint, logsnr_cosine_interpolated,
+    MotionTuneConfig, default_tune_config, load_motion_lora, lora_checkpoint, logsnr_cosine_interpolated,
     motion_loss, prepare_clip, sample_sigmas, training_time_ids, tune_clips, tune_motion_lora,
 )
 from minivid.svd import StableVideoDiffusion
@@ -248,14 +249,13 @@ def test_bad_inputs_fail_before_compute(tmp_path):
 
 # ---------------------------------------------------------------- clips
 
-def test_clip_ranges_follow_the_authors_loader():
-    assert clip_ranges(21, 11, 1) == [(0, 11), (10, 21)]
-    assert clip_ranges(25, 14, 1) == [(0, 14), (13, 25)]
-    assert clip_ranges(11, 11, 1) == [(0, 11)]
-    assert clip_ranges(8, 11, 1) == [(0, 8)]
+def test_tuning_uses_the_edits_clip_split():
+    # one split for tuning and editing (clips.clip_ranges, tested in the edit's tests)
+    assert clip_ranges(21, 11, 1) == [(0, 11), (10, 21)] and clip_ranges(25, 14, 1) == [(0, 14), (13, 25)]
     assert clip_ranges(22, 11, 1) == [(0, 11), (10, 21), (20, 22)]
-    with pytest.raises(ValueError):
-        clip_ranges(10, 11, 11)
+    from minivid.methods.i2vedit import tune
+
+    assert tune.clip_ranges is clip_ranges
 
 
 def test_tune_clips_writes_one_lora_per_clip_and_leaves_the_unet_clean(tmp_path):
@@ -311,7 +311,7 @@ def test_cli_tune_writes_a_lora_per_clip_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--frames", "2"], "fewer than one clip of 3"),
+    (["--frames", "2"], "fewer than one clip"),
     (["--i2vedit-size", "15x24"], "multiples of"),
     (["--i2vedit-size", "big"], None),
     (["--i2vedit-clips", "7"], "clips 0..1"),

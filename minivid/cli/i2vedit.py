@@ -99,7 +99,8 @@ def _clip_selection(text: str | None, n: int) -> list[int]:
 def tune(args: argparse.Namespace, job: Job) -> dict:
     """`minivid tune --method i2vedit`: one motion LoRA per clip, into `<job>/clip_<k>/`."""
     from minivid.cli.common import tuning_summary
-    from minivid.methods.i2vedit.tune import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_STEPS, MotionTuneConfig, clip_ranges,
+    from minivid.methods.i2vedit.clips import clip_ranges
+    from minivid.methods.i2vedit.tune import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_STEPS, MotionTuneConfig,
                                               default_tune_config, tune_motion_lora)
 
     steps = args.steps or DEFAULT_STEPS
