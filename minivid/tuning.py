@@ -2,7 +2,7 @@
 
 A method says WHICH tensors train (`trainable`) and HOW the loss of one step is
 computed (`loss_fn(step, generator) -> scalar`); the engine owns everything else:
-freezing, AdamW, optional autocast and gradient clipping, a tqdm bar with the
+freezing, AdamW, optional autocast (fp16 with a GradScaler) and gradient clipping, a tqdm bar with the
 loss, checkpoints of the trainable tensors only (safetensors, written atomically)
 with their optimizer moments for an exact resume of the same run (`run_fingerprint`:
 another run's checkpoint is refused with the fields that differ), and a clear stop on a
@@ -451,6 +451,8 @@ def tune(
         _sync_start(trainable, buffers, opt)
     amp_dtype = AUTOCAST[cfg.autocast]
     device = next(iter(trainable.values())).device
+    # fp16 needs loss scaling (its gradients underflow); a disabled scaler is a pass-through
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     gen = torch.Generator(device="cpu")
     losses: list[float] = []
     params = list(trainable.values())
@@ -472,12 +474,15 @@ def tune(
                     f"(no --autocast) or another seed."
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
         else:
-            value = _parallel_step(step, cfg, loss_fn, gen, amp, opt, params, trainable, buffers, meta, out_dir)
+            value = _parallel_step(step, cfg, loss_fn, gen, amp, opt, params, trainable, buffers, meta, out_dir,
+                                   scaler)
         if cfg.grad_clip:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
         if on_step:
@@ -493,7 +498,7 @@ def tune(
     return TuneResult(losses, last, start, cfg.steps, time.perf_counter() - t0, extra)
 
 
-def _parallel_step(step, cfg, loss_fn, gen, amp, opt, params, trainable, buffers, meta, out_dir) -> float:
+def _parallel_step(step, cfg, loss_fn, gen, amp, opt, params, trainable, buffers, meta, out_dir, scaler) -> float:
     """One data-parallel step's loss and backward on this rank, the check that every rank's loss is
     finite (one small all-reduce of every rank's loss and error flag) and the gradient average.
     Returns the mean loss over the ranks."""
@@ -505,7 +510,7 @@ def _parallel_step(step, cfg, loss_fn, gen, amp, opt, params, trainable, buffers
             loss = loss_fn(step, gen)
         value = float(loss.detach())
         if math.isfinite(value):
-            loss.backward()
+            scaler.scale(loss).backward()      # fp16: scaled; the same scale on every rank
     except Exception as e:  # every rank must learn of it, or the others wait in the all-reduce
         failure, value = e, float("nan")
     P = len(params)

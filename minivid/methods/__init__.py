@@ -10,4 +10,5 @@ METHODS = {
     "cove": "COVE: correspondence-guided video editing (SD 2.1)",
     "ei2": "EI²: inflated SD 1.4 with STAM and FFAM, one-shot tuning",
     "tcve": "TCVE: temporal UNet beside SD 1.4 with Spatial-Temporal modeling Units",
+    "i2vedit": "I2VEdit: first-frame-guided editing on SVD (motion LoRA, EDM inversion, attention matching)",
 }

@@ -1,0 +1,287 @@
+"""The I2VEdit editing pipeline (§3.3 appearance refinement, §3.4 long videos), clip by clip.
+
+    result = edit_video(svd, video, edited_first_frame, I2VEditConfig(preset="local"))
+    result.frames        # [T, 3, H, W] in [-1, 1], the source's frame count and size
+
+Per clip (`edit_clip`), top to bottom:
+1. EDM inversion of the SARP-perturbed source clip (invert.py), motion LoRA off, recording what the
+   matching reads ("stored") or only the trajectory ("recompute", the default);
+2. the editing conditioning (conditioning.py): CLIP of the edited first frame, its VAE mode + 0.02·ε on
+   the conditional half, fps id = output_fps − 1; clip k ≥ 1: the previous clip's last latent / 0.18215
+   (not re-encoded) and CLIP of its decoded last frame;
+3. EDM Euler sampling from the inverted noise × √(σ_max² + 1), classifier-free guidance rising over the
+   frames (linspace(1, 2, F)), the motion LoRA on, the matching processors on (matching.py): at edit step
+   j the source attention of inversion record N−1−j — recomputed by one batch-1 UNet call with the LoRA
+   off on the trajectory's x_{N−1−j} at its level, or read from the stored records;
+4. decoding in chunks of 8 frames.
+`edit_video` splits the video into clips (clips.py, 11 frames overlapping by 1), writes the overlap frame
+once, and returns the frames at the source's size.
+
+Skip-interval cross-attention (off by default, as in the authors' code): for clips k ≥ 1, temporal
+attn1 keys/values are [K_clip0; K] and [V_clip0; V], with clip 0's inversion K/V (same inversion step)
+during inversion and clip 0's editing K/V (same edit step) during editing. It keeps clip 0's temporal
+K/V of every step in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minivid.pipelines.svd import check_size, video_denoiser
+from minivid.samplers import edm_init_noise, euler_sample, karras_sigmas
+from minivid.svd import StableVideoDiffusion
+
+from .clips import clip_ranges
+from .conditioning import edit_condition
+from .invert import Inversion, invert_clip, inversion_denoiser, lora_off
+from .matching import PRESETS, MatchingConfig, MatchingController, StopForward, install, keep_for, temporal_names
+
+__all__ = ["I2VEditConfig", "ClipEdit", "EditResult", "edit_clip", "edit_video", "source_attention",
+           "quantize", "resize_frames"]
+
+log = logging.getLogger(__name__)
+STORES = ("recompute", "stored")
+
+
+@dataclass(frozen=True)
+class I2VEditConfig:
+    """Every default is the authors' code's (docs/i2vedit.md gives the source of each)."""
+
+    steps: int = 25
+    preset: str = "local"                          # (β₁, β₂): local (0.5, 0.8), global (0.8, 0.9), shape (0.4, 0.5)
+    beta: Optional[tuple[float, float]] = None     # overrides the preset
+    layer_set: str = "official"                    # middle-stage temporal layers: "official" | "paper"
+    mask_thr: tuple[float, float] = (0.35, 0.35)   # ramped over the frames
+    compare: str = ">="                            # M = 1 where D ≥ thr (code); ">" is the paper's Eq. 8
+    matching: bool = True
+    store: str = "recompute"                       # "recompute" | "stored"
+    clip_len: int = 11
+    overlap: int = 1
+    skip_interval: bool = False
+    min_guidance: float = 1.0
+    max_guidance: float = 2.0
+    output_fps: float = 5                          # fps id = output_fps − 1
+    sarp: bool = True
+    sarp_noise: float = 0.005
+    sarp_threshold: float = 0.001
+    decode_chunk: int = 8
+    seed: int = 23                                 # a CPU generator seeded per clip
+    record_masks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"I2VEditConfig: preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.store not in STORES:
+            raise ValueError(f"I2VEditConfig: store must be one of {STORES}, got {self.store!r}")
+        if self.steps < 2:
+            raise ValueError(f"I2VEditConfig: steps must be at least 2, got {self.steps}")
+        self.matching_config()                     # validates beta, layer_set, compare
+
+    def matching_config(self) -> MatchingConfig:
+        return MatchingConfig(steps=self.steps, beta=tuple(self.beta or PRESETS[self.preset]), layer_set=self.layer_set,
+                              mask_thr=tuple(self.mask_thr), compare=self.compare, record_masks=self.record_masks)
+
+
+@dataclass
+class ClipEdit:
+    latents: Tensor                                  # [1, F, 4, h, w] final scaled latents
+    frames: Tensor                                   # [F, 3, H, W] decoded, at the working size
+    inversion: Inversion
+    masks: dict[tuple[str, int], Tensor] = field(default_factory=dict)   # (layer, step) -> M [F, N]
+    layer_hw: dict[str, tuple[int, int]] = field(default_factory=dict)
+    copied: dict[int, list[str]] = field(default_factory=dict)           # step -> temporal layers copied
+    edit_kv: dict[int, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)   # skip-interval
+
+
+@dataclass
+class EditResult:
+    frames: Tensor                                   # [T, 3, H, W] at the source size
+    ranges: list[tuple[int, int]]
+    clips: list[ClipEdit]
+    store_bytes: dict[str, int]                      # measured on clip 0: "recompute" (trajectory) and "stored"
+
+
+def quantize(frames: Tensor) -> Tensor:
+    """[-1, 1] -> uint8 (rounded, as the authors' PIL output) -> [-1, 1]."""
+    u8 = ((frames.float().clamp(-1, 1) + 1) / 2 * 255).round()
+    return u8 / 255 * 2 - 1
+
+
+def resize_frames(frames: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear, antialiased resize of [..., 3, H, W] (the authors' ResolutionControl); identity at the same size."""
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    shape = frames.shape
+    out = F.interpolate(frames.reshape(-1, *shape[-3:]).float(), size=size, mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out.reshape(*shape[:-2], *size)
+
+
+def source_attention(svd: StableVideoDiffusion, inv: Inversion, ctl: MatchingController, edit_step: int,
+                     lora: Any = None, kv_source: dict | None = None) -> dict[str, dict[str, Tensor]]:
+    """The recompute mode: the source attention that edit step j reads — inversion record N−1−j — from
+    one batch-1 UNet call on the trajectory's x_{N−1−j} at levels[N−1−j], motion LoRA off. Bitwise what
+    the inversion computed there. The call ends after the last layer the step reads (in the order the
+    controller saw the layers called), since nothing after it is used."""
+    r = inv.steps - 1 - edit_step
+    denoise = inversion_denoiser(svd, inv.cond, inv.frames)
+    saved = (ctl.phase, ctl.keep, ctl.kv_source, ctl.kv_record)
+    ctl.phase, ctl.captured, ctl.keep = "record", {}, keep_for(edit_step, ctl)
+    ctl.kv_source, ctl.kv_record = kv_source, None
+    ctl.stop_after = ctl.last_needed(ctl.keep) if ctl.order else None   # the rest of the UNet is not needed
+    try:
+        with lora_off(lora):
+            denoise(inv.trajectory[r], inv.levels[r])
+    except StopForward:
+        pass
+    finally:
+        ctl.phase, ctl.keep, ctl.kv_source, ctl.kv_record = saved
+        ctl.stop_after = None
+    captured, ctl.captured = ctl.captured, {}
+    return captured
+
+
+@torch.no_grad()
+def edit_clip(
+    svd: StableVideoDiffusion,
+    clip: Tensor,
+    first_frame: Tensor,
+    cfg: I2VEditConfig = I2VEditConfig(),
+    lora: Any = None,
+    previous_latent: Tensor | None = None,
+    clip0: ClipEdit | None = None,
+    is_first: bool = True,
+    progress: bool = True,
+) -> ClipEdit:
+    """Edit one clip [F, 3, H, W] (working size, [-1, 1]) given its first frame's edit [3, H, W] (clip k ≥ 1:
+    the previous clip's decoded last frame, with `previous_latent` [1, 4, h, w] its last scaled latent).
+    `lora`: an attached motion LoRA (its `.disabled()` turns it off for inversion and recomputation) or None.
+    `clip0`: clip 0's result, for skip-interval attention in clips k ≥ 1."""
+    if clip.ndim != 4 or clip.shape[1] != 3:
+        raise ValueError(f"edit_clip: clip must be [F, 3, H, W], got shape {tuple(clip.shape)}")
+    if first_frame.shape[-3:] != clip.shape[-3:]:
+        raise ValueError(f"edit_clip: first frame {tuple(first_frame.shape[-3:])} and clip frames "
+                         f"{tuple(clip.shape[-3:])} differ in size")
+    check_size(svd, *clip.shape[-2:])
+    Fr, N = clip.shape[0], cfg.steps
+    m = svd.config.vae.downsample_factor
+    latent_hw = (clip.shape[-2] // m, clip.shape[-1] // m)
+    skip = cfg.skip_interval
+    use_kv = skip and not is_first
+    if use_kv and (clip0 is None or not clip0.inversion.kv):
+        raise ValueError("edit_clip: skip-interval attention for a clip k >= 1 needs clip 0's result with its K/V")
+    need_ctl = cfg.matching or skip
+    mcfg = cfg.matching_config()
+    if not cfg.matching:
+        mcfg = replace(mcfg, spatial=False, temporal=False)
+    ctl = MatchingController(mcfg, latent_hw, Fr, temporal_names(svd.unet))
+    stored = cfg.matching and cfg.store == "stored"
+
+    scope = install(svd.unet, ctl) if need_ctl else contextlib.nullcontext()
+    with scope:
+        # 1. inversion (its own generator, as the authors' global RNG is separate from the edit's)
+        inv_gen = torch.Generator().manual_seed(cfg.seed)
+        keep = (lambda i: keep_for(N - 1 - i, ctl)) if stored else None
+        inv = invert_clip(svd, clip, N, inv_gen, cfg.sarp, cfg.sarp_noise, cfg.sarp_threshold,
+                          controller=ctl if need_ctl else None, keep=keep,
+                          kv_source=clip0.inversion.kv if use_kv else None, record_kv=skip and is_first,
+                          lora=lora, progress=progress)
+
+        # 2. conditioning of the edit
+        gen = torch.Generator().manual_seed(cfg.seed)
+        cond = edit_condition(svd, first_frame[None], gen, fps_id=cfg.output_fps - 1, previous_latent=previous_latent)
+        base = video_denoiser(svd, cond, Fr, cfg.min_guidance, cfg.max_guidance)
+
+        # 3. sampling with attention matching
+        count = [0]
+        edit_kv: dict[int, dict] = {}
+
+        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+            j = count[0]
+            count[0] += 1
+            if not need_ctl:
+                return base(x, sigma)
+            if cfg.matching:
+                if stored:
+                    ctl.source = inv.records.get(N - 1 - j, {})
+                else:
+                    ctl.source = source_attention(svd, inv, ctl, j, lora,
+                                                  clip0.inversion.kv[N - 1 - j] if use_kv else None)
+            ctl.phase, ctl.step = "match", j
+            ctl.kv_source = clip0.edit_kv[j] if use_kv else None
+            ctl.kv_record = {} if skip and is_first else None
+            try:
+                return base(x, sigma)
+            finally:
+                if skip and is_first:
+                    edit_kv[j] = ctl.kv_record
+                ctl.phase, ctl.source, ctl.kv_source, ctl.kv_record = "off", {}, None, None
+
+        sigmas = karras_sigmas(N)
+        x = edm_init_noise(inv.noise.to(svd.device), sigmas).to(svd.dtype)
+        x = euler_sample(denoise, x, sigmas, progress=progress)
+
+    # 4. decode in chunks
+    frames = svd.decode_latents(x, cfg.decode_chunk).float()[0]
+    return ClipEdit(x, frames, inv, dict(ctl.masks), dict(ctl.hw), dict(ctl.copied), edit_kv)
+
+
+def edit_video(
+    svd: StableVideoDiffusion,
+    video: Tensor,
+    first_frame: Tensor,
+    cfg: I2VEditConfig = I2VEditConfig(),
+    work_size: tuple[int, int] | None = None,
+    lora_for_clip: Callable[[int], Any] | None = None,
+    progress: bool = True,
+    keep_clips: bool = False,
+) -> EditResult:
+    """Edit video [T, 3, H, W] in [-1, 1] from its edited first frame [3, H', W'] (resized to H×W when it
+    differs; the caller says so). Clips of `cfg.clip_len` frames overlapping by `cfg.overlap`; each clip is
+    edited at `work_size` (default: the source size) and the result resized back to H×W.
+
+    `lora_for_clip(k)` attaches clip k's motion LoRA and returns its handle (detached after the clip), or
+    returns None. `keep_clips=False` drops each clip's inversion once it is used (except clip 0's K/V with
+    skip-interval)."""
+    if video.ndim != 4 or video.shape[1] != 3:
+        raise ValueError(f"edit_video: video must be [T, 3, H, W] in [-1, 1], got shape {tuple(video.shape)}")
+    if first_frame.ndim != 3 or first_frame.shape[0] != 3:
+        raise ValueError(f"edit_video: first frame must be [3, H, W], got shape {tuple(first_frame.shape)}")
+    size = tuple(video.shape[-2:])
+    work = tuple(work_size or size)
+    check_size(svd, *work)
+    ranges = clip_ranges(video.shape[0], cfg.clip_len, cfg.overlap)     # raises on a video shorter than a clip
+    if tuple(first_frame.shape[-2:]) != size:
+        log.warning("edit_video: the edited first frame is %dx%d, the video %dx%d: resized to the video's size",
+                    *first_frame.shape[-2:], *size)
+    first = resize_frames(first_frame.float(), size)
+    first = resize_frames(first, work)
+    out: list[Tensor] = []
+    clips: list[ClipEdit] = []
+    store: dict[str, int] = {}
+    prev_latent, prev_frame, clip0 = None, first, None
+    for k, (s, e) in enumerate(ranges):
+        clip = resize_frames(video[s:e].float(), work)
+        handle = lora_for_clip(k) if lora_for_clip is not None else None
+        try:
+            res = edit_clip(svd, clip, prev_frame, cfg, handle, prev_latent, clip0, is_first=(k == 0), progress=progress)
+        finally:
+            if handle is not None and lora_for_clip is not None and hasattr(handle, "detach"):
+                handle.detach()
+        if k == 0:
+            store = {"recompute": res.inversion.nbytes(), "stored": res.inversion.records_nbytes()}
+            clip0 = res
+        frames = res.frames.clamp(-1, 1)
+        out.append(resize_frames(frames if k == 0 else frames[cfg.overlap:], size).cpu())
+        prev_latent = res.latents[:, -1]
+        prev_frame = quantize(frames[-1])
+        if not keep_clips and k > 0:
+            res.inversion.trajectory, res.inversion.records = [], {}
+        clips.append(res)
+    return EditResult(torch.cat(out), ranges, clips, store)

@@ -1,0 +1,101 @@
+"""`minivid edit --method i2vedit --tiny` and `minivid demo --method i2vedit`: outputs and bad inputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minivid.cli import main
+from minivid.cli.i2vedit_edit import moving_shapes, recolour
+from minivid.video import read_image, read_video, save_grid, write_video
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("i2v_inputs")
+    video = moving_shapes(6, 40, 56)
+    write_video(d / "in.mp4", video, fps=8)
+    save_grid(d / "edited.png", recolour(video[0])[None], cols=1)
+    save_grid(d / "edited_big.png", torch.nn.functional.interpolate(recolour(video[0])[None], size=(64, 80)), cols=1)
+    return d
+
+
+def _edit(inputs, out, *extra):
+    return main(["edit", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
+                 "--i2vedit-clip-length", "4", "--steps", "2", "--i2vedit-size", "32x48", "--out", str(out), *extra])
+
+
+def test_edit_tiny_writes_every_output(inputs, tmp_path):
+    out = tmp_path / "job"
+    assert _edit(inputs, out, "--first-frame", str(inputs / "edited.png"), "--preset", "shape") == 0
+    for name in ("edited.mp4", "grid.png", "side_by_side.mp4", "matching_mask.png", "record.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "record.json").read_text())
+    res = record["results"]
+    assert res["clips"] == [[0, 4], [3, 6]] and res["frames"] == 6
+    assert res["source_size"] == [40, 56] and res["work_size"] == [32, 48]
+    assert res["config"]["preset"] == "shape" and res["notes"] == []
+    assert res["store_bytes_clip0_measured"]["recompute"] < res["store_bytes_per_clip_estimate"]["official"]
+    edited = read_video(out / "edited.mp4")
+    assert edited.shape == (6, 3, 40, 56)                      # back at the source size, overlap written once
+    mask = read_image(out / "matching_mask.png")
+    rows, cols = len(res["matching_mask"]["rows_layers"]), len(res["matching_mask"]["columns_steps"])
+    assert rows == 11 and cols == 2 and mask.shape[-2] >= rows * 96
+
+
+def test_first_frame_of_another_size_is_resized_and_said(inputs, tmp_path, capsys):
+    out = tmp_path / "job"
+    assert _edit(inputs, out, "--first-frame", str(inputs / "edited_big.png")) == 0
+    assert "resized to the video's size" in capsys.readouterr().out
+    notes = json.loads((out / "record.json").read_text())["results"]["notes"]
+    assert notes and "64x80" in notes[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "needs --first-frame"),
+    (("--first-frame", "missing.png"), "no such file"),
+    (("--first-frame", "EDITED", "--i2vedit-clip-length", "11"), "fewer than one clip"),
+    (("--first-frame", "EDITED", "--lora", "no_such_folder"), "no such folder"),
+    (("--first-frame", "EDITED", "--i2vedit-size", "30x48"), "multiple"),
+])
+def test_bad_inputs_give_clear_errors(inputs, tmp_path, capsys, extra, message):
+    extra = tuple(str(inputs / "edited.png") if e == "EDITED" else e for e in extra)
+    out = tmp_path / "job"
+    assert _edit(inputs, out, *extra) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (out / "edited.mp4").exists()
+
+
+def test_edit_with_the_tuned_motion_loras(inputs, tmp_path, capsys):
+    """`minivid tune --method i2vedit` writes one LoRA per clip; `edit --lora DIR` loads clip k's for clip k."""
+    loras = tmp_path / "loras"
+    assert main(["tune", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
+                 "--i2vedit-clip-length", "4", "--steps", "1", "--i2vedit-size", "32x48", "--i2vedit-clips", "0",
+                 "--out", str(loras)]) == 0
+    out = tmp_path / "job"
+    # only clip 0 was tuned: a clear error before any compute
+    assert _edit(inputs, out, "--first-frame", str(inputs / "edited.png"), "--lora", str(loras)) == 1
+    assert "no motion LoRA for clip(s) [1]" in capsys.readouterr().err
+    assert main(["tune", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
+                 "--i2vedit-clip-length", "4", "--steps", "1", "--i2vedit-size", "32x48", "--i2vedit-clips", "1",
+                 "--out", str(loras)]) == 0
+    assert _edit(inputs, out, "--first-frame", str(inputs / "edited.png"), "--lora", str(loras)) == 0
+    loaded = json.loads((out / "record.json").read_text())["results"]["loras"]
+    assert [entry["clip"] for entry in loaded] == [0, 1]
+    assert all(entry["path"].endswith("tuned-000001.safetensors") and entry["rank"] == 32 for entry in loaded)
+
+
+def test_other_methods_still_need_a_prompt(inputs, tmp_path, capsys):
+    assert main(["edit", "--method", "cove", "--tiny", "--video", str(inputs / "in.mp4"), "--out", str(tmp_path)]) == 1
+    assert "needs --prompt" in capsys.readouterr().err
+
+
+def test_demo(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--method", "i2vedit", "--steps", "2", "--frames", "5", "--out", str(out)]) == 0
+    for name in ("source.mp4", "first_frame.png", "edited.mp4", "grid.png", "side_by_side.mp4", "matching_mask.png"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "record.json").read_text())["results"]
+    assert res["clips"] == [[0, 5]] and res["frames"] == 5
