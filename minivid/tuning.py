@@ -2,7 +2,7 @@
 
 A method says WHICH tensors train (`trainable`) and HOW the loss of one step is
 computed (`loss_fn(step, generator) -> scalar`); the engine owns everything else:
-freezing, AdamW, optional autocast and gradient clipping, a tqdm bar with the
+freezing, AdamW, optional autocast (fp16 with a GradScaler) and gradient clipping, a tqdm bar with the
 loss, checkpoints of the trainable tensors only (safetensors, written atomically)
 with their optimizer moments for an exact resume, and a clear stop on a NaN/inf
 loss that keeps the last good checkpoint.
@@ -297,6 +297,8 @@ def tune(
         raise ValueError(f"autocast must be one of {list(AUTOCAST)}, not {cfg.autocast!r}")
     amp_dtype = AUTOCAST[cfg.autocast]
     device = next(iter(trainable.values())).device
+    # fp16 needs loss scaling (its gradients underflow); a disabled scaler is a pass-through
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     gen = torch.Generator(device="cpu")
     losses: list[float] = []
     last: pathlib.Path | None = latest_checkpoint(out_dir)
@@ -316,10 +318,12 @@ def tune(
                 f"(no --autocast) or another seed."
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
         if on_step:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from minivid.methods.i2vedit.lora import LoRAError, attach_motion_lora
+from minivid.methods.i2vedit.clips import clip_ranges
 from minivid.methods.i2vedit.tune import (
-    MotionTuneConfig, clip_ranges, default_tune_config, load_motion_lora, lora_checkpoint, logsnr_cosine_interpolated,
+    MotionTuneConfig, default_tune_config, load_motion_lora, lora_checkpoint, logsnr_cosine_interpolated,
     motion_loss, prepare_clip, sample_sigmas, training_time_ids, tune_clips, tune_motion_lora,
 )
 from minivid.svd import StableVideoDiffusion
@@ -244,20 +245,17 @@ def test_bad_inputs_fail_before_compute(tmp_path):
         tune_motion_lora(svd, clip(1), tmp_path, cfg=fast_cfg(steps=1))
     with pytest.raises(ValueError, match="multiple of"):
         tune_motion_lora(svd, clip(3, 30, 44), tmp_path, cfg=fast_cfg(steps=1))
-    with pytest.raises(ValueError, match="float32"):
-        tune_motion_lora(svd.to(torch.bfloat16), clip(3), tmp_path, cfg=fast_cfg(steps=1))
 
 
 # ---------------------------------------------------------------- clips
 
-def test_clip_ranges_follow_the_authors_loader():
-    assert clip_ranges(21, 11, 1) == [(0, 11), (10, 21)]
-    assert clip_ranges(25, 14, 1) == [(0, 14), (13, 25)]
-    assert clip_ranges(11, 11, 1) == [(0, 11)]
-    assert clip_ranges(8, 11, 1) == [(0, 8)]
+def test_tuning_uses_the_edits_clip_split():
+    # one split for tuning and editing (clips.clip_ranges, tested in the edit's tests)
+    assert clip_ranges(21, 11, 1) == [(0, 11), (10, 21)] and clip_ranges(25, 14, 1) == [(0, 14), (13, 25)]
     assert clip_ranges(22, 11, 1) == [(0, 11), (10, 21), (20, 22)]
-    with pytest.raises(ValueError):
-        clip_ranges(10, 11, 11)
+    from minivid.methods.i2vedit import tune
+
+    assert tune.clip_ranges is clip_ranges
 
 
 def test_tune_clips_writes_one_lora_per_clip_and_leaves_the_unet_clean(tmp_path):
@@ -304,15 +302,20 @@ def test_cli_tune_writes_a_lora_per_clip_and_resumes(tmp_path, capsys):
     assert main(argv[:-4] + ["--steps", "2", "--i2vedit-clips", "1", "--out", str(out)]) == 0
     rec = json.loads((out / "record.json").read_text())["results"]
     assert [c["clip"] for c in rec["clips"]] == [1] and rec["clips"][0]["start_step"] == 1
+    # the paper's reading: LoRA on the temporal attention layers only; loading follows the checkpoint
+    paper = tmp_path / "paper"
+    assert main(argv[:-4] + ["--steps", "1", "--i2vedit-lora-layers", "paper", "--i2vedit-clips", "0",
+                             "--out", str(paper)]) == 0
+    lora, _ = load_motion_lora(tiny_svd(), paper / "clip_0")
+    assert lora.targets == ("attn1", "attn2") and all(".attn" in n for n in lora.names)
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--frames", "2"], "fewer than one clip of 3"),
+    (["--frames", "2"], "fewer than one clip"),
     (["--i2vedit-size", "15x24"], "multiples of"),
     (["--i2vedit-size", "big"], None),
     (["--i2vedit-clips", "7"], "clips 0..1"),
     (["--i2vedit-overlap", "3"], "overlap"),
-    (["--dtype", "bf16"], "fp32"),
 ])
 def test_cli_tune_bad_inputs(tmp_path, capsys, extra, message):
     from minivid.cli import main
@@ -327,3 +330,20 @@ def test_cli_tune_bad_inputs(tmp_path, capsys, extra, message):
     assert main(argv + extra) == 1
     assert message in capsys.readouterr().err
     assert not list((tmp_path / "o").glob("clip_*/tuned-*"))
+
+
+def test_fp16_autocast_runs_with_loss_scaling(tmp_path):
+    # the engine scales fp16 losses (GradScaler); on the CPU too, where torch autocasts fp16
+    svd = tiny_svd()
+    lora, res = tune_motion_lora(svd, clip(3), tmp_path, cfg=fast_cfg(steps=2, autocast="fp16"))
+    assert all(math.isfinite(v) for v in res.losses)
+    assert any(torch.count_nonzero(lora.branch(n).lora_up.weight) for n in lora.names)
+    assert all(p.dtype == torch.float32 for p in lora.parameters())
+
+
+def test_bf16_base_weights_train_an_fp32_lora(tmp_path):
+    svd = tiny_svd().to(torch.bfloat16)
+    lora, res = tune_motion_lora(svd, clip(3), tmp_path, cfg=fast_cfg(steps=2))
+    assert all(math.isfinite(v) for v in res.losses)
+    assert all(p.dtype == torch.float32 for p in lora.parameters())
+    assert any(torch.count_nonzero(lora.branch(n).lora_up.weight) for n in lora.names)

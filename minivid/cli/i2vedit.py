@@ -46,6 +46,9 @@ def add_tune_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--i2vedit-clip-length", type=int, default=11, help="frames per clip (default 11, the authors' code; the paper 14)")
     group.add_argument("--i2vedit-overlap", type=int, default=1, help="frames shared by consecutive clips (default 1)")
     group.add_argument("--i2vedit-rank", type=int, default=32, help="motion LoRA rank (default 32)")
+    group.add_argument("--i2vedit-lora-layers", choices=["code", "paper"], default="code",
+                       help="LoRA on every Linear of attn1, attn2, ff, ff_in of the temporal blocks (code, default) or on "
+                            "their attention layers only (paper: \"the temporal attention layers\")")
     group.add_argument("--i2vedit-dropout", type=float, default=0.1, help="dropout on the LoRA branch output (default 0.1)")
     group.add_argument("--i2vedit-time-ids", choices=["official", "svd"], default="official",
                        help="added time ids while tuning: official = (fps 6, aug 0.02, motion 127) in the order the "
@@ -96,7 +99,8 @@ def _clip_selection(text: str | None, n: int) -> list[int]:
 def tune(args: argparse.Namespace, job: Job) -> dict:
     """`minivid tune --method i2vedit`: one motion LoRA per clip, into `<job>/clip_<k>/`."""
     from minivid.cli.common import tuning_summary
-    from minivid.methods.i2vedit.tune import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_STEPS, MotionTuneConfig, clip_ranges,
+    from minivid.methods.i2vedit.clips import clip_ranges
+    from minivid.methods.i2vedit.tune import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_STEPS, MotionTuneConfig,
                                               default_tune_config, tune_motion_lora)
 
     steps = args.steps or DEFAULT_STEPS
@@ -106,8 +110,6 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     if args.i2vedit_rank < 1 or not 0 <= args.i2vedit_dropout <= 1:
         raise ValueError("--i2vedit-rank must be at least 1 and --i2vedit-dropout in [0, 1]")
     clip_ranges(args.frames, args.i2vedit_clip_length, args.i2vedit_overlap)   # the options, before any loading
-    if args.dtype != "fp32":
-        raise ValueError("I2VEdit tuning keeps the weights in fp32; use --autocast bf16|fp16 for mixed precision")
     if args.tiny and not args.threads:
         torch.set_num_threads(1)   # the tiny model's small ops only lose time to thread synchronisation
     with job.timed("load"):
@@ -118,7 +120,9 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
         raise ValueError(f"{video.shape[0]} frames split into clips {ranges}: a clip of one frame has no motion; "
                          f"read one frame more or less (--frames)")
     chosen = _clip_selection(args.i2vedit_clips, len(ranges))
-    config = MotionTuneConfig(rank=args.i2vedit_rank, dropout=args.i2vedit_dropout, time_ids_order=args.i2vedit_time_ids)
+    targets = ("ff_in", "attn1", "attn2", "ff") if args.i2vedit_lora_layers == "code" else ("attn1", "attn2")
+    config = MotionTuneConfig(rank=args.i2vedit_rank, dropout=args.i2vedit_dropout, targets=targets,
+                              time_ids_order=args.i2vedit_time_ids)
     changes = dict(steps=steps, checkpoint_every=every, seed=args.seed)
     if args.lr:
         changes["lr"] = args.lr

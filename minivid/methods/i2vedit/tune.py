@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from minivid import tuning
+from minivid.methods.i2vedit.clips import clip_ranges
 from minivid.methods.i2vedit.lora import (
     DEFAULT_DROPOUT, DEFAULT_RANK, DEFAULT_TARGETS, LoRAError, MotionLoRA, attach_motion_lora, read_lora_file,
 )
@@ -49,7 +50,7 @@ __all__ = [
     "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_CHECKPOINT_EVERY", "DEFAULT_USE_STEP", "CHECKPOINTED_BLOCKS",
     "MotionTuneConfig", "ClipData", "check_clip", "stratified_uniform", "logsnr_cosine_interpolated", "sample_sigmas",
     "default_tune_config", "training_time_ids", "prepare_clip", "motion_loss", "tune_motion_lora",
-    "lora_checkpoint", "load_motion_lora", "clip_ranges", "tune_clips",
+    "lora_checkpoint", "load_motion_lora", "tune_clips",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,12 +252,11 @@ def tune_motion_lora(
     """Attach a motion LoRA to `svd.unet` (or take `lora`, attached to it) and tune it on one clip
     [F, 3, H, W] in [-1, 1]. Checkpoints `out_dir/tuned-<step>.safetensors` (every 50 steps by default)
     hold the LoRA under its documented names, with AdamW's moments beside them; with `resume` the
-    newest one there is continued. Returns the LoRA (eval mode, still attached) and the engine's result."""
+    newest one there is continued. The frozen SVD may be in any dtype (bf16 weights halve its memory);
+    the LoRA is float32 either way, and `cfg.autocast` runs the forward in mixed precision.
+    Returns the LoRA (eval mode, still attached) and the engine's result."""
     config = config or MotionTuneConfig()
     cfg = cfg or default_tune_config(svd.device)
-    if svd.dtype != torch.float32:
-        raise ValueError(f"motion LoRA tuning needs float32 weights (the model is {svd.dtype}); "
-                         f"use autocast (fp16 on CUDA, bf16 on CPU) for mixed precision")
     check_clip(svd, frames)
     if lora is None:
         lora = attach_motion_lora(svd.unet, config.rank, config.dropout, 1.0, config.targets, config.lora_seed)
@@ -333,27 +333,11 @@ def load_motion_lora(svd, path: str | os.PathLike, step: int | None = DEFAULT_US
 
 # ---------------------------------------------------------------- per clip
 
-def clip_ranges(num_frames: int, clip_length: int = 11, overlap: int = 1) -> list[tuple[int, int]]:
-    """[start, end) of each clip, as the authors' data loader splits a video (data.py:191-198): each clip
-    starts `overlap` frames before the previous one ended; the last clip may be shorter.
-    Private stand-in for minivid.methods.i2vedit.clips.clip_ranges until that module is merged."""
-    if clip_length < 2 or not 0 <= overlap < clip_length:
-        raise ValueError(f"clip_length must be at least 2 and 0 <= overlap < clip_length, got {clip_length}, {overlap}")
-    if num_frames < 1:
-        raise ValueError(f"a video needs at least one frame, got {num_frames}")
-    ranges, begin = [], 0
-    while begin < num_frames:
-        start = max(begin - overlap, 0)
-        end = min(start + clip_length, num_frames)
-        ranges.append((start, end))
-        begin = end
-    return ranges
-
-
 def tune_clips(svd, video: torch.Tensor, out_dir: str | os.PathLike, clip_length: int = 11, overlap: int = 1,
                config: MotionTuneConfig | None = None, cfg: TuneConfig | None = None, **kwargs: Any,
                ) -> list[dict[str, Any]]:
-    """One motion LoRA per clip of `video` [N, 3, H, W]: `out_dir/clip_<k>/tuned-<step>.safetensors`.
+    """One motion LoRA per clip of `video` [N, 3, H, W] (clips as `clips.clip_ranges`, the edit's):
+    `out_dir/clip_<k>/tuned-<step>.safetensors`.
     The LoRA of each clip is detached after its tuning, so the UNet is left as it came."""
     ranges = clip_ranges(video.shape[0], clip_length, overlap)
     if any(e - s < 2 for s, e in ranges):
