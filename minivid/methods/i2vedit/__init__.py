@@ -1,18 +1,19 @@
 """I2VEdit: first-frame-guided video editing on Stable Video Diffusion.
 
 Ouyang et al., "I2VEdit: First-Frame-Guided Video Editing via Image-to-Video Diffusion Models",
-SIGGRAPH Asia 2024, arXiv:2405.16537. In the paper's order:
+SIGGRAPH Asia 2024, arXiv:2405.16537. In the paper's order (section numbers of the arXiv text, §3 being
+its preliminaries):
 
-§3.2 coarse motion extraction   the motion LoRA on the temporal layers, tuned per clip
+§4.1 coarse motion extraction   the motion LoRA on the temporal layers, tuned per clip
                                 (lora.py, tune.py)
-§3.3 appearance refinement
+§4.2 appearance refinement
      SARP (Eq. 5)               invert.sarp: noise in the smooth areas of the source
      EDM inversion (Eq. 6)      invert.invert_clip, with conditioning.inversion_condition
      attention matching         matching: spatial attn1 masked by the attention difference (Eq. 7–9),
      (Eq. 7–9)                  the temporal attn1 selector (β₁, β₂), the source-attention store
      editing                    edit.edit_clip, with conditioning.edit_condition
-§3.4 long videos                clips.clip_ranges, edit.edit_video (auto-regressive clips, optional
-                                skip-interval cross-attention)
+§4.1 long videos                clips.clip_ranges, edit.edit_video: auto-regressive clips, optional
+                                skip-interval cross-attention
 pictures                        visualize.mask_picture: the spatial matching mask M per layer and step
 
 docs/i2vedit.md lists every default and whether it comes from the paper or the authors' code.

@@ -1,4 +1,4 @@
-"""Auto-regressive clips (§3.4): a long video is edited clip by clip, each conditioned on the previous one.
+"""Auto-regressive clips (§4.1): a long video is edited clip by clip, each conditioned on the previous one.
 
     clip_ranges(21)          # [(0, 11), (10, 21)]   11-frame clips overlapping by 1 (the authors' data.py)
     clip_ranges(25, 14, 1)   # [(0, 14), (13, 25)]

@@ -1,7 +1,7 @@
 """What the SVD UNet is conditioned on at each stage of I2VEdit (read from the authors' code).
 
-    inv = inversion_condition(svd, firstframe, keyframe, generator)        # §3.3, EDM inversion: no CFG
-    ed = edit_condition(svd, edited_first, generator, fps_id=4)              # §3.3, editing: CFG halves
+    inv = inversion_condition(svd, firstframe, keyframe, generator)        # §4.2, EDM inversion: no CFG
+    ed = edit_condition(svd, edited_first, generator, fps_id=4)              # §4.2, editing: CFG halves
 
 Inversion (the authors' `init_image` / `euler_loop`):
   - both images (two SARP-perturbed copies of source frame 0) are cast to uint8 by TRUNCATION,

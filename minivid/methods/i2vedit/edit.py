@@ -1,4 +1,4 @@
-"""The I2VEdit editing pipeline (§3.3 appearance refinement, §3.4 long videos), clip by clip.
+"""The I2VEdit editing pipeline (§4.2 appearance refinement, §4.1 long videos), clip by clip.
 
     result = edit_video(svd, video, edited_first_frame, I2VEditConfig(preset="local"))
     result.frames        # [T, 3, H, W] in [-1, 1], the source's frame count and size

@@ -1,4 +1,4 @@
-"""Smooth Area Random Perturbation (SARP, §3.3 Eq. 5) and EDM inversion of a source clip (§3.3 Eq. 6).
+"""Smooth Area Random Perturbation (SARP, §4.2 Eq. 5) and EDM inversion of a source clip (§4.2 Eq. 6).
 
     x = sarp(video, generator=g)                          # noise in the smooth areas
     inv = invert_clip(svd, clip, generator=g)             # trajectory, conditioning, inverted noise

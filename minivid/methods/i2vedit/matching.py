@@ -1,4 +1,4 @@
-"""Fine-grained attention matching (I2VEdit §3.3, Eq. 6–9) as minivid attention processors, and the
+"""Fine-grained attention matching (I2VEdit §4.2, Eq. 6–9) as minivid attention processors, and the
 source-attention store.
 
     ctl = MatchingController(MatchingConfig(beta=PRESETS["local"]), latent_hw=(h, w), frames=F)
@@ -54,7 +54,7 @@ __all__ = [
 
 SPATIAL = "*.transformer_blocks.*.attn1"
 TEMPORAL = "*.time_stack.*.attn1"
-# (β₁, β₂) of the paper's §5 (implementation details)
+# (β₁, β₂) of the paper's §5.1 (implementation details)
 PRESETS = {"local": (0.5, 0.8), "global": (0.8, 0.9), "shape": (0.4, 0.5)}
 LAYER_SETS = ("official", "paper")
 
