@@ -6,7 +6,8 @@ source checkout (`pip install -e .`). Each script defines `add_arguments(parser)
 `run(args) -> int` and prints a table of ratios measured in one run. Every benchmark takes
 `--full` (the paper-size run; the default run finishes in a few minutes on a 2-core CPU) and
 `--write` (replace its marked section of docs/benchmarks.md); this command adds both, and
-prints the 1-minute load average before and after the run.
+prints the 1-minute load average before and after the run. Runs use one torch thread unless
+`--threads` says otherwise (before NAME, or the benchmark's own `--threads` after it).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def available() -> dict[str, pathlib.Path]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="benchmark name: " + (", ".join(available()) or "(none found)"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see `minivid bench NAME --help`)")
-    p.add_argument("--threads", type=THREADS, help="CPU threads for torch, given before NAME (default: torch's choice)")
+    p.add_argument("--threads", type=THREADS, default=1,
+                   help="CPU threads for torch (≥ 1), given before NAME (default 1: on a shared, loaded machine every "
+                        "OpenMP region of a multi-threaded run stalls, which made 2-thread runs 5-10× slower here)")
 
 
 def load(name: str):
