@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minivid.cli import main
-from minivid.cli.i2vedit_edit import moving_shapes, recolour
+from minivid.cli.i2vedit import moving_shapes, recolour
 from minivid.video import read_image, read_video, save_grid, write_video
 
 
