@@ -99,3 +99,16 @@ def test_demo(tmp_path):
         assert (out / name).is_file(), name
     res = json.loads((out / "record.json").read_text())["results"]
     assert res["clips"] == [[0, 5]] and res["frames"] == 5
+
+
+def test_matching_mask_picture_labels():
+    from minivid.methods.i2vedit.visualize import heat_colors, mask_legend, row_label
+
+    legend = mask_legend()
+    assert legend[0][0] == (0, 0, 0) and legend[-1][0] == (255, 255, 255)          # M = 0 black, M = 1 white
+    assert len({c for c, _ in legend}) == len(legend)                                 # distinct swatches
+    rgb = (heat_colors(torch.tensor([[1 / 3]]))[:, 0, 0] + 1) / 2
+    assert legend[1][0] == tuple(int(round(float(c) * 255)) for c in rgb)
+    assert row_label("input_blocks.4.1.transformer_blocks.0.attn1") == "IN 4"
+    assert row_label("middle_block.1.transformer_blocks.0.attn1") == "MID"
+    assert row_label("output_blocks.10.1.transformer_blocks.0.attn1") == "OUT 10"

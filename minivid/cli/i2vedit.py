@@ -311,14 +311,17 @@ def _check(svd, cfg, video, work):
 
 
 def _outputs(job: Job, source, result, fps: float) -> dict:
-    from minivid.methods.i2vedit.visualize import mask_picture
+    from minivid.methods.i2vedit.visualize import mask_legend, mask_picture, row_label
 
     write_edit(job, source, result.frames, fps=fps)
     clip0 = result.clips[0]
     info = {}
     if clip0.masks:
         tiles, rows, cols = mask_picture(clip0.masks, clip0.layer_hw, clip0.frames.clamp(-1, 1).cpu())
-        job.write_grid("matching_mask.png", tiles, cols=len(cols))
+        frame = clip0.frames.shape[0] // 2
+        job.write_grid("matching_mask.png", tiles, rows=[row_label(n) for n in rows],
+                       numbers=[f"step {s}" for s in cols], legend=mask_legend(),
+                       title=f"spatial matching mask M (Eq. 8) of clip 0, frame {frame}: rows = attn1 layers")
         info = {"matching_mask": {"rows_layers": rows, "columns_steps": cols,
                                   "frame": clip0.frames.shape[0] // 2,
                                   "mean_M_per_step": {s: round(float(torch.stack(

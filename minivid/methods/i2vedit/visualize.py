@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["heat_colors", "mask_picture", "pick_steps"]
+__all__ = ["heat_colors", "mask_legend", "mask_picture", "pick_steps", "row_label"]
 
 # black -> red -> yellow -> white, RGB in [0, 1]
 _STOPS = torch.tensor([[0.0, 0.0, 0.0], [0.8, 0.0, 0.0], [1.0, 0.8, 0.0], [1.0, 1.0, 1.0]])
@@ -27,6 +27,24 @@ def heat_colors(m: Tensor) -> Tensor:
     t = (x - lo)[..., None]
     rgb = _STOPS[lo] * (1 - t) + _STOPS[lo + 1] * t               # [..., H, W, 3]
     return rgb.movedim(-1, -3) * 2 - 1
+
+
+def mask_legend() -> list[tuple[tuple[int, int, int], str]]:
+    """Legend entries (RGB 0..255, text) of the heat map, for `minivid.pictures.save_labelled_grid`."""
+    entries = [(0.0, "M = 0: source attention"), (1 / 3, "M = 1/3"), (2 / 3, "M = 2/3"), (1.0, "M = 1: edited attention")]
+    out = []
+    for m, text in entries:
+        rgb = (heat_colors(torch.tensor([[m]]))[:, 0, 0] + 1) / 2
+        out.append((tuple(int(round(float(c) * 255)) for c in rgb), text))
+    return out
+
+
+def row_label(name: str) -> str:
+    """A short row label of a spatial attn1 layer: IN 4, MID, OUT 10 (the UNet block it sits in)."""
+    parts = name.split(".")
+    if parts[0] == "middle_block":
+        return "MID"
+    return f"{'IN' if parts[0] == 'input_blocks' else 'OUT'} {parts[1]}"
 
 
 def pick_steps(steps: list[int], count: int = 6) -> list[int]:
