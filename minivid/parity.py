@@ -431,17 +431,24 @@ def _sd_reference_from_file(path: Path, cfg, components: Sequence[str]) -> dict[
     return out
 
 
-def _sd_reference_from_folder(path: Path, components: Sequence[str]) -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+# component -> (library, class, subfolder) of a diffusers folder's reference model
+FOLDER_MODELS = {
+    "sd": {"unet": ("diffusers", "UNet2DConditionModel", "unet"), "vae": ("diffusers", "AutoencoderKL", "vae"),
+           "text": ("transformers", "CLIPTextModel", "text_encoder")},
+    "svd": {"unet": ("diffusers", "UNetSpatioTemporalConditionModel", "unet"),
+            "vae": ("diffusers", "AutoencoderKLTemporalDecoder", "vae"),
+            "image": ("transformers", "CLIPVisionModelWithProjection", "image_encoder")},
+}
+
+
+def _reference_from_folder(kind: str, path: Path, components: Sequence[str]) -> dict[str, torch.nn.Module]:
+    """The reference components of a diffusers folder, from its own files only (`local_files_only`)."""
+    import importlib
 
     out: dict[str, torch.nn.Module] = {}
-    if "unet" in components:
-        out["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-    if "vae" in components:
-        out["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-    if "text" in components:
-        out["text"] = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    for name, (library, cls, sub) in FOLDER_MODELS[kind].items():
+        if name in components:
+            out[name] = getattr(importlib.import_module(library), cls).from_pretrained(path / sub, local_files_only=True)
     return out
 
 
@@ -452,7 +459,7 @@ def _sd_checks(weights: Path, ref_path: Path, ref_fmt: str, components, size, fr
     sd = StableDiffusion.load(weights, device=device, dtype=dtype)
     cfg = sd.config
     refs = (_sd_reference_from_file(ref_path, cfg, components) if ref_fmt == "single-file"
-            else _sd_reference_from_folder(ref_path, components))
+            else _reference_from_folder("sd", ref_path, components))
     refs = {k: m.to(device=device, dtype=dtype).eval() for k, m in refs.items()}
     H, W = _parse_pair(size, (256, 256))
     f = cfg.downsample_factor
@@ -551,20 +558,6 @@ def _svd_reference_from_file(path: Path, svd, components) -> dict[str, torch.nn.
     return out
 
 
-def _svd_reference_from_folder(path: Path, components) -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-    from transformers import CLIPVisionModelWithProjection
-
-    out: dict[str, torch.nn.Module] = {}
-    if "unet" in components:
-        out["unet"] = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-    if "vae" in components:
-        out["vae"] = AutoencoderKLTemporalDecoder.from_pretrained(path, subfolder="vae", local_files_only=True)
-    if "image" in components:
-        out["image"] = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", local_files_only=True)
-    return out
-
-
 def _svd_checks(weights: Path, ref_path: Path, ref_fmt: str, components, size, frames, dtype, device, timesteps,
                 seed, diffusers_eps):
     from minivid.svd import StableVideoDiffusion
@@ -572,7 +565,7 @@ def _svd_checks(weights: Path, ref_path: Path, ref_fmt: str, components, size, f
     svd = StableVideoDiffusion.load(weights, device=device, dtype=dtype)
     cfg = svd.config
     refs = (_svd_reference_from_file(ref_path, svd, components) if ref_fmt == "single-file"
-            else _svd_reference_from_folder(ref_path, components))
+            else _reference_from_folder("svd", ref_path, components))
     refs = {k: m.to(device=device, dtype=dtype).eval() for k, m in refs.items()}
     notes = []
     if "unet" in refs:

@@ -57,6 +57,15 @@ def test_diffusers_folder_passes(tiny_sd, tmp_path):
     assert {(r["component"], r["output"]) for r in report["rows"]} >= {("text", "hidden"), ("text", "pooled")}
 
 
+def test_svd_diffusers_folder_passes(tmp_path):
+    from minivid.svd import StableVideoDiffusion
+
+    folder = StableVideoDiffusion.from_config("tiny").save(tmp_path / "svd", format="diffusers")
+    code, report = run_json(tmp_path, folder, "--frames", "2")
+    assert code == 0 and report["passed"]
+    assert {r["component"] for r in report["rows"]} == {"unet", "vae", "image"}
+
+
 @pytest.mark.parametrize("names, failed", [
     (["first_stage_model.decoder.conv_out.weight"], ["vae"]),
     (["model.diffusion_model.out.2.weight", "cond_stage_model.transformer.text_model.final_layer_norm.weight"],
