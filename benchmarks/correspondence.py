@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
         f"Peak memory measured at {threads[0]} thread(s); with more threads each worker thread holds its "
         "own buffers (the profiler does not see worker threads): add the peak minus the outputs per extra "
         "worker. 'executed / exact': executed multiply-adds over the exact windowed count of the same "
-        "directions (for the per-pair path: its whole-frame products over the window's).\n\nCommand: `{cmd}`."
+        "directions (for the per-pair path: its whole-frame products over the window's).\n\n"
+        f"Command: `{cmd} --write`."
     )
     print(body)
     print(f"\nbitwise: band == reference {band_eq}; pair == two reference searches {pair_eq}")
