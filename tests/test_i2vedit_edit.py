@@ -19,22 +19,9 @@ from minivid.methods.i2vedit.matching import SPATIAL, TEMPORAL, MatchingControll
 from minivid.methods.i2vedit.matching import MatchingConfig
 from minivid.samplers import karras_sigmas
 from minivid.svd import StableVideoDiffusion
+from _builders import randomize_
 
 TOL = 1e-5
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights everywhere (zero-initialised outputs and mix factors too) so every path matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.ndim <= 1:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

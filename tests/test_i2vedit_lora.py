@@ -16,7 +16,7 @@ from minivid.unet_video import VideoUNet, VideoUNetConfig
 from minivid.weights import svd_names  # noqa: F401  (registers the svd_* tables)
 from minivid.weights.diffusers_names import original_to_diffusers
 
-from _builders import max_err
+from _builders import diffusers_kwargs, max_err
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -194,20 +194,6 @@ def test_gradients_only_on_the_lora(unet):
 
 
 # ---------------------------------------------------------------- files
-
-def diffusers_kwargs(cfg: VideoUNetConfig) -> dict:
-    channels = [cfg.model_channels * m for m in cfg.channel_mult]
-    att = [2 ** i in cfg.attention_resolutions for i in range(len(channels))]
-    return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=tuple(channels),
-        down_block_types=tuple("CrossAttnDownBlockSpatioTemporal" if a else "DownBlockSpatioTemporal" for a in att),
-        up_block_types=tuple("CrossAttnUpBlockSpatioTemporal" if a else "UpBlockSpatioTemporal" for a in reversed(att)),
-        addition_time_embed_dim=cfg.addition_time_embed_dim, projection_class_embeddings_input_dim=cfg.adm_in_channels,
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-        transformer_layers_per_block=cfg.transformer_depth, num_attention_heads=tuple(cfg.heads(c)[0] for c in channels),
-        num_frames=cfg.num_frames,
-    )
-
 
 def official_linears(model: nn.Module) -> list[nn.Linear]:
     """Restated from the authors' utils/lora.py `_find_modules_v2` with ancestor TemporalBasicTransformerBlock:

@@ -23,25 +23,11 @@ from minivid.tokenizer import load_bpe
 from minivid.unet import UNetConfig
 from minivid.vae import VAEConfig
 
-from _builders import max_err
+from _builders import max_err, randomize_
 
 TOL = 1e-5
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse, highly detailed", ""]
 SD2_PREFIX = "cond_stage_model.model."
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights everywhere (norm affines too) so a misplaced tensor changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.ndim <= 1:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return model.eval()
 
 
 def strip(d: dict, prefix: str) -> dict:

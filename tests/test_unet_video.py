@@ -24,7 +24,7 @@ from minivid.weights import load_manifest
 from minivid.weights.diffusers_names import diffusers_to_original, original_to_diffusers
 from minivid.weights import svd_names  # noqa: F401  (registers the svd_* tables)
 
-from _builders import max_err
+from _builders import diffusers_kwargs, max_err
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
@@ -46,20 +46,6 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
     return model.eval()
-
-
-def diffusers_kwargs(cfg: VideoUNetConfig) -> dict:
-    channels = [cfg.model_channels * m for m in cfg.channel_mult]
-    att = [2 ** i in cfg.attention_resolutions for i in range(len(channels))]
-    return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=tuple(channels),
-        down_block_types=tuple("CrossAttnDownBlockSpatioTemporal" if a else "DownBlockSpatioTemporal" for a in att),
-        up_block_types=tuple("CrossAttnUpBlockSpatioTemporal" if a else "UpBlockSpatioTemporal" for a in reversed(att)),
-        addition_time_embed_dim=cfg.addition_time_embed_dim, projection_class_embeddings_input_dim=cfg.adm_in_channels,
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-        transformer_layers_per_block=cfg.transformer_depth, num_attention_heads=tuple(cfg.heads(c)[0] for c in channels),
-        num_frames=cfg.num_frames,
-    )
 
 
 def sgm_groupnorm_eps_(model: nn.Module) -> nn.Module:
