@@ -340,19 +340,23 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     return CLIPEncoder(model.to(device=device, dtype=dtype).eval(), kind, name)
 
 
+def _load_preset_file(path, what: str, source: str, presets: Mapping, make: Callable, description: str,
+                      device, dtype) -> nn.Module:
+    """Read `path`, find the preset whose model has exactly its names and shapes, load it strictly."""
+    sd = _read(path, what, source)
+    builders = {name: (lambda c=c: make(c)) for name, c in presets.items()}
+    _, build = match_preset(path, sd, builders, description)
+    return _load_strict(build, sd).to(device=device, dtype=dtype).eval()
+
+
 def load_dino(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DINOViT:
     """DINO's `dino_vitbase16_pretrain.pth` (read with weights_only=True) -> DINOViT, strict."""
-    sd = _read(path, "DINO ViT-B/16", DINO_SOURCE)
-    builders = {name: (lambda c=c: DINOViT(c)) for name, c in DINO_PRESETS.items()}
-    _, build = match_preset(path, sd, builders, "DINO ViT-B/16 (dino_vitbase16_pretrain.pth)")
-    model = _load_strict(build, sd)
-    return model.to(device=device, dtype=dtype).eval()
+    return _load_preset_file(path, "DINO ViT-B/16", DINO_SOURCE, DINO_PRESETS, DINOViT,
+                             "DINO ViT-B/16 (dino_vitbase16_pretrain.pth)", device, dtype)
 
 
 def load_aesthetic(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AestheticPredictor:
     """LAION's `sa_0_4_vit_l_14_linear.pth` (weights_only=True) -> AestheticPredictor, strict."""
-    sd = _read(path, "the LAION aesthetic predictor", AESTHETIC_SOURCE)
-    builders = {name: (lambda d=d: AestheticPredictor(d)) for name, d in AESTHETIC_PRESETS.items()}
-    _, build = match_preset(path, sd, builders, "the LAION aesthetic predictor (Linear(768, 1): weight, bias)")
-    model = _load_strict(build, sd)
-    return model.to(device=device, dtype=dtype).eval()
+    return _load_preset_file(path, "the LAION aesthetic predictor", AESTHETIC_SOURCE, AESTHETIC_PRESETS,
+                             AestheticPredictor, "the LAION aesthetic predictor (Linear(768, 1): weight, bias)",
+                             device, dtype)
