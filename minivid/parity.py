@@ -452,15 +452,21 @@ def _reference_from_folder(kind: str, path: Path, components: Sequence[str]) -> 
     return out
 
 
+def _references(kind: str, ref_path: Path, ref_fmt: str, components, device, dtype,
+                from_file: Callable[[], dict[str, torch.nn.Module]]) -> dict[str, torch.nn.Module]:
+    """The reference components, from a single file (`from_file`) or a diffusers folder, in eval mode."""
+    refs = from_file() if ref_fmt == "single-file" else _reference_from_folder(kind, ref_path, components)
+    return {k: m.to(device=device, dtype=dtype).eval() for k, m in refs.items()}
+
+
 def _sd_checks(weights: Path, ref_path: Path, ref_fmt: str, components, size, frames, dtype, device, timesteps,
                seed, diffusers_eps):
     from minivid.models import StableDiffusion
 
     sd = StableDiffusion.load(weights, device=device, dtype=dtype)
     cfg = sd.config
-    refs = (_sd_reference_from_file(ref_path, cfg, components) if ref_fmt == "single-file"
-            else _reference_from_folder("sd", ref_path, components))
-    refs = {k: m.to(device=device, dtype=dtype).eval() for k, m in refs.items()}
+    refs = _references("sd", ref_path, ref_fmt, components, device, dtype,
+                       lambda: _sd_reference_from_file(ref_path, cfg, components))
     H, W = _parse_pair(size, (256, 256))
     f = cfg.downsample_factor
     if H % (f * cfg.unet.downsample_factor) or W % (f * cfg.unet.downsample_factor):
@@ -564,9 +570,8 @@ def _svd_checks(weights: Path, ref_path: Path, ref_fmt: str, components, size, f
 
     svd = StableVideoDiffusion.load(weights, device=device, dtype=dtype)
     cfg = svd.config
-    refs = (_svd_reference_from_file(ref_path, svd, components) if ref_fmt == "single-file"
-            else _reference_from_folder("svd", ref_path, components))
-    refs = {k: m.to(device=device, dtype=dtype).eval() for k, m in refs.items()}
+    refs = _references("svd", ref_path, ref_fmt, components, device, dtype,
+                       lambda: _svd_reference_from_file(ref_path, svd, components))
     notes = []
     if "unet" in refs:
         if diffusers_eps:
