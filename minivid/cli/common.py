@@ -351,6 +351,19 @@ def available_clis() -> dict[str, ModuleType]:
     return found
 
 
+def method_defaults(args: argparse.Namespace, prompt_hint: str = "") -> None:
+    """What a method's CLI module declares, applied before any work: `DEFAULT_FRAMES` (default 8) for an
+    unset --frames, `DEFAULT_CHECKPOINT_EVERY` (default 100) for an unset --checkpoint-every, and
+    `TAKES_PROMPT` (default True): then --prompt is required."""
+    mod = method_cli(args.method)
+    if getattr(args, "frames", 0) is None:
+        args.frames = getattr(mod, "DEFAULT_FRAMES", 8)
+    if getattr(args, "checkpoint_every", 0) is None:
+        args.checkpoint_every = getattr(mod, "DEFAULT_CHECKPOINT_EVERY", 100)
+    if getattr(mod, "TAKES_PROMPT", True) and not args.prompt:
+        raise ValueError(f"--method {args.method} needs --prompt{prompt_hint}")
+
+
 def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
     """`minivid <action> --method NAME`: run `minivid.cli.<name>.<action>(args, job)` in a job
     folder of its own and write its record. `hint`: what to do instead when the method has none."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import GUIDANCE, STEPS, add_model_arguments, add_video_arguments, available_clis, run_method
+from minivid.cli.common import (
+    GUIDANCE, STEPS, add_model_arguments, add_video_arguments, available_clis, method_defaults, run_method,
+)
 from minivid.methods import METHODS
 
 help = "edit a video with COVE, EI², TCVE or I2VEdit"
-NO_PROMPT = ("i2vedit",)      # methods guided by an edited first frame instead of a prompt
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_video_arguments(p)
     add_eval_arguments(p.add_argument_group("evaluation (--eval)"))
-    p.set_defaults(frames=None)                       # resolved per method in run(): I2VEdit reads 21
+    p.set_defaults(frames=None)                       # resolved per method in run() (DEFAULT_FRAMES)
     for name, mod in available_clis().items():
         mod.add_arguments(p.add_argument_group(f"{name} options"))
 
@@ -42,10 +43,7 @@ def add_eval_arguments(group) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.method not in NO_PROMPT and not args.prompt:
-        raise ValueError(f"--method {args.method} needs --prompt")
-    if args.frames is None:
-        args.frames = 21 if args.method == "i2vedit" else 8     # I2VEdit: 2.5 fps over 8.4 s, two clips of 11
+    method_defaults(args)
     if not getattr(args, "eval", False):
         return run_method(args, "edit")
     from minivid.cli.eval import parse_metrics

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 METHOD_NAME = "I2VEdit"
 DEFAULT_FRAMES = 21                       # data.py: 2.5 fps over 0–8.4 s
+DEFAULT_CHECKPOINT_EVERY = 50             # the authors' (minivid.methods.i2vedit.tune)
+TAKES_PROMPT = False                      # guided by an edited first frame, not a prompt
 DEFAULT_SIZE = {"full": (512, 896), "tiny": (32, 48)}
 
 

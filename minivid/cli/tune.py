@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import argparse
 
-from minivid.cli.common import add_model_arguments, add_video_arguments, available_clis, integer, number, run_method
+from minivid.cli.common import (
+    add_model_arguments, add_video_arguments, available_clis, integer, method_defaults, number, run_method,
+)
 
 help = "one-shot tuning on a source video (EI², TCVE; I2VEdit's motion LoRAs)"
-TUNING = ("ei2", "tcve", "i2vedit")
-PROMPTED = ("ei2", "tcve")
-DEFAULT_FRAMES, DEFAULT_CHECKPOINT_EVERY = 8, 100     # EI², TCVE (I2VEdit: 21 and 50)
+
+
+def tuning_clis() -> dict:
+    """The methods whose CLI module has a `tune`."""
+    return {name: mod for name, mod in available_clis().items() if hasattr(mod, "tune")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, choices=TUNING, help="the method to tune")
+    p.add_argument("--method", required=True, choices=list(tuning_clis()), help="the method to tune")
     p.add_argument("--prompt", help="a prompt describing the source video (EI², TCVE; I2VEdit takes none)")
     p.add_argument("--steps", type=integer(1, 10_000_000),
                    help="tuning steps (default: the method's: EI² 500, TCVE 100, I2VEdit 300)")
@@ -21,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision for the forward pass")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
     p.add_argument("--checkpoint-every", type=integer(1, 10_000_000),
-                   help=f"write the tuned tensors every n ≥ 1 steps (default {DEFAULT_CHECKPOINT_EVERY}; I2VEdit 50)")
+                   help="write the tuned tensors every n ≥ 1 steps (default: the method's: EI²/TCVE 100, I2VEdit 50)")
     p.add_argument("--restart", action="store_true",
                    help="start over in --out even if it holds a checkpoint of another run (its checkpoints are "
                         "moved into --out/previous-<n>/); without it, a checkpoint there is resumed when it is of "
@@ -30,12 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_video_arguments(p)
     p.set_defaults(frames=None)                       # resolved per method in run()
-    for name, mod in available_clis().items():
-        if name in PROMPTED:
-            mod.add_arguments(p.add_argument_group(f"{name} options"))
-    from minivid.cli import i2vedit                  # the agreed layout: glue in minivid/cli/<method>.py
-
-    i2vedit.add_tune_arguments(p.add_argument_group("i2vedit options", "I2VEdit reads --frames 21 by default"))
+    for name, mod in tuning_clis().items():             # a method's tuning options, else its options
+        add = getattr(mod, "add_tune_arguments", mod.add_arguments)
+        default = getattr(mod, "DEFAULT_FRAMES", None)
+        add(p.add_argument_group(f"{name} options", f"reads --frames {default} by default" if default else None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,13 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from minivid import distributed
 
-    i2v = args.method == "i2vedit"
-    if args.frames is None:
-        args.frames = 21 if i2v else DEFAULT_FRAMES
-    if args.checkpoint_every is None and not i2v:
-        args.checkpoint_every = DEFAULT_CHECKPOINT_EVERY
-    if not i2v and not args.prompt:
-        raise ValueError(f"--method {args.method} needs --prompt (a prompt describing the source video)")
+    method_defaults(args, " (a prompt describing the source video)")
     distributed.init()
     args.device = distributed.resolve_device(args.device)
     if distributed.is_main():
