@@ -1,7 +1,8 @@
 """Which files the metrics need, checking them before any compute, and tiny random stand-ins.
 
 `DEFAULT_FILES`: where each encoder is looked for (weights/ of the working directory) and where it
-comes from. `check_files` lists every missing file at once; `load_evaluator` loads what the asked
+comes from. `default_metrics` is the set run when none is named (motion smoothness and imaging
+quality only when their weights are there). `check_files` lists every missing file at once; `load_evaluator` loads what the asked
 metrics need. `write_tiny_encoders(dir)` writes tiny RANDOM encoders in the official layouts (for
 tests and for trying the command without downloads: the numbers they give mean nothing);
 `tiny_evaluator()` builds the same in memory.
@@ -18,10 +19,12 @@ from minivid.eval.encoders import (
     AESTHETIC_SOURCE, CLIP_SOURCE, DINO_SOURCE, AestheticPredictor, DINOViT, build_clip, load_aesthetic, load_clip,
     load_dino, missing_message,
 )
-from minivid.eval.metrics import METRICS, Evaluator
+from minivid.eval.amt import AMT, AMT_SOURCE, load_amt
+from minivid.eval.metrics import METRICS, RUN_WHEN_PRESENT, Evaluator
+from minivid.eval.musiq import MUSIQ, MUSIQ_SOURCE, load_musiq
 
-__all__ = ["WeightsFile", "DEFAULT_FILES", "needed", "check_files", "load_evaluator", "write_tiny_encoders",
-           "tiny_evaluator", "TINY_FILES"]
+__all__ = ["WeightsFile", "DEFAULT_FILES", "needed", "check_files", "default_metrics", "load_evaluator",
+           "write_tiny_encoders", "tiny_evaluator", "TINY_FILES"]
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,11 @@ DEFAULT_FILES: dict[str, WeightsFile] = {
     "dino": WeightsFile(Path("weights/dino_vitbase16_pretrain.pth"), "DINO ViT-B/16", DINO_SOURCE),
     "aesthetic": WeightsFile(Path("weights/sa_0_4_vit_l_14_linear.pth"), "the LAION aesthetic predictor",
                              AESTHETIC_SOURCE),
+    "amt": WeightsFile(Path("weights/amt-s.pth"), "AMT-S", AMT_SOURCE),
+    "musiq": WeightsFile(Path("weights/musiq_spaq_ckpt-358bb6af.pth"), "MUSIQ (SPAQ)", MUSIQ_SOURCE),
 }
 TINY_FILES = {"clip": "tiny-clip.safetensors", "openclip": "tiny-openclip.safetensors", "dino": "tiny-dino.pth",
-              "aesthetic": "tiny-aesthetic.pth"}
+              "aesthetic": "tiny-aesthetic.pth", "amt": "tiny-amt.pth", "musiq": "tiny-musiq.pth"}
 
 
 def needed(metrics: Iterable[str]) -> list[str]:
@@ -52,6 +57,17 @@ def needed(metrics: Iterable[str]) -> list[str]:
             if k not in keys:
                 keys.append(k)
     return keys
+
+
+def default_metrics(paths: dict[str, str | Path | None] | None = None) -> tuple[str, ...]:
+    """The metrics run when none are named: all, except those of RUN_WHEN_PRESENT (motion smoothness,
+    imaging quality) whose weights file (given in `paths`, or the default in weights/) is absent."""
+    paths = paths or {}
+
+    def present(metric: str) -> bool:
+        return all(Path(paths.get(k) or DEFAULT_FILES[k].path).exists() for k in needed([metric]))
+
+    return tuple(m for m in METRICS if m not in RUN_WHEN_PRESENT or present(m))
 
 
 def check_files(paths: dict[str, str | Path | None], metrics: Iterable[str], option: str = "--metrics") -> dict[str, Path]:
@@ -79,12 +95,14 @@ def load_evaluator(paths: dict[str, str | Path | None], metrics: Iterable[str], 
     clip = load_clip(files["clip"], device) if "clip" in files else None
     dino = load_dino(files["dino"], device) if "dino" in files else None
     aesthetic = load_aesthetic(files["aesthetic"], device) if "aesthetic" in files else None
+    amt = load_amt(files["amt"], device) if "amt" in files else None
+    musiq = load_musiq(files["musiq"], device) if "musiq" in files else None
     if aesthetic is not None and (clip.kind != "openai" or clip.embed_dim != aesthetic.in_features):
         raise ValueError(f"aesthetic quality embeds the frames with CLIP ViT-L/14 (the LAION predictor's input, "
                          f"{aesthetic.in_features} dims); {files['clip']} is {clip.preset} ({clip.embed_dim} dims). "
                          f"Give a CLIP ViT-L/14 file, or leave aesthetic_quality out of --metrics")
     return Evaluator(clip=clip, dino=dino, aesthetic=aesthetic, aesthetic_clip=clip if aesthetic is not None else None,
-                     progress=progress, metrics=metrics)
+                     amt=amt, musiq=musiq, progress=progress, metrics=metrics)
 
 
 def _seeded(seed: int, build):
@@ -101,37 +119,44 @@ def _tiny_models(seed: int = 0):
     openclip = _seeded(seed + 1, lambda: build_clip("tiny_openclip"))
     dino = _seeded(seed + 2, lambda: DINOViT("tiny_dino").eval())
     aesthetic = _seeded(seed + 3, lambda: AestheticPredictor(clip.embed_dim).eval())
-    return clip, openclip, dino, aesthetic
+    amt = _seeded(seed + 4, lambda: AMT("tiny_amt").eval())
+    musiq = _seeded(seed + 5, lambda: MUSIQ("tiny_musiq").eval())
+    return clip, openclip, dino, aesthetic, amt, musiq
 
 
-def tiny_evaluator(metrics: Iterable[str] = tuple(METRICS), seed: int = 0, device: str | torch.device = "cpu",
+def tiny_evaluator(metrics: Iterable[str] | None = None, seed: int = 0, device: str | torch.device = "cpu",
                    progress: bool = False) -> Evaluator:
-    """Tiny RANDOM encoders (CLIP width 32 on 32 px, DINO width 32 on 32 px): the machinery, no meaning."""
-    metrics = tuple(metrics)
+    """Tiny RANDOM encoders (CLIP width 32 on 32 px, DINO width 32 on 32 px, AMT for frames of 64 px
+    and more, MUSIQ with 16 px patches): the machinery, no meaning. Default metrics: those that need
+    no RUN_WHEN_PRESENT weights (name motion_smoothness / imaging_quality to have them)."""
+    metrics = tuple(m for m in METRICS if m not in RUN_WHEN_PRESENT) if metrics is None else tuple(metrics)
     keys = needed(metrics)
-    clip, _, dino, aesthetic = _tiny_models(seed)
+    clip, _, dino, aesthetic, amt, musiq = _tiny_models(seed)
     clip.model.to(device)
     return Evaluator(clip=clip if "clip" in keys else None, dino=dino.to(device) if "dino" in keys else None,
                      aesthetic=aesthetic.to(device) if "aesthetic" in keys else None,
-                     aesthetic_clip=clip if "aesthetic" in keys else None, progress=progress, metrics=metrics)
+                     aesthetic_clip=clip if "aesthetic" in keys else None,
+                     amt=amt.to(device) if "amt" in keys else None, musiq=musiq.to(device) if "musiq" in keys else None,
+                     progress=progress, metrics=metrics)
 
 
 def write_tiny_encoders(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write tiny RANDOM encoders in the official layouts: tiny-clip.safetensors (transformers'
     CLIPModel keys), tiny-openclip.safetensors (OpenCLIP's), tiny-dino.pth (DINO's), tiny-aesthetic.pth
-    (LAION's Linear). Returns name -> path."""
+    (LAION's Linear), tiny-amt.pth (amt-s.pth's layout: the tensors under "state_dict"), tiny-musiq.pth
+    (pyiqa's MUSIQ keys). Returns name -> path."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    clip, openclip, dino, aesthetic = _tiny_models(seed)
+    clip, openclip, dino, aesthetic, amt, musiq = _tiny_models(seed)
     out = {k: folder / v for k, v in TINY_FILES.items()}
     for key, model in (("clip", clip.model), ("openclip", openclip.model)):
         tmp = out[key].with_name(out[key].name + ".tmp")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         tmp.replace(out[key])
-    for key, model in (("dino", dino), ("aesthetic", aesthetic)):
+    for key, model in (("dino", dino), ("aesthetic", aesthetic), ("amt", amt), ("musiq", musiq)):
         tmp = out[key].with_name(out[key].name + ".tmp")
-        torch.save(model.state_dict(), tmp)
+        torch.save({"state_dict": model.state_dict()} if key == "amt" else model.state_dict(), tmp)
         tmp.replace(out[key])
     return out

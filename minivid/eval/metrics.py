@@ -9,7 +9,9 @@ On embeddings (pure functions, any device):
   (i, i+1) or "all" (every i != j, LOVEU-TGVE's script: the off-diagonal mean of the cosine matrix);
 - `subject_consistency(features [F, D])`: VBench's, on DINO ViT-B/16 class tokens:
   1/(F-1) · Σ_{i>=1} ½ (max(0, cos(d_{i-1}, d_i)) + max(0, cos(d_0, d_i)));
-- `aesthetic_quality(scores [F])`: VBench's, the mean LAION aesthetic score (1..10) / 10.
+- `aesthetic_quality(scores [F])`: VBench's, the mean LAION aesthetic score (1..10) / 10;
+- `motion_smoothness`: VBench's, from AMT-S interpolating the odd frames (minivid.eval.amt);
+- `imaging_quality`: VBench's, the mean MUSIQ (SPAQ) frame score / 100 (minivid.eval.musiq).
 
 `Evaluator` runs the encoders with each metric's own preprocessing (minivid.eval.preprocess) on a
 video's frames and returns every metric with its per-frame values.
@@ -22,12 +24,14 @@ from typing import Any, Iterable, Literal
 import torch
 import torch.nn.functional as F
 
+from minivid.eval.amt import AMT, AMT_PRESETS, interpolate_odd_frames, motion_smoothness_score
 from minivid.eval.encoders import AestheticPredictor, CLIPEncoder, DINOViT
+from minivid.eval.musiq import MUSIQ, MUSIQ_PRESETS, imaging_quality, score_frames
 from minivid.eval.preprocess import clip_preprocess_hf, clip_preprocess_vbench, dino_preprocess_vbench, to_uint8
 
 __all__ = [
     "cosine_matrix", "clip_text_alignment", "clip_frame_consistency", "subject_consistency", "aesthetic_quality",
-    "Evaluator", "METRICS", "CLIP_SCORE_SCALE",
+    "Evaluator", "METRICS", "CLIP_SCORE_SCALE", "RUN_WHEN_PRESENT", "motion_smoothness_score", "imaging_quality",
 ]
 
 Pairs = Literal["consecutive", "all"]
@@ -39,7 +43,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "clip_frame_consistency": ("clip", "EI², TCVE, I2VEdit, LOVEU-TGVE"),
     "subject_consistency": ("dino", "COVE (VBench's definition)"),
     "aesthetic_quality": ("aesthetic", "COVE (VBench's definition)"),
+    "motion_smoothness": ("amt", "COVE (VBench's definition)"),
+    "imaging_quality": ("musiq", "COVE (VBench's definition)"),
 }
+# metrics in the default set only when their weights are there (`minivid eval` without --metrics)
+RUN_WHEN_PRESENT = ("motion_smoothness", "imaging_quality")
 
 
 def _check_embeds(x: torch.Tensor, what: str, min_frames: int = 1) -> None:
@@ -101,6 +109,10 @@ def aesthetic_quality(scores: torch.Tensor) -> tuple[float, list[float]]:
 
 # ---------------------------------------------------------------- running the encoders on a video
 
+def _preset(presets: dict, cfg) -> str:
+    return next((name for name, c in presets.items() if c == cfg), "custom")
+
+
 def _batches(x: torch.Tensor, size: int) -> Iterable[torch.Tensor]:
     for i in range(0, len(x), size):
         yield x[i:i + size]
@@ -112,13 +124,16 @@ class Evaluator:
 
     `clip` feeds the CLIP text alignment and frame consistency (transformers' CLIPImageProcessor
     preprocessing); `aesthetic_clip` (CLIP ViT-L/14) feeds the aesthetic predictor with VBench's
-    preprocessing; `dino` gives subject consistency with VBench's DINO preprocessing.
+    preprocessing; `dino` gives subject consistency with VBench's DINO preprocessing; `amt` (AMT-S)
+    motion smoothness and `musiq` (MUSIQ, SPAQ) imaging quality, each as VBench runs them.
     """
 
     clip: CLIPEncoder | None = None
     dino: DINOViT | None = None
     aesthetic: AestheticPredictor | None = None
     aesthetic_clip: CLIPEncoder | None = None
+    amt: AMT | None = None
+    musiq: MUSIQ | None = None
     batch_size: int = 16
     progress: bool = False
     metrics: tuple[str, ...] = field(default_factory=lambda: tuple(METRICS))
@@ -151,6 +166,10 @@ class Evaluator:
         metric whose encoders are present (text alignment only with a prompt)."""
         u8 = to_uint8(frames)
         out: dict[str, Any] = {}
+        run_amt = self.amt is not None and "motion_smoothness" in self.metrics and len(u8) >= 3
+        if run_amt and min(u8.shape[-2:]) < self.amt.cfg.min_size:      # before any compute
+            raise ValueError(f"motion_smoothness: frames of {u8.shape[-2]}x{u8.shape[-1]} are too small for AMT-S "
+                             f"(at least {self.amt.cfg.min_size} px per side); leave it out of the metrics")
         if self.clip is not None:
             clip = self.clip
             pixels = clip_preprocess_hf(u8, clip.image_size)
@@ -184,4 +203,15 @@ class Evaluator:
             value, per_frame = aesthetic_quality(scores)
             out["aesthetic_quality"] = {"value": value, "per_frame_score": per_frame, "encoder": clip.preset,
                                         "preprocess": "clip_preprocess_vbench"}
+        if run_amt:
+            interpolated = interpolate_odd_frames(self.amt, u8, batch_size=max(1, self.batch_size // 4),
+                                                  progress=self.progress)
+            value, mae = motion_smoothness_score(u8, interpolated)
+            out["motion_smoothness"] = {"value": value, "per_frame_mae": mae, "frames_interpolated": len(mae),
+                                        "encoder": _preset(AMT_PRESETS, self.amt.cfg)}
+        if self.musiq is not None and "imaging_quality" in self.metrics:
+            value, per_frame = imaging_quality(score_frames(self.musiq, u8, batch_size=max(1, self.batch_size // 2)))
+            out["imaging_quality"] = {"value": value, "per_frame_score": per_frame,
+                                      "encoder": _preset(MUSIQ_PRESETS, self.musiq.cfg),
+                                      "preprocess": "vbench_imaging_quality_preprocess (longer side <= 512)"}
         return out
