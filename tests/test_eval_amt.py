@@ -324,3 +324,38 @@ def test_full_size_matches_manifest():
     assert got == want
     assert sum(v.numel() for v in model.state_dict().values()) == manifest["info"]["total_elements"]
     assert AMT_PRESETS["amt_s"].min_size == 128
+
+
+# ---------------------------------------------------------------- `minivid eval` and the Evaluator
+
+def test_eval_cli_motion_smoothness(tmp_path, monkeypatch, capsys):
+    """`minivid eval` runs motion_smoothness from an amt-s.pth-layout file (here tiny, random): the
+    number equals the library's on the same decoded frames; it is in the default set only when its
+    weights are there; a missing file and too-small frames are clear errors."""
+    from minivid.cli import main
+    from minivid.eval.loading import default_metrics, load_evaluator, write_tiny_encoders
+    from minivid.video import read_video, write_video
+
+    files = write_tiny_encoders(tmp_path / "w")
+    write_video(tmp_path / "v.mp4", _smooth_frames(5, 64, 80).float() / 127.5 - 1, fps=4)
+    out = tmp_path / "m.json"
+    assert main(["eval", str(tmp_path / "v.mp4"), "--amt", str(files["amt"]), "--metrics", "motion_smoothness",
+                 "--quiet", "--json", str(out)]) == 0
+    assert "motion_smoothness" in capsys.readouterr().out
+    got = json.loads(out.read_text())["metrics"]["motion_smoothness"]
+    want, mae = motion_smoothness(load_amt(files["amt"]), read_video(tmp_path / "v.mp4").add(1).mul(127.5).round().to(torch.uint8))
+    assert got["value"] == pytest.approx(want, abs=1e-12) and got["per_frame_mae"] == pytest.approx(mae, abs=1e-12)
+    assert got["frames_interpolated"] == 2 and got["encoder"] == "tiny_amt"
+    ev = load_evaluator({"amt": files["amt"]}, ("motion_smoothness",))
+    assert set(ev(read_video(tmp_path / "v.mp4"))) == {"motion_smoothness"}
+
+    monkeypatch.chdir(tmp_path)                                    # no weights/ here
+    assert "motion_smoothness" not in default_metrics({})
+    assert "motion_smoothness" in default_metrics({"amt": files["amt"]})
+    assert main(["eval", "v.mp4", "--metrics", "motion_smoothness"]) == 1
+    err = capsys.readouterr().err
+    assert "weights/amt-s.pth" in err and "lalala125/AMT" in err and "Traceback" not in err
+    write_video(tmp_path / "small.mp4", torch.rand(3, 3, 32, 48) * 2 - 1, fps=4)
+    assert main(["eval", "small.mp4", "--amt", str(files["amt"]), "--metrics", "motion_smoothness"]) == 1
+    err = capsys.readouterr().err
+    assert "too small" in err and "Traceback" not in err

@@ -248,3 +248,31 @@ def test_full_size_matches_manifest():
     want = {k: v[0] for k, v in manifest["tensors"].items()}
     assert got == want
     assert sum(v.numel() for v in model.state_dict().values()) == manifest["info"]["total_elements"]
+
+
+# ---------------------------------------------------------------- `minivid eval` and the Evaluator
+
+def test_eval_cli_imaging_quality(tmp_path, monkeypatch, capsys):
+    """`minivid eval` runs imaging_quality from a musiq_spaq-layout file (here tiny, random): equal to
+    the library's on the same decoded frames; in the default set only when its weights are there."""
+    from minivid.cli import main
+    from minivid.eval.loading import default_metrics, write_tiny_encoders
+    from minivid.video import read_video, write_video
+
+    files = write_tiny_encoders(tmp_path / "w")
+    write_video(tmp_path / "v.mp4", torch.rand(3, 3, 40, 56) * 2 - 1, fps=4)
+    out = tmp_path / "m.json"
+    assert main(["eval", str(tmp_path / "v.mp4"), "--musiq", str(files["musiq"]), "--metrics", "imaging_quality",
+                 "--quiet", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["metrics"]["imaging_quality"]
+    frames = read_video(tmp_path / "v.mp4").add(1).mul(127.5).round().to(torch.uint8)
+    want, per_frame = imaging_quality(score_frames(load_musiq(files["musiq"]), frames))
+    assert got["value"] == pytest.approx(want, abs=1e-9) and got["per_frame_score"] == pytest.approx(per_frame, abs=1e-6)
+    assert got["encoder"] == "tiny_musiq"
+
+    monkeypatch.chdir(tmp_path)
+    assert "imaging_quality" not in default_metrics({})
+    assert "imaging_quality" in default_metrics({"musiq": files["musiq"]})
+    assert main(["eval", "v.mp4", "--metrics", "imaging_quality"]) == 1
+    err = capsys.readouterr().err
+    assert "weights/musiq_spaq_ckpt-358bb6af.pth" in err and "IQA-PyTorch" in err and "Traceback" not in err

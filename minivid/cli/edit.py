@@ -39,21 +39,22 @@ def add_eval_arguments(group) -> None:
                        help="score edited.mp4 with `minivid eval`'s metrics (prompt = --prompt, source = --video) and "
                             "add them to record.json (results.eval); with --tiny, tiny random encoders")
     add_eval_weights_arguments(group, prefix="eval-")
-    group.add_argument("--eval-metrics", default=",".join(METRICS), help="metrics of --eval (default: all)")
+    group.add_argument("--eval-metrics", help=f"metrics of --eval, a subset of {', '.join(METRICS)} (default: all; "
+                                              f"motion_smoothness and imaging_quality only when their weights are there)")
 
 
 def run(args: argparse.Namespace) -> int:
     method_defaults(args)
     if not getattr(args, "eval", False):
         return run_method(args, "edit")
-    from minivid.cli.eval import parse_metrics
+    from minivid.cli.eval import default_metrics_text, parse_metrics, weights_paths
     from minivid.eval.loading import check_files
     from minivid.jobs import default_out_dir
 
-    metrics = parse_metrics(args.eval_metrics, args.prompt)
+    metrics = parse_metrics(args.eval_metrics if args.eval_metrics is not None
+                            else default_metrics_text(args, prefix="eval-"), args.prompt)
     if not args.tiny:      # every weights file the metrics need, before the edit runs
-        check_files({k: getattr(args, f"eval_{k}") for k in ("clip", "dino", "aesthetic")}, metrics,
-                    option="--eval-metrics")
+        check_files(weights_paths(args, prefix="eval-"), metrics, option="--eval-metrics")
     if not args.out:
         args.out = str(default_out_dir(f"edit-{args.method}"))
     code = run_method(args, "edit")

@@ -4,7 +4,8 @@
 
 CLIP textual alignment (needs --prompt) and frame consistency (CLIP ViT-L/14, or OpenCLIP
 ViT-H/14 with --clip), subject consistency (DINO ViT-B/16) and aesthetic quality (LAION's predictor
-on CLIP ViT-L/14); definitions and sources in docs/eval.md. The weights are looked for in weights/
+on CLIP ViT-L/14), and, when their weights are in weights/, motion smoothness (AMT-S) and imaging
+quality (MUSIQ); definitions and sources in docs/eval.md. The weights are looked for in weights/
 (see weights/README.md). With --source the same metrics of the source video are shown beside.
 `--tiny` uses tiny RANDOM encoders (the machinery only: the numbers mean nothing); `--write-tiny
 DIR` writes such encoders in the official file layouts.
@@ -20,20 +21,42 @@ from typing import Any
 
 import torch
 
-help = "score a video with the papers' metrics (CLIP text alignment / frame consistency, subject consistency, aesthetic quality)"
+help = ("score a video with the papers' metrics (CLIP text alignment / frame consistency, subject consistency, "
+        "aesthetic quality, motion smoothness, imaging quality)")
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_eval_weights_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """--clip, --dino, --aesthetic (with `prefix`, e.g. "eval-" for `minivid edit --eval`)."""
+    """--clip, --dino, --aesthetic, --amt, --musiq (with `prefix`, e.g. "eval-" for `minivid edit --eval`)."""
     from minivid.eval.loading import DEFAULT_FILES
 
     for key, meta in (("clip", "CLIP ViT-L/14 (transformers' model.safetensors) or OpenCLIP ViT-H/14"),
                       ("dino", "DINO ViT-B/16 (dino_vitbase16_pretrain.pth)"),
-                      ("aesthetic", "LAION aesthetic predictor (sa_0_4_vit_l_14_linear.pth)")):
+                      ("aesthetic", "LAION aesthetic predictor (sa_0_4_vit_l_14_linear.pth)"),
+                      ("amt", "AMT-S frame interpolation (amt-s.pth), for motion_smoothness"),
+                      ("musiq", "MUSIQ trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth), for imaging_quality")):
         p.add_argument(f"--{prefix}{key}", metavar="WEIGHTS", dest=f"{prefix.replace('-', '_')}{key}",
                        help=f"{meta} (default {DEFAULT_FILES[key].path})")
+
+
+def weights_paths(args: argparse.Namespace, prefix: str = "") -> dict[str, str | None]:
+    """The weights files given on the command line (None: the default in weights/), by encoder."""
+    from minivid.eval.loading import DEFAULT_FILES
+
+    key = prefix.replace("-", "_")
+    return {k: getattr(args, f"{key}{k}", None) for k in DEFAULT_FILES}
+
+
+def default_metrics_text(args: argparse.Namespace, prefix: str = "") -> str:
+    """The metrics when none are named: all, motion_smoothness and imaging_quality only when their weights
+    are there (with --tiny: without those two; name them to run them on tiny random networks)."""
+    from minivid.eval.loading import default_metrics
+    from minivid.eval.metrics import METRICS, RUN_WHEN_PRESENT
+
+    if getattr(args, "tiny", False):
+        return ",".join(m for m in METRICS if m not in RUN_WHEN_PRESENT)
+    return ",".join(default_metrics(weights_paths(args, prefix)))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,8 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="the edit prompt (for CLIP textual alignment)")
     p.add_argument("--source", help="the source video: its metrics are shown beside for reference")
     add_eval_weights_arguments(p)
-    p.add_argument("--metrics", default=",".join(METRICS),
-                   help=f"comma-separated subset of {', '.join(METRICS)} (default: all; text alignment needs --prompt)")
+    p.add_argument("--metrics",
+                   help=f"comma-separated subset of {', '.join(METRICS)} (default: all; motion_smoothness and "
+                        f"imaging_quality only when their weights are there; text alignment needs --prompt)")
     p.add_argument("--frames", type=int, help="number of frames to read (default: all)")
     p.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
@@ -79,9 +103,7 @@ def build_evaluator(args: argparse.Namespace, metrics: tuple[str, ...], prefix: 
     progress = not getattr(args, "quiet", False) and sys.stderr.isatty()
     if args.tiny:
         return tiny_evaluator(metrics, seed=getattr(args, "seed", 0) or 0, device=args.device, progress=progress)
-    key = prefix.replace("-", "_")
-    paths = {k: getattr(args, f"{key}{k}", None) for k in ("clip", "dino", "aesthetic")}
-    return load_evaluator(paths, metrics, device=args.device, progress=progress)
+    return load_evaluator(weights_paths(args, prefix), metrics, device=args.device, progress=progress)
 
 
 def _read(path: str, args: argparse.Namespace) -> torch.Tensor:
@@ -151,16 +173,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.video:
         raise ValueError("give the VIDEO to score (or --write-tiny DIR)")
-    metrics = parse_metrics(args.metrics, args.prompt)
+    metrics = parse_metrics(args.metrics if args.metrics is not None else default_metrics_text(args), args.prompt)
     if args.json:
-        _check_output(Path(args.json), [args.video, args.source, args.clip, args.dino, args.aesthetic])
+        _check_output(Path(args.json), [args.video, args.source, *weights_paths(args).values()])
     for path in (args.video, args.source):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
     if not args.tiny:          # every weights file first, then the videos, then the encoders
         from minivid.eval.loading import check_files
 
-        check_files({k: getattr(args, k) for k in ("clip", "dino", "aesthetic")}, metrics)
+        check_files(weights_paths(args), metrics)
     video = _read(args.video, args)
     source = _read(args.source, args) if args.source else None
     evaluator = build_evaluator(args, metrics)
