@@ -20,6 +20,7 @@ from minivid.eval import (
     load_aesthetic, load_clip, load_dino, pil_resize, subject_consistency, to_uint8,
 )
 from minivid.eval.encoders import CLIP_PRESETS, DINO_PRESETS, OPENCLIP_PRESETS
+from minivid.eval.metrics import METRICS, RUN_WHEN_PRESENT
 from minivid.eval.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from minivid.tokenizer import CLIPTokenizer
 from minivid.video import write_video
@@ -437,8 +438,9 @@ def test_evaluator_on_tiny_encoders_matches_the_parts():
 def tiny_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-encoders")
     assert main(["eval", "--write-tiny", str(folder)]) == 0
-    return {k: folder / v for k, v in {"clip": "tiny-clip.safetensors", "openclip": "tiny-openclip.safetensors",
-                                       "dino": "tiny-dino.pth", "aesthetic": "tiny-aesthetic.pth"}.items()}
+    from minivid.eval.loading import TINY_FILES
+
+    return {k: folder / v for k, v in TINY_FILES.items()}
 
 
 def eval_args(video, files, *rest):
@@ -536,7 +538,8 @@ def test_edit_eval_appends_metrics_to_the_record(tmp_path, tiny_files):
     record = json.loads((out / "record.json").read_text())
     ev = record["results"]["eval"]
     assert ev["frames"] == 3 and ev["source"]["frames"] == 3 and ev["prompt"] == "a green disc" and ev["tiny"]
-    assert set(ev["metrics"]) == {"clip_text_alignment", "clip_frame_consistency", "subject_consistency", "aesthetic_quality"}
+    # --tiny: every metric, PickScore included, but the two whose tiny networks need larger frames
+    assert set(ev["metrics"]) == set(METRICS) - set(RUN_WHEN_PRESENT)
     assert record["timings_s"]["eval"] > 0 and record["results"]["cove"]["steps"] == 1
 
 

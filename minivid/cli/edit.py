@@ -39,22 +39,25 @@ def add_eval_arguments(group) -> None:
                        help="score edited.mp4 with `minivid eval`'s metrics (prompt = --prompt, source = --video) and "
                             "add them to record.json (results.eval); with --tiny, tiny random encoders")
     add_eval_weights_arguments(group, prefix="eval-")
-    group.add_argument("--eval-metrics", help=f"metrics of --eval, a subset of {', '.join(METRICS)} (default: all; "
-                                              f"motion_smoothness and imaging_quality only when their weights are there)")
+    group.add_argument("--eval-metrics", help=f"metrics of --eval, a comma-separated subset of {', '.join(METRICS)} "
+                                              f"(default: every metric whose weights are present)")
 
 
 def run(args: argparse.Namespace) -> int:
     method_defaults(args)
     if not getattr(args, "eval", False):
         return run_method(args, "edit")
-    from minivid.cli.eval import default_metrics_text, parse_metrics, weights_paths
-    from minivid.eval.loading import check_files
+    import sys
+
+    from minivid.cli.eval import choose_metrics, format_skipped, weights_paths
     from minivid.jobs import default_out_dir
 
-    metrics = parse_metrics(args.eval_metrics if args.eval_metrics is not None
-                            else default_metrics_text(args, prefix="eval-"), args.prompt)
-    if not args.tiny:      # every weights file the metrics need, before the edit runs
-        check_files(weights_paths(args, prefix="eval-"), metrics, option="--eval-metrics")
+    # every weights file the metrics need, before the edit runs
+    metrics, skipped = choose_metrics(args.eval_metrics, args.prompt, weights_paths(args, "eval-"), args.tiny,
+                                      option="--eval-metrics")
+    if skipped:
+        print(format_skipped(skipped), file=sys.stderr)
+    args._eval_skipped = skipped
     if not args.out:
         args.out = str(default_out_dir(f"edit-{args.method}"))
     code = run_method(args, "edit")
@@ -82,6 +85,8 @@ def append_eval(args: argparse.Namespace, metrics: tuple[str, ...]) -> None:
               **evaluate_videos(evaluator, edited, args.prompt, source)}
     path = out / "record.json"
     record = json.loads(path.read_text())
+    if getattr(args, "_eval_skipped", None):
+        result["skipped"] = args._eval_skipped
     record["results"]["eval"] = result
     record["timings_s"]["eval"] = round(time.perf_counter() - t0, 4)
     tmp = path.with_name(path.name + ".tmp")

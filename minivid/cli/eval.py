@@ -28,35 +28,25 @@ DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_eval_weights_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """--clip, --dino, --aesthetic, --amt, --musiq (with `prefix`, e.g. "eval-" for `minivid edit --eval`)."""
+    """One option per encoder of minivid.eval.loading.DEFAULT_FILES (--clip, --dino, --aesthetic, --pickscore, ...;
+    with `prefix`, e.g. "eval-" for `minivid edit --eval`)."""
     from minivid.eval.loading import DEFAULT_FILES
 
-    for key, meta in (("clip", "CLIP ViT-L/14 (transformers' model.safetensors) or OpenCLIP ViT-H/14"),
-                      ("dino", "DINO ViT-B/16 (dino_vitbase16_pretrain.pth)"),
-                      ("aesthetic", "LAION aesthetic predictor (sa_0_4_vit_l_14_linear.pth)"),
-                      ("amt", "AMT-S frame interpolation (amt-s.pth), for motion_smoothness"),
-                      ("musiq", "MUSIQ trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth), for imaging_quality")):
+    helps = {"amt": "AMT-S frame interpolation (amt-s.pth), for motion_smoothness",
+             "musiq": "MUSIQ trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth), for imaging_quality",
+             "clip": "CLIP: a transformers CLIP folder (config.json + model.safetensors: any ViT, e.g. B/32, B/16, "
+                     "L/14, L/14-336), transformers' ViT-L/14 model.safetensors, or OpenCLIP ViT-H/14"}
+    for key, default in DEFAULT_FILES.items():
         p.add_argument(f"--{prefix}{key}", metavar="WEIGHTS", dest=f"{prefix.replace('-', '_')}{key}",
-                       help=f"{meta} (default {DEFAULT_FILES[key].path})")
+                       help=f"{helps.get(key, default.what)} (default {default.path})")
 
 
 def weights_paths(args: argparse.Namespace, prefix: str = "") -> dict[str, str | None]:
-    """The weights files given on the command line (None: the default in weights/), by encoder."""
+    """The encoder files the options name (None: the default in weights/)."""
     from minivid.eval.loading import DEFAULT_FILES
 
     key = prefix.replace("-", "_")
     return {k: getattr(args, f"{key}{k}", None) for k in DEFAULT_FILES}
-
-
-def default_metrics_text(args: argparse.Namespace, prefix: str = "") -> str:
-    """The metrics when none are named: all, motion_smoothness and imaging_quality only when their weights
-    are there (with --tiny: without those two; name them to run them on tiny random networks)."""
-    from minivid.eval.loading import default_metrics
-    from minivid.eval.metrics import METRICS, RUN_WHEN_PRESENT
-
-    if getattr(args, "tiny", False):
-        return ",".join(m for m in METRICS if m not in RUN_WHEN_PRESENT)
-    return ",".join(default_metrics(weights_paths(args, prefix)))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", help="the source video: its metrics are shown beside for reference")
     add_eval_weights_arguments(p)
     p.add_argument("--metrics",
-                   help=f"comma-separated subset of {', '.join(METRICS)} (default: all; motion_smoothness and "
-                        f"imaging_quality only when their weights are there; text alignment needs --prompt)")
+                   help=f"comma-separated subset of {', '.join(METRICS)} (default: every metric whose weights are "
+                        f"present, naming the others; text alignment and PickScore need --prompt)")
     p.add_argument("--frames", type=int, help="number of frames to read (default: all)")
     p.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
@@ -82,18 +72,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tiny-openclip.safetensors, tiny-dino.pth, tiny-aesthetic.pth) and exit")
 
 
-def parse_metrics(text: str, prompt: str | None) -> tuple[str, ...]:
-    from minivid.eval.metrics import METRICS
+def parse_metrics(text: str | None, prompt: str | None) -> tuple[str, ...]:
+    """The metrics --metrics names (None: all), less those that need a prompt when there is none."""
+    from minivid.eval.metrics import METRICS, NEEDS_PROMPT
 
-    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    names = tuple(METRICS) if text is None else tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
         raise ValueError(f"--metrics: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METRICS)}")
     if prompt is None:
-        names = tuple(m for m in names if m != "clip_text_alignment")
+        names = tuple(m for m in names if m not in NEEDS_PROMPT)
         if not names:
-            raise ValueError("clip_text_alignment needs --prompt")
+            raise ValueError(f"{' and '.join(NEEDS_PROMPT)} need --prompt")
     return names
+
+
+def choose_metrics(text: str | None, prompt: str | None, paths: dict[str, str | None], tiny: bool,
+                   option: str = "--metrics") -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the metrics to compute, {metric left out: why}), decided before anything is loaded.
+
+    Named with --metrics: every one must have its weights (FileNotFoundError listing all that are
+    missing). By default: every metric whose weights are present; the others are named with the
+    missing file. With --tiny every metric runs (tiny random encoders)."""
+    from minivid.eval.loading import available, check_files
+    from minivid.eval.metrics import METRICS, NEEDS_PROMPT
+
+    metrics = parse_metrics(text, prompt)
+    skipped = {m: "needs --prompt" for m in METRICS if m in NEEDS_PROMPT and prompt is None
+               and (text is None or m in text)}
+    if tiny:
+        if text is None:
+            from minivid.eval.metrics import RUN_WHEN_PRESENT
+
+            metrics = tuple(m for m in metrics if m not in RUN_WHEN_PRESENT)
+        return metrics, skipped
+    if text is not None:
+        check_files(paths, metrics, option=option)
+        return metrics, skipped
+    present, missing = available(paths, metrics)
+    if not present:
+        check_files(paths, metrics, option=option)          # raises, listing every missing file
+    return present, {**missing, **skipped}
+
+
+def format_skipped(skipped: dict[str, str]) -> str:
+    return "\n".join(f"skipped {m}: {why}" for m, why in skipped.items())
 
 
 def build_evaluator(args: argparse.Namespace, metrics: tuple[str, ...], prefix: str = ""):
@@ -141,10 +164,13 @@ def format_table(results: dict[str, Any], source: dict[str, Any] | None = None) 
         r = results[name]
         value = f"{r['value']:.4f}"
         src = f"{source[name]['value']:.4f}" if source and name in source else ""
+        if name == "clip_frame_consistency":     # the pair definition each line uses (papers differ)
+            rows.append((f"{name} (consecutive pairs)", value, src, "EI² (\"pairs\")"))
+            rows.append((f"{name} (all pairs)", f"{r['all_pairs']:.4f}",
+                         f"{source[name]['all_pairs']:.4f}" if source and name in source else "",
+                         "TCVE, I2VEdit, LOVEU-TGVE"))
+            continue
         rows.append((name, value, src, papers))
-        if name == "clip_frame_consistency":
-            rows.append(("  (all pairs)", f"{r['all_pairs']:.4f}",
-                         f"{source[name]['all_pairs']:.4f}" if source and name in source else "", ""))
         if name == "clip_text_alignment":
             rows.append(("  (CLIP score, 100 x cos)", f"{r['clip_score']:.2f}",
                          f"{source[name]['clip_score']:.2f}" if source and name in source else "", ""))
@@ -173,21 +199,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.video:
         raise ValueError("give the VIDEO to score (or --write-tiny DIR)")
-    metrics = parse_metrics(args.metrics if args.metrics is not None else default_metrics_text(args), args.prompt)
+    paths = weights_paths(args)
     if args.json:
-        _check_output(Path(args.json), [args.video, args.source, *weights_paths(args).values()])
+        _check_output(Path(args.json), [args.video, args.source, *paths.values()])
     for path in (args.video, args.source):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
-    if not args.tiny:          # every weights file first, then the videos, then the encoders
-        from minivid.eval.loading import check_files
-
-        check_files(weights_paths(args), metrics)
+    # every weights file first, then the videos, then the encoders
+    metrics, skipped = choose_metrics(args.metrics, args.prompt, paths, args.tiny)
+    if skipped:
+        print(format_skipped(skipped), file=sys.stderr)
     video = _read(args.video, args)
     source = _read(args.source, args) if args.source else None
     evaluator = build_evaluator(args, metrics)
     result = {"video": args.video, "source_video": args.source, "prompt": args.prompt, "tiny": bool(args.tiny),
               **evaluate_videos(evaluator, video, args.prompt, source)}
+    if skipped:
+        result["skipped"] = skipped
     if args.tiny:
         result["note_tiny"] = "tiny RANDOM encoders: the numbers mean nothing"
     print(f"{args.video}: {result['frames']} frames {result['size'][0]}x{result['size'][1]}"

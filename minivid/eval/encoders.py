@@ -33,7 +33,8 @@ from minivid.clip import (
 __all__ = [
     "OpenAICLIPModel", "CLIP_PRESETS", "OPENCLIP_PRESETS", "DINOConfig", "DINO_PRESETS", "DINOViT", "QKVSelfAttention",
     "AestheticPredictor", "AESTHETIC_PRESETS", "CLIPEncoder", "EncoderError", "load_clip", "load_dino",
-    "load_aesthetic", "build_clip", "match_preset",
+    "load_aesthetic", "build_clip", "match_preset", "load_clip_folder", "clip_configs_from_transformers",
+    "describe_clip", "clip_config_to_transformers", "PICKSCORE_SOURCE",
 ]
 
 
@@ -78,6 +79,14 @@ class OpenAICLIPModel(OpenAICLIPTextModel):
 CLIP_PRESETS: dict[str, tuple[CLIPTextConfig, CLIPVisionConfig]] = {
     "openai_vit_l14": (CLIPTextConfig.preset("openai_vit_l14"), CLIPVisionConfig.preset("openai_vit_l14")),
     "tiny_openai": (CLIPTextConfig.preset("tiny_sd1", projection_dim=24), CLIPVisionConfig.preset("tiny_openai")),
+    # CLIP ViT-H/14 (LAION-2B) in transformers' layout: the architecture of PickScore_v1, exact GELU
+    "transformers_vit_h14": (
+        CLIPTextConfig("openai", width=1024, layers=24, heads=16, mlp_width=4096, act="gelu", projection_dim=1024),
+        CLIPVisionConfig("openai", width=1280, layers=32, heads=16, mlp_width=5120, act="gelu", projection_dim=1024)),
+    "tiny_pickscore": (
+        CLIPTextConfig("openai", width=32, layers=2, heads=4, mlp_width=64, act="gelu", projection_dim=20),
+        CLIPVisionConfig("openai", width=48, layers=2, heads=4, mlp_width=96, act="gelu", projection_dim=20,
+                         image_size=32, patch_size=8)),
 }
 OPENCLIP_PRESETS: dict[str, tuple[CLIPTextConfig, CLIPVisionConfig]] = {
     "openclip_vit_h14": (CLIPTextConfig.preset("sd2", conditioning_layer="last"), CLIPVisionConfig.preset("openclip_vit_h14")),
@@ -249,7 +258,9 @@ def match_preset(path: str | Path, state_dict: Mapping[str, torch.Tensor], build
     other = [f"{k} {got[k]} (expected {want[k]})" for k in want if k in got and got[k] != want[k]]
     parts = [f"{label} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
              for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", other)) if keys]
-    raise EncoderError(f"{path}: is not {what}: its tensors differ from the official layout ({name}): " + "; ".join(parts))
+    raise EncoderError(f"{path}: is not {what}: its tensors differ from the official layout ({name}): " + "; ".join(parts)
+                       + ("; a CLIP of another architecture loads from its transformers folder (config.json beside "
+                          "model.safetensors)" if "CLIP" in what and "describes" not in what else ""))
 
 
 def _read(path: str | Path, what: str, source: str) -> dict[str, torch.Tensor]:
@@ -301,6 +312,11 @@ class CLIPEncoder:
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
 
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale): the trained temperature CLIPModel multiplies the cosine by (PickScore's scale)."""
+        return float(self.model.logit_scale.detach().float().exp())
+
 
 def build_clip(preset: str) -> CLIPEncoder:
     """A randomly initialised CLIP of a preset of CLIP_PRESETS (openai) or OPENCLIP_PRESETS."""
@@ -319,11 +335,117 @@ DINO_SOURCE = ("facebookresearch/dino's release: "
 AESTHETIC_SOURCE = ("LAION-AI/aesthetic-predictor on GitHub: "
                     "https://github.com/LAION-AI/aesthetic-predictor/raw/main/sa_0_4_vit_l_14_linear.pth")
 POSITION_IDS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+PICKSCORE_SOURCE = ("the Hugging Face Hub: yuvalkirstain/PickScore_v1 (config.json and model.safetensors, in one "
+                    "folder); its processor is laion/CLIP-ViT-H-14-laion2B-s32B-b79K's, restated in minivid.eval.preprocess")
+
+
+# transformers' CLIPConfig defaults (configuration_clip.py), for config.json files that leave a field out
+_HF_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                     "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                     "layer_norm_eps": 1e-5}
+_HF_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                       "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                       "num_channels": 3}
+_HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}     # transformers' ACT2FN names minivid.clip has
+
+
+def clip_configs_from_transformers(config: Mapping, where: str | Path = "config.json") -> tuple[CLIPTextConfig, CLIPVisionConfig]:
+    """transformers' CLIPConfig (a config.json as a dict) -> minivid's (text, vision) configs in the
+    transformers layout ("openai" flavour). Any CLIP ViT: B/32, B/16, L/14, L/14-336, H/14 (PickScore), ...
+    The projection width is the top-level `projection_dim`, as CLIPModel builds its projections."""
+    if config.get("model_type", "clip") != "clip":
+        raise EncoderError(f"{where}: model_type is {config.get('model_type')!r}, not 'clip' (transformers' CLIPModel)")
+    try:
+        text = {**_HF_TEXT_DEFAULTS, **(config.get("text_config") or {})}
+        vision = {**_HF_VISION_DEFAULTS, **(config.get("vision_config") or {})}
+        projection = int(config.get("projection_dim", 512))
+        acts = []
+        for tower, cfg in (("text", text), ("vision", vision)):
+            if cfg["hidden_act"] not in _HF_ACTIVATIONS:
+                raise EncoderError(f"{where}: {tower}_config.hidden_act {cfg['hidden_act']!r} is not one of "
+                                   f"{', '.join(_HF_ACTIVATIONS)}")
+            acts.append(_HF_ACTIVATIONS[cfg["hidden_act"]])
+        if int(vision["num_channels"]) != 3:
+            raise EncoderError(f"{where}: vision_config.num_channels is {vision['num_channels']}, expected 3")
+        text_cfg = CLIPTextConfig("openai", width=int(text["hidden_size"]), layers=int(text["num_hidden_layers"]),
+                                  heads=int(text["num_attention_heads"]), mlp_width=int(text["intermediate_size"]),
+                                  act=acts[0], vocab_size=int(text["vocab_size"]),
+                                  context_length=int(text["max_position_embeddings"]),
+                                  eps=float(text["layer_norm_eps"]), projection_dim=projection)
+        vision_cfg = CLIPVisionConfig("openai", width=int(vision["hidden_size"]), layers=int(vision["num_hidden_layers"]),
+                                      heads=int(vision["num_attention_heads"]), mlp_width=int(vision["intermediate_size"]),
+                                      act=acts[1], projection_dim=projection, image_size=int(vision["image_size"]),
+                                      patch_size=int(vision["patch_size"]), eps=float(vision["layer_norm_eps"]))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, EncoderError):
+            raise
+        raise EncoderError(f"{where}: not a usable CLIPConfig ({e})") from None
+    return text_cfg, vision_cfg
+
+
+def clip_config_to_transformers(text: CLIPTextConfig, vision: CLIPVisionConfig) -> dict:
+    """minivid's (text, vision) configs in the transformers layout -> transformers' CLIPConfig as a
+    config.json dict (the inverse of clip_configs_from_transformers)."""
+    if text.flavour != "openai" or vision.flavour != "openai" or text.projection_dim != vision.projection_dim:
+        raise ValueError("only transformers-layout CLIP configs with one projection width have a CLIPConfig")
+    return {
+        "model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": vision.projection_dim,
+        "text_config": {"hidden_size": text.width, "num_hidden_layers": text.layers, "num_attention_heads": text.heads,
+                        "intermediate_size": text.mlp_width, "hidden_act": text.act, "layer_norm_eps": text.eps,
+                        "vocab_size": text.vocab_size, "max_position_embeddings": text.context_length,
+                        "projection_dim": text.projection_dim},
+        "vision_config": {"hidden_size": vision.width, "num_hidden_layers": vision.layers,
+                          "num_attention_heads": vision.heads, "intermediate_size": vision.mlp_width,
+                          "hidden_act": vision.act, "layer_norm_eps": vision.eps, "image_size": vision.image_size,
+                          "patch_size": vision.patch_size, "num_channels": 3, "projection_dim": vision.projection_dim},
+    }
+
+
+def describe_clip(text: CLIPTextConfig, vision: CLIPVisionConfig) -> str:
+    """'ViT-B/32 224px, text 12x512, proj 512' - the architecture a CLIP config gives."""
+    return (f"ViT {vision.layers}x{vision.width} patch {vision.patch_size} at {vision.image_size}px, "
+            f"text {text.layers}x{text.width}, projection {vision.projection_dim}")
+
+
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_clip_folder(folder: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> CLIPEncoder:
+    """A transformers CLIP folder (config.json + model.safetensors or pytorch_model.bin) -> CLIPEncoder,
+    the architecture read from config.json, the weights loaded strictly."""
+    import json
+
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise EncoderError(f"{folder}: a transformers CLIP folder needs config.json beside its weights") from None
+    except (OSError, ValueError) as e:
+        raise EncoderError(f"{config_file}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise EncoderError(f"{config_file}: expected a JSON object (transformers' CLIPConfig)")
+    text, vision = clip_configs_from_transformers(config, config_file)
+    weights = next((folder / n for n in TRANSFORMERS_WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        raise EncoderError(f"{folder}: no {' or '.join(TRANSFORMERS_WEIGHTS)} beside config.json")
+    sd = _read(weights, "the CLIP model", CLIP_SOURCE)
+    name = f"{folder.name} ({describe_clip(text, vision)})"
+    match_preset(weights, sd, {name: lambda: OpenAICLIPModel(text, vision)}, f"the CLIP model {config_file} describes",
+                 drop=POSITION_IDS)
+    model = _load_strict(lambda: OpenAICLIPModel(text, vision), sd)
+    return CLIPEncoder(model.to(device=device, dtype=dtype).eval(), "openai", name)
 
 
 def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CLIPEncoder:
-    """A CLIP file (or a Hub snapshot folder holding it) -> CLIPEncoder, its layout recognised by
-    its names: transformers' CLIPModel (`vision_model.*`) or OpenCLIP's (`visual.*`)."""
+    """A CLIP file or folder -> CLIPEncoder.
+
+    A transformers folder (config.json + model.safetensors) may hold any CLIP ViT: its architecture is
+    read from config.json. A single file is recognised by its names among the presets: transformers'
+    CLIPModel ViT-L/14 (`vision_model.*`) or OpenCLIP ViT-H/14 (`visual.*`)."""
+    if Path(path).is_dir() and (Path(path) / "config.json").is_file():
+        return load_clip_folder(path, device, dtype)
     sd = _read(path, "the CLIP model", CLIP_SOURCE)
     if any(k.startswith("visual.") for k in sd):
         kind, presets = "openclip", OPENCLIP_PRESETS

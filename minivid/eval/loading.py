@@ -1,14 +1,15 @@
 """Which files the metrics need, checking them before any compute, and tiny random stand-ins.
 
 `DEFAULT_FILES`: where each encoder is looked for (weights/ of the working directory) and where it
-comes from. `default_metrics` is the set run when none is named (motion smoothness and imaging
-quality only when their weights are there). `check_files` lists every missing file at once; `load_evaluator` loads what the asked
+comes from. `available`/`default_metrics`: the metrics run when none is named, every metric whose
+weights are there (the others named with the missing file). `check_files` lists every missing file at once; `load_evaluator` loads what the asked
 metrics need. `write_tiny_encoders(dir)` writes tiny RANDOM encoders in the official layouts (for
 tests and for trying the command without downloads: the numbers they give mean nothing);
 `tiny_evaluator()` builds the same in memory.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -16,14 +17,14 @@ from typing import Iterable
 import torch
 
 from minivid.eval.encoders import (
-    AESTHETIC_SOURCE, CLIP_SOURCE, DINO_SOURCE, AestheticPredictor, DINOViT, build_clip, load_aesthetic, load_clip,
-    load_dino, missing_message,
+    AESTHETIC_SOURCE, CLIP_PRESETS, CLIP_SOURCE, DINO_SOURCE, PICKSCORE_SOURCE, AestheticPredictor, DINOViT, build_clip,
+    clip_config_to_transformers, load_aesthetic, load_clip, load_dino, missing_message,
 )
 from minivid.eval.amt import AMT, AMT_SOURCE, load_amt
 from minivid.eval.metrics import METRICS, RUN_WHEN_PRESENT, Evaluator
 from minivid.eval.musiq import MUSIQ, MUSIQ_SOURCE, load_musiq
 
-__all__ = ["WeightsFile", "DEFAULT_FILES", "needed", "check_files", "default_metrics", "load_evaluator",
+__all__ = ["WeightsFile", "DEFAULT_FILES", "needed", "check_files", "available", "default_metrics", "load_evaluator",
            "write_tiny_encoders", "tiny_evaluator", "TINY_FILES"]
 
 
@@ -41,33 +42,47 @@ DEFAULT_FILES: dict[str, WeightsFile] = {
                              AESTHETIC_SOURCE),
     "amt": WeightsFile(Path("weights/amt-s.pth"), "AMT-S", AMT_SOURCE),
     "musiq": WeightsFile(Path("weights/musiq_spaq_ckpt-358bb6af.pth"), "MUSIQ (SPAQ)", MUSIQ_SOURCE),
+    "pickscore": WeightsFile(Path("weights/PickScore_v1"), "PickScore_v1 (a transformers CLIP ViT-H/14 folder)",
+                             PICKSCORE_SOURCE),
 }
 TINY_FILES = {"clip": "tiny-clip.safetensors", "openclip": "tiny-openclip.safetensors", "dino": "tiny-dino.pth",
-              "aesthetic": "tiny-aesthetic.pth", "amt": "tiny-amt.pth", "musiq": "tiny-musiq.pth"}
+              "aesthetic": "tiny-aesthetic.pth", "amt": "tiny-amt.pth", "musiq": "tiny-musiq.pth",
+              "pickscore": "tiny-pickscore"}
 
 
 def needed(metrics: Iterable[str]) -> list[str]:
-    """The encoders ("clip", "dino", "aesthetic") the metrics need; aesthetic also needs CLIP ViT-L/14."""
+    """The encoders (keys of DEFAULT_FILES) the metrics need, in order; aesthetic quality also needs CLIP ViT-L/14."""
     keys = []
     for m in metrics:
         if m not in METRICS:
             raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
-        need = METRICS[m][0]
-        for k in (["clip", "aesthetic"] if need == "aesthetic" else [need]):
+        for k in METRICS[m][0]:
             if k not in keys:
                 keys.append(k)
     return keys
 
 
+def available(paths: dict[str, str | Path | None], metrics: Iterable[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Which of `metrics` can run with the files present: (metrics, {skipped metric: why}). The default of
+    `minivid eval` and `edit --eval`: a metric runs when its encoders are there, and the others are named."""
+    run, skipped = [], {}
+    for m in metrics:
+        missing = []
+        for key in needed([m]):
+            path = Path(paths.get(key) or DEFAULT_FILES[key].path)
+            if not path.exists():
+                missing.append(f"{path} ({DEFAULT_FILES[key].what}) not found")
+        if missing:
+            skipped[m] = "; ".join(missing)
+        else:
+            run.append(m)
+    return tuple(run), skipped
+
+
 def default_metrics(paths: dict[str, str | Path | None] | None = None) -> tuple[str, ...]:
-    """The metrics run when none are named: all, except those of RUN_WHEN_PRESENT (motion smoothness,
-    imaging quality) whose weights file (given in `paths`, or the default in weights/) is absent."""
-    paths = paths or {}
-
-    def present(metric: str) -> bool:
-        return all(Path(paths.get(k) or DEFAULT_FILES[k].path).exists() for k in needed([metric]))
-
-    return tuple(m for m in METRICS if m not in RUN_WHEN_PRESENT or present(m))
+    """The metrics run when none are named: every metric whose weights are present (given in `paths`,
+    or the default in weights/)."""
+    return available(paths or {}, METRICS)[0]
 
 
 def check_files(paths: dict[str, str | Path | None], metrics: Iterable[str], option: str = "--metrics") -> dict[str, Path]:
@@ -97,12 +112,13 @@ def load_evaluator(paths: dict[str, str | Path | None], metrics: Iterable[str], 
     aesthetic = load_aesthetic(files["aesthetic"], device) if "aesthetic" in files else None
     amt = load_amt(files["amt"], device) if "amt" in files else None
     musiq = load_musiq(files["musiq"], device) if "musiq" in files else None
+    pick = load_clip(files["pickscore"], device) if "pickscore" in files else None
     if aesthetic is not None and (clip.kind != "openai" or clip.embed_dim != aesthetic.in_features):
         raise ValueError(f"aesthetic quality embeds the frames with CLIP ViT-L/14 (the LAION predictor's input, "
                          f"{aesthetic.in_features} dims); {files['clip']} is {clip.preset} ({clip.embed_dim} dims). "
                          f"Give a CLIP ViT-L/14 file, or leave aesthetic_quality out of --metrics")
     return Evaluator(clip=clip, dino=dino, aesthetic=aesthetic, aesthetic_clip=clip if aesthetic is not None else None,
-                     amt=amt, musiq=musiq, progress=progress, metrics=metrics)
+                     amt=amt, musiq=musiq, pickscore=pick, progress=progress, metrics=metrics)
 
 
 def _seeded(seed: int, build):
@@ -121,7 +137,8 @@ def _tiny_models(seed: int = 0):
     aesthetic = _seeded(seed + 3, lambda: AestheticPredictor(clip.embed_dim).eval())
     amt = _seeded(seed + 4, lambda: AMT("tiny_amt").eval())
     musiq = _seeded(seed + 5, lambda: MUSIQ("tiny_musiq").eval())
-    return clip, openclip, dino, aesthetic, amt, musiq
+    pick = _seeded(seed + 6, lambda: build_clip("tiny_pickscore"))
+    return clip, openclip, dino, aesthetic, amt, musiq, pick
 
 
 def tiny_evaluator(metrics: Iterable[str] | None = None, seed: int = 0, device: str | torch.device = "cpu",
@@ -131,13 +148,14 @@ def tiny_evaluator(metrics: Iterable[str] | None = None, seed: int = 0, device: 
     no RUN_WHEN_PRESENT weights (name motion_smoothness / imaging_quality to have them)."""
     metrics = tuple(m for m in METRICS if m not in RUN_WHEN_PRESENT) if metrics is None else tuple(metrics)
     keys = needed(metrics)
-    clip, _, dino, aesthetic, amt, musiq = _tiny_models(seed)
+    clip, _, dino, aesthetic, amt, musiq, pick = _tiny_models(seed)
     clip.model.to(device)
+    pick.model.to(device)
     return Evaluator(clip=clip if "clip" in keys else None, dino=dino.to(device) if "dino" in keys else None,
                      aesthetic=aesthetic.to(device) if "aesthetic" in keys else None,
                      aesthetic_clip=clip if "aesthetic" in keys else None,
                      amt=amt.to(device) if "amt" in keys else None, musiq=musiq.to(device) if "musiq" in keys else None,
-                     progress=progress, metrics=metrics)
+                     pickscore=pick if "pickscore" in keys else None, progress=progress, metrics=metrics)
 
 
 def write_tiny_encoders(folder: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -149,8 +167,17 @@ def write_tiny_encoders(folder: str | Path, seed: int = 0) -> dict[str, Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    clip, openclip, dino, aesthetic, amt, musiq = _tiny_models(seed)
+    clip, openclip, dino, aesthetic, amt, musiq, pick = _tiny_models(seed)
     out = {k: folder / v for k, v in TINY_FILES.items()}
+    # PickScore: a transformers folder (config.json + model.safetensors), as yuvalkirstain/PickScore_v1 is laid out
+    out["pickscore"].mkdir(exist_ok=True)
+    config = out["pickscore"] / "config.json"
+    config.with_name("config.json.tmp").write_text(json.dumps(clip_config_to_transformers(*CLIP_PRESETS["tiny_pickscore"]),
+                                                              indent=2))
+    config.with_name("config.json.tmp").replace(config)
+    tmp = out["pickscore"] / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in pick.model.state_dict().items()}, str(tmp))
+    tmp.replace(out["pickscore"] / "model.safetensors")
     for key, model in (("clip", clip.model), ("openclip", openclip.model)):
         tmp = out[key].with_name(out[key].name + ".tmp")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))

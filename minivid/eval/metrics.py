@@ -31,22 +31,26 @@ from minivid.eval.preprocess import clip_preprocess_hf, clip_preprocess_vbench, 
 
 __all__ = [
     "cosine_matrix", "clip_text_alignment", "clip_frame_consistency", "subject_consistency", "aesthetic_quality",
-    "Evaluator", "METRICS", "CLIP_SCORE_SCALE", "RUN_WHEN_PRESENT", "motion_smoothness_score", "imaging_quality",
+    "Evaluator", "METRICS", "CLIP_SCORE_SCALE", "RUN_WHEN_PRESENT", "NEEDS_PROMPT", "motion_smoothness_score",
+    "imaging_quality", "pickscore",
 ]
 
 Pairs = Literal["consecutive", "all"]
 CLIP_SCORE_SCALE = 100.0     # CLIP's trained logit scale exp(logit_scale), capped at 100: LOVEU-TGVE's "CLIP score"
 
-# metric name -> (what it needs, the papers that report it)
-METRICS: dict[str, tuple[str, str]] = {
-    "clip_text_alignment": ("clip", "EI², TCVE (LOVEU-TGVE's definition)"),
-    "clip_frame_consistency": ("clip", "EI², TCVE, I2VEdit, LOVEU-TGVE"),
-    "subject_consistency": ("dino", "COVE (VBench's definition)"),
-    "aesthetic_quality": ("aesthetic", "COVE (VBench's definition)"),
-    "motion_smoothness": ("amt", "COVE (VBench's definition)"),
-    "imaging_quality": ("musiq", "COVE (VBench's definition)"),
+# metric name -> (the encoders it needs: keys of minivid.eval.loading.DEFAULT_FILES, the papers that report it)
+METRICS: dict[str, tuple[tuple[str, ...], str]] = {
+    "clip_text_alignment": (("clip",), "EI², TCVE (LOVEU-TGVE's definition)"),
+    "clip_frame_consistency": (("clip",), "EI², TCVE, I2VEdit, LOVEU-TGVE"),
+    "subject_consistency": (("dino",), "COVE (VBench's definition)"),
+    "aesthetic_quality": (("clip", "aesthetic"), "COVE (VBench's definition)"),
+    "motion_smoothness": (("amt",), "COVE (VBench's definition)"),
+    "imaging_quality": (("musiq",), "COVE (VBench's definition)"),
+    "pickscore": (("pickscore",), "TCVE, LOVEU-TGVE (PickScore_v1)"),
 }
-# metrics in the default set only when their weights are there (`minivid eval` without --metrics)
+# metrics that need the edit prompt
+NEEDS_PROMPT = ("clip_text_alignment", "pickscore")
+# with --tiny, metrics left out of the default set (the tiny AMT needs frames of 64 px and more): name them to run them
 RUN_WHEN_PRESENT = ("motion_smoothness", "imaging_quality")
 
 
@@ -107,6 +111,17 @@ def aesthetic_quality(scores: torch.Tensor) -> tuple[float, list[float]]:
     return (scores.float() / 10).mean().item(), scores.float().tolist()
 
 
+def pickscore(image_embeds: torch.Tensor, text_embed: torch.Tensor, logit_scale: float) -> tuple[float, list[float]]:
+    """PickScore of a video: mean over frames of exp(logit_scale) · cos(image_i, text), the
+    PickScore_v1 model's embeddings (Kirstain et al., arXiv:2305.01569; LOVEU-TGVE's `pick_score`) -> (mean, per frame)."""
+    _check_embeds(image_embeds, "image_embeds")
+    text_embed = text_embed.reshape(1, -1)
+    if text_embed.shape[1] != image_embeds.shape[1]:
+        raise ValueError(f"text embedding has {text_embed.shape[1]} dims, image embeddings {image_embeds.shape[1]}")
+    per_frame = logit_scale * cosine_matrix(image_embeds, text_embed)[:, 0]
+    return per_frame.mean().item(), per_frame.tolist()
+
+
 # ---------------------------------------------------------------- running the encoders on a video
 
 def _preset(presets: dict, cfg) -> str:
@@ -134,6 +149,7 @@ class Evaluator:
     aesthetic_clip: CLIPEncoder | None = None
     amt: AMT | None = None
     musiq: MUSIQ | None = None
+    pickscore: CLIPEncoder | None = None
     batch_size: int = 16
     progress: bool = False
     metrics: tuple[str, ...] = field(default_factory=lambda: tuple(METRICS))
@@ -214,4 +230,13 @@ class Evaluator:
             out["imaging_quality"] = {"value": value, "per_frame_score": per_frame,
                                       "encoder": _preset(MUSIQ_PRESETS, self.musiq.cfg),
                                       "preprocess": "vbench_imaging_quality_preprocess (longer side <= 512)"}
+        if self.pickscore is not None and prompt is not None and "pickscore" in self.metrics:
+            model = self.pickscore            # PickScore_v1 with CLIP-ViT-H-14-laion2B's processor (= CLIP's)
+            pixels = clip_preprocess_hf(u8, model.image_size)
+            image = self._encode(model.encode_image, model.model, pixels, "PickScore image")
+            device, _ = self._device(model.model)
+            text = model.encode_text(model.tokenizer()([prompt]).to(device)).float().cpu()
+            value, per_frame = pickscore(image, text[0], model.logit_scale)
+            out["pickscore"] = {"value": value, "per_frame": per_frame, "logit_scale": model.logit_scale,
+                                "prompt": prompt, "encoder": model.preset, "preprocess": "clip_preprocess_hf"}
         return out
