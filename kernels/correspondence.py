@@ -21,12 +21,13 @@ Conventions (both implementations follow them exactly):
   only); `score` is returned in that accumulation dtype, also for float16/bfloat16 inputs.
 
 Four functions share one signature, and a fifth serves both directions:
-- `window_topk_band`: PyTorch, the CPU path. Query rows are cut into segments of T=16
-  tokens; a segment's windows all lie in one key band (its L_h window rows × T+L_w-1
-  columns), and all segments of a column tile are a few bmm calls on overlapping strided
-  views of one key copy. Each query then gathers its L² candidates (precomputed indices,
-  flat-index order) and keeps the top K by K passes of `max` (first maximal index = the tie
-  rule). Pairs run one per worker thread, with torch's intra-op threads at 1 meanwhile.
+- `window_topk_band`: PyTorch, the CPU path. Queries are cut into tiles of 4×4 tokens; a
+  tile's windows all lie in one key region of (4+L_h-1)×(4+L_w-1) keys, and the tiles of a
+  column strip are a few bmm calls on strided views of two contiguous copies (the strip's
+  queries and its region columns of keys): [16, d]×[d, 144] products at l=9, 1.78x the exact
+  multiply-adds. Each query then gathers its L² candidates (precomputed indices, flat-index
+  order) and keeps the top K by K passes of `max` (first maximal index = the tie rule). Pairs
+  run one per worker thread, with torch's intra-op threads at 1 meanwhile.
 - `window_topk_reference`: PyTorch. Queries are cut into T×T tiles; each tile is one
   batched matmul against the (T+L-1)² key region covering all its windows, from which
   each query then gathers its own L² candidates. Work runs in chunks of tiles, so the
@@ -348,18 +349,90 @@ def _band_sims(q, kf, P, chunks, j, keys, out) -> None:
             torch.bmm(q[h:h + n, w0:w0 + T], band.transpose(1, 2), out=out[o:o + n])
 
 
+# ---------------------------------------------------------------- block path (window_topk_band)
+#
+# Queries are cut into tiles of T_h×T_w tokens; the windows of a tile all lie in one key region
+# of R_h×R_w tokens (R ≤ T + L - 1 per axis), so a tile is one [T_h·T_w, d]×[d, R_h·R_w] product.
+# Per query it multiplies R_h·R_w keys for L_h·L_w candidates: (T_h+L_h-1)(T_w+L_w-1)/(L_h·L_w)
+# the exact work, 1.78x at 4×4 tiles and l=9 (a 1×16 row segment: 2.67x), and M=16 rows still
+# keep BLAS near its rate. For column tile j the queries of its columns are copied into
+# qs [H, T_w, D] and the keys of its region columns into ks [H, R_w, D] (contiguous), so a tile's
+# queries are the block qs[r0 : r0+T_h] -> [T_h·T_w, D] and its region the block ks[g : g+R_h] ->
+# [R_h·R_w, D]: row tiles whose starts step evenly are one bmm on strided views.
+
+@functools.lru_cache(maxsize=128)
+def _axis_tiles(size: int, window: int, tile: int):
+    """Tiles along one axis (shape only, plain Python numbers): (L, T, R, first, region, starts,
+    owner, slot). first [n]: first query position of each tile (the last tile ends at `size`,
+    overlapping its neighbour); region [n]: first key position of its region of R keys (inside
+    the axis, holding every window of the tile); starts [size]: window starts; owner/slot [size]:
+    the tile (the last one covering it) and the slot whose result position p takes."""
+    L, T = min(window, size), min(tile, size)
+    n = -(-size // T)
+    first = [min(j * T, size - T) for j in range(n)]
+    starts = window_starts(size, window).tolist()
+    R = max(starts[x + T - 1] + L - starts[x] for x in first)
+    region = [min(starts[x], size - R) for x in first]
+    owner, slot = [0] * size, [0] * size
+    for j, x in enumerate(first):
+        for t in range(T):
+            owner[x + t], slot[x + t] = j, t
+    return L, T, R, tuple(first), tuple(region), tuple(starts), tuple(owner), tuple(slot)
+
+
+@functools.lru_cache(maxsize=128)
+def _tile_runs(first: tuple[int, ...], region: tuple[int, ...]):
+    """Consecutive tiles whose query and region starts step evenly: [(tile, n, first, region,
+    query step, region step), ...], each one bmm on strided views."""
+    runs, i, n = [], 0, len(first)
+    while i < n:
+        i1, step = i + 1, None
+        while i1 < n:
+            d = (first[i1] - first[i1 - 1], region[i1] - region[i1 - 1])
+            if step is None:
+                step = d
+            if d != step:
+                break
+            i1 += 1
+        runs.append((i, i1 - i, first[i], region[i], *(step or (0, 0))))
+        i = i1
+    return tuple(runs)
+
+
 @functools.lru_cache(maxsize=64)
-def _tile_gather(H: int, W: int, window: int, tile: int, j: int) -> torch.Tensor:
-    """Flat positions inside one column tile's similarities [H, T, L_h*R] of every query's
-    L_h·L_w window candidates, in flat-index order: [H*T*L_h*L_w] int32 (CPU, cached)."""
-    P = _band_plan(H, W, window, tile)
-    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
-    cs = torch.tensor(P["cs"][P["w0"][j]:P["w0"][j] + T]) - P["c"][j]                # [T]
-    t = torch.arange(T)[:, None, None]
-    i = torch.arange(Lh)[None, :, None]
-    jj = torch.arange(Lw)[None, None, :]
-    one = ((t * Lh + i) * R + cs[:, None, None] + jj).flatten()                      # one row's queries
-    return (torch.arange(H)[:, None] * (T * Lh * R) + one).flatten().int()
+def _block_gather(H: int, W: int, window: int, tile_h: int, tile_w: int) -> torch.Tensor:
+    """Flat positions, inside the similarities [nT_w, nT_h, T_h·T_w, R_h·R_w] of one pair, of
+    every query's L_h·L_w window candidates, queries row-major, candidates in flat-index order:
+    [H·W·L_h·L_w] (CPU, cached; int32 when it fits)."""
+    Lh, Th, Rh, _, rreg, rs, rown, rslot = _axis_tiles(H, window, tile_h)
+    Lw, Tw, Rw, _, creg, cs, cown, cslot = _axis_tiles(W, window, tile_w)
+    nTh = len(rreg)
+    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    h = torch.arange(H)[:, None, None, None]
+    w = torch.arange(W)[None, :, None, None]
+    i, j = t(rown)[h], t(cown)[w]
+    kh = t(rs)[h] + torch.arange(Lh)[None, None, :, None] - t(rreg)[i]     # row inside the region
+    kw = t(cs)[w] + torch.arange(Lw)[None, None, None, :] - t(creg)[j]     # column inside the region
+    query = (j * nTh + i) * (Th * Tw) + t(rslot)[h] * Tw + t(cslot)[w]
+    index = (query * (Rh * Rw) + kh * Rw + kw).flatten()
+    return index.int() if len(cown) * nTh * Th * Tw * Rh * Rw < 2 ** 31 else index
+
+
+def _block_sims(q, kf, rows, cols, qs, ks, out) -> None:
+    """Similarities of every query tile of q [H, W, D] against its key region of kf [H, W, D]
+    into out [nT_w, nT_h, T_h·T_w, R_h·R_w]; qs [H, T_w, D] and ks [H, R_w, D] are buffers.
+    rows/cols: `_axis_tiles` of each axis."""
+    D = q.shape[-1]
+    Th, Rh = rows[1], rows[2]
+    Tw, Rw = cols[1], cols[2]
+    runs = _tile_runs(rows[3], rows[4])
+    for j, (w0, c0) in enumerate(zip(cols[3], cols[4])):
+        qs.copy_(q[:, w0:w0 + Tw])
+        ks.copy_(kf[:, c0:c0 + Rw])
+        for i, n, r0, g0, dr, dg in runs:
+            a = qs.as_strided((n, Th * Tw, D), (dr * Tw * D, D, 1), r0 * Tw * D)
+            b = ks.as_strided((n, Rh * Rw, D), (dg * Rw * D, D, 1), g0 * Rw * D)
+            torch.bmm(a, b.transpose(1, 2), out=out[j, i:i + n])
 
 
 _MAX_PASSES = 6      # k up to this: k passes of max (2-3x faster than topk at C = 81); above: topk
@@ -445,49 +518,59 @@ def _over_pairs(B: int, threads: int | None, make, work) -> None:
         torch.set_num_threads(previous)
 
 
+def _tile_sides(tile, name: str) -> tuple[int, int]:
+    """tile: an int (T×T) or a (rows, columns) pair of positive ints."""
+    sides = (tile, tile) if not isinstance(tile, (tuple, list)) else tuple(tile)
+    if len(sides) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sides):
+        raise ValueError(f"{name}: tile must be a positive integer or a (rows, columns) pair of them, got {tile!r}")
+    return sides
+
+
 def window_topk_band(
     src: torch.Tensor,
     dst: torch.Tensor,
     window: int = 9,
     k: int = 3,
     *,
-    tile: int = 16,
+    tile: int | tuple[int, int] = (4, 4),
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windowed top-K as query row segments against key bands (the CPU path).
+    """Windowed top-K as small query tiles against their key regions (the CPU path).
 
-    Each query row is cut into segments of `tile` columns; a segment is one matrix product
-    against its band (the L_h window rows × the tile+L_w-1 columns holding all its windows),
-    and all segments of a column tile are a few bmm calls on overlapping views. Each query
-    then reads its L_h·L_w candidates (a precomputed gather, flat-index order) and keeps the
-    top K (tie rule as in the module docstring). Pairs (the batch) are spread over `threads`
-    worker threads (default torch.get_num_threads(); see `_over_pairs`). Memory beyond inputs
-    and outputs per worker: one column tile's similarities and keys (~3 MiB at l=9, 64×64,
-    d=640, fp32). Same signature and results as `window_topk_reference`; no gradient.
+    Queries are cut into tiles of `tile` = (rows, columns) tokens (an int: square); a tile is
+    one matrix product against its region (the R_h×R_w keys holding all its windows), and the
+    tiles of a column strip are a few bmm calls on strided views of two contiguous copies (the
+    strip's queries and its region columns of keys). Each query then reads its L_h·L_w
+    candidates (a precomputed gather, flat-index order) and keeps the top K (tie rule as in the
+    module docstring). At l=9 the default 4×4 tiles multiply 1.78x the exact multiply-adds in
+    [16, d]×[d, 144] products (1×16 row segments, the former default: 2.67x). Pairs (the batch)
+    are spread over `threads` worker threads (default torch.get_num_threads(); see
+    `_over_pairs`). Memory beyond inputs and outputs per worker: one pair's tile similarities
+    and candidates and one strip of queries and keys (~4.7 MiB at l=9, 64×64, d=640, fp32).
+    Same signature and results as `window_topk_reference`; no gradient.
     """
-    _band_check(src, dst, window, k, tile, threads, "window_topk_band")
+    _band_check(src, dst, window, k, None, threads, "window_topk_band")
+    tile_h, tile_w = _tile_sides(tile, "window_topk_band")
     B, H, W, D = src.shape
-    P = _band_plan(H, W, window, tile)
+    rows, cols = _axis_tiles(H, window, tile_h), _axis_tiles(W, window, tile_w)
+    Lh, Th, Rh = rows[:3]
+    Lw, Tw, Rw = cols[:3]
+    gather = _block_gather(H, W, window, tile_h, tile_w).to(src.device)
     dev, acc = src.device, _accum_dtype(src.dtype)
-    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
-    chunks = _row_chunks(tuple(range(H)), P["rs"], _KEY_ROWS)
-    gathers = [_tile_gather(H, W, window, tile, j).to(dev) for j in range(len(P["w0"]))]
     rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
     idx = torch.empty(B, H, W, k, dtype=torch.long, device=dev)
     score = torch.empty(B, H, W, k, dtype=acc, device=dev)
 
     def make():
-        return (torch.empty(min(H, _KEY_ROWS) + Lh - 1, R, D, dtype=acc, device=dev),
-                torch.empty(H, T, Lh * R, dtype=acc, device=dev))
+        return (torch.empty(H, Tw, D, dtype=acc, device=dev), torch.empty(H, Rw, D, dtype=acc, device=dev),
+                torch.empty(len(cols[3]), len(rows[3]), Th * Tw, Rh * Rw, dtype=acc, device=dev))
 
     def work(b, buffers):
-        keys, sims = buffers
-        q = src[b].to(acc)
-        for j, w0 in enumerate(P["w0"]):
-            _band_sims(q, dst[b], P, chunks, j, keys, sims)
-            s, p = _select_topk(sims.view(-1).index_select(0, gathers[j]).view(H * T, Lh * Lw), k)
-            score[b, :, w0:w0 + T] = s.view(H, T, k)
-            idx[b, :, w0:w0 + T] = _flat_index(p.view(H, T, k), rs, cs[w0:w0 + T], W, Lw)
+        qs, ks, sims = buffers
+        _block_sims(src[b], dst[b], rows, cols, qs, ks, sims)
+        s, p = _select_topk(sims.view(-1).index_select(0, gather).view(H * W, Lh * Lw), k)
+        score[b] = s.view(H, W, k)
+        idx[b] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
 
     with torch.no_grad():
         _over_pairs(B, threads, make, work)
@@ -514,7 +597,9 @@ def window_topk_pair(
     (the top and bottom l//2 rows, for l < H) are searched again, backward, by themselves.
     Memory beyond inputs and outputs per worker thread: one pair's band similarities
     (~3.4 MiB at l=9, 64×64, fp32), one key chunk and the candidates. Other backends run two
-    searches. tile/threads: as in `window_topk_band` (band path only).
+    searches. tile (band path only): the width of the query row segments (one row each: a row
+    shares the band of all its window rows, which the backward reads); threads: as in
+    `window_topk_band`.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"window_topk_pair: backend must be one of {_BACKENDS}, got {backend!r}")

@@ -104,6 +104,9 @@ def test_band_and_pair_equal_reference_with_ties(shape):
         assert torch.equal(out[0], fwd[0]) and torch.equal(out[1], fwd[1]), f"tile={tile}"
         both = window_topk_pair(src, dst, window, k, tile=tile)
         assert all(torch.equal(x, y) for x, y in zip(both, (*fwd, *bwd))), f"tile={tile}"
+    for tile in ((4, 4), (2, 8), (1, 16), (3, 5), (5, 1), (40, 2)):  # rows x columns tiles, incl. ragged and wider than the frame
+        out = window_topk_band(src, dst, window, k, tile=tile)
+        assert torch.equal(out[0], fwd[0]) and torch.equal(out[1], fwd[1]), f"tile={tile}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -344,6 +347,9 @@ def test_bad_inputs():
         window_topk_reference(x, x, tile=0)
     with pytest.raises(ValueError, match="tile"):
         window_topk_band(x, x, 3, 2, tile=0)
+    for tile in ((4, 0), (4,), (2, 2, 2), "4", (4, 2.0), True):
+        with pytest.raises(ValueError, match="tile"):
+            window_topk_band(x, x, 3, 2, tile=tile)
     with pytest.raises(ValueError, match="threads"):
         window_topk_pair(x, x, 3, 2, threads=0)
     with pytest.raises(ValueError, match="backend"):
