@@ -168,8 +168,52 @@ def random_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n", 1)[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if k.strip()}
+
+
+def cpu_isa() -> str:
+    """The CPU's widest x86 vector ISA: 'AVX-512' (avx512f), 'AVX2', or what is known otherwise
+    (torch's own kernels pick theirs by the same test: torch.backends.cpu.get_cpu_capability())."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    if flags:
+        return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    cap = torch.backends.cpu.get_cpu_capability()             # no /proc/cpuinfo (not Linux)
+    return {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(cap, f"{platform.machine()} ({cap})")
+
+
+def cpu_model() -> str:
+    """The CPU model as the OS names it (/proc/cpuinfo 'model name' with its family and model
+    numbers), else platform.processor()."""
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in info and "model" in info:               # a VM may show only "AMD EPYC": add the generation
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
+
+
+def blas() -> str:
+    """The BLAS torch was built with (MKL / OpenBLAS / ...), from torch.__config__."""
+    cfg = torch.__config__.show()
+    for name, key in (("MKL", "BLAS_INFO=mkl"), ("OpenBLAS", "BLAS_INFO=open"), ("BLIS", "BLAS_INFO=blis")):
+        if key in cfg:
+            return name
+    return "BLAS unknown"
+
+
+def machine(threads: int | None = None) -> str:
+    """What a figure was measured on: 'CPU model, vector ISA, cores, torch, BLAS, threads', e.g.
+    'AMD EPYC, AVX-512, 2 cores, torch 2.13.0+cpu (MKL), 2 threads'. `minivid bench` prints it
+    before every run and `write_section` stamps it on every section of docs/benchmarks.md."""
+    n = torch.get_num_threads() if threads is None else threads
+    return (f"{cpu_model()}, {cpu_isa()}, {os.cpu_count()} cores, torch {torch.__version__} ({blas()}), "
+            f"{n} thread{'s' if n != 1 else ''}")
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

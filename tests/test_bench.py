@@ -80,3 +80,38 @@ def test_write_keeps_the_sections_around_it(tmp_path):
     text = doc.read_text()
     assert "other body\n" not in text and "other body 2" in text and "new body" in text and "last body" in text
     assert text.startswith("# Benchmarks\n\nintro\n\n")
+
+
+@pytest.mark.parametrize("flags, isa", [("fpu sse2 avx avx2 fma", "AVX2"), ("avx2 avx512f avx512bw", "AVX-512"),
+                                        ("fpu sse2 sse4_2", "no AVX2")])
+def test_machine_names_cpu_model_isa_and_threads(monkeypatch, flags, isa):
+    """Every figure is stamped with the CPU model, its vector ISA and the thread count."""
+    common = _common()
+    info = {"model name": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "cpu family": "6", "model": "106",
+            "flags": flags}
+    monkeypatch.setattr(common, "_cpuinfo", lambda: info)
+    line = common.machine(threads=2)
+    assert line.startswith("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz (family 6, model 106), " + isa + ", ")
+    assert line.endswith(", 2 threads") and common.machine(threads=1).endswith(", 1 thread")
+
+
+def test_bench_prints_the_machine_line(monkeypatch, capsys):
+    """`minivid bench NAME` prints the machine line before the benchmark's own output."""
+    class Fake:
+        __doc__ = "fake"
+
+        @staticmethod
+        def add_arguments(p):
+            pass
+
+        @staticmethod
+        def run(ns):
+            print("benchmark output")
+            return 0
+
+    monkeypatch.setattr(bench, "load", lambda name: Fake)
+    assert bench.run(argparse.Namespace(name="fake", rest=[], threads=1)) == 0
+    out = capsys.readouterr().out
+    assert out.index("Machine: ") < out.index("benchmark output")
+    machine = out.split("Machine: ", 1)[1].splitlines()[0]
+    assert any(isa in machine for isa in ("AVX-512", "AVX2", "no AVX2")) and machine.endswith("1 thread")

@@ -6,7 +6,8 @@ source checkout (`pip install -e .`). Each script defines `add_arguments(parser)
 `run(args) -> int` and prints a table of ratios measured in one run. Every benchmark takes
 `--full` (the paper-size run; the default run finishes in a few minutes on a 2-core CPU) and
 `--write` (replace its marked section of docs/benchmarks.md); this command adds both, and
-prints the 1-minute load average before and after the run. Runs use one torch thread unless
+prints the machine (CPU model, vector ISA, cores, BLAS, threads) before the run and the 1-minute
+load average before and after it. Runs use one torch thread unless
 `--threads` says otherwise (before NAME, or the benchmark's own `--threads` after it).
 """
 from __future__ import annotations
@@ -60,6 +61,18 @@ def parser_for(name: str, mod) -> argparse.ArgumentParser:
     return parser
 
 
+def machine_line() -> str:
+    """CPU model, vector ISA, cores, torch, BLAS and threads (benchmarks/_common.machine)."""
+    import sys
+
+    common = sys.modules.get("_common")                 # the module the benchmark scripts import
+    if common is None:
+        spec = importlib.util.spec_from_file_location("_common", BENCH_DIR / "_common.py")
+        common = sys.modules["_common"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(common)
+    return common.machine()
+
+
 def _load1() -> float:
     try:
         return os.getloadavg()[0]
@@ -76,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         if getattr(ns, "threads", None) is None and hasattr(ns, "threads"):
             ns.threads = args.threads                     # a benchmark's own --threads default yields to it
+    print(f"Machine: {machine_line()}")
     before = _load1()
     code = int(mod.run(ns) or 0)
     print(f"1-minute load average: {before:.2f} before, {_load1():.2f} after")
