@@ -30,6 +30,7 @@ self allocations; outputs included; shape plans cached before).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import pathlib
 import subprocess
@@ -43,6 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import interleaved, table, write_section  # noqa: E402
 
 from minivid.kernels.correspondence import (  # noqa: E402
+    _axis_tiles,
     _band_gather,
     _band_plan,
     multiply_adds,
@@ -51,6 +53,7 @@ from minivid.kernels.correspondence import (  # noqa: E402
     window_topk_reference,
 )
 
+BAND_TILE = inspect.signature(window_topk_band).parameters["tile"].default   # (rows, columns)
 PAPER_GMAC = {3: 0.448, 9: 4.03, 15: 11.2, None: 241.0}      # COVE Table 4 (×10⁹)
 TITLE = "COVE correspondence search (windowed vs full matrices)"
 
@@ -245,10 +248,10 @@ def executed_macs(path: str, N: int, H: int, W: int, D: int, window: int) -> int
         nh, th, rh = axis(H)
         nw, tw, rw = axis(W)
         return P * nh * nw * th * tw * rh * rw * D
-    plan = _band_plan(H, W, window, 16)
+    if path == "band":                                        # T_h×T_w tiles against R_h×R_w regions
+        rows, cols = _axis_tiles(H, window, BAND_TILE[0]), _axis_tiles(W, window, BAND_TILE[1])
+        return P * len(rows[3]) * len(cols[3]) * rows[1] * cols[1] * rows[2] * cols[2] * D
+    plan = _band_plan(H, W, window, 16)                       # pair: 1×16 row segments against l×(16+l-1) bands
     per_row = len(plan["w0"]) * plan["T"] * plan["Lh"] * plan["R"] * D
-    rows = H
-    if path == "pair":
-        covered = _band_gather(H, W, window, 16, tuple(range(H)), True)[1]
-        rows += int((~covered).sum())
+    rows = H + int((~_band_gather(H, W, window, 16, tuple(range(H)), True)[1]).sum())
     return P * rows * per_row
