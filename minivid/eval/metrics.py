@@ -220,7 +220,7 @@ class Evaluator:
             out["aesthetic_quality"] = {"value": value, "per_frame_score": per_frame, "encoder": clip.preset,
                                         "preprocess": "clip_preprocess_vbench"}
         if run_amt:
-            interpolated = interpolate_odd_frames(self.amt, u8, batch_size=max(1, self.batch_size // 4),
+            interpolated = interpolate_odd_frames(self.amt, u8, batch_size=max(1, self.batch_size // 8),
                                                   progress=self.progress)
             value, mae = motion_smoothness_score(u8, interpolated)
             out["motion_smoothness"] = {"value": value, "per_frame_mae": mae, "frames_interpolated": len(mae),

@@ -40,7 +40,8 @@ from minivid.clip import CLIPMLP, Block, SelfAttention
 __all__ = [
     "MUSIQConfig", "MUSIQ_PRESETS", "MUSIQ", "MUSIQ_SOURCE", "load_musiq", "multiscale_patches", "same_padding",
     "hashed_positions", "musiq_resized_size", "vbench_imaging_size", "vbench_imaging_quality_preprocess",
-    "VBENCH_IMAGING_LONGER_SIDE",
+    "VBENCH_IMAGING_LONGER_SIDE", "score_frames", "imaging_quality", "StdConv", "Bottleneck", "TransformerBlock",
+    "TransformerEncoder",
 ]
 
 MASKED_LOGIT = -1e3                 # pyiqa's MultiHeadAttention: attn.masked_fill(mask2d == 0, -1e3)
@@ -335,5 +336,3 @@ def imaging_quality(scores: torch.Tensor) -> tuple[float, list[float]]:
         raise ValueError(f"scores must be [F] with F >= 1, got {getattr(scores, 'shape', type(scores))}")
     return (scores.double().mean() / 100).item(), scores.float().tolist()
 
-
-__all__ += ["score_frames", "imaging_quality", "StdConv", "Bottleneck", "TransformerBlock", "TransformerEncoder"]
