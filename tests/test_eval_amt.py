@@ -77,9 +77,9 @@ def _features(sd, x):
 
 
 def _lookup_level(corr, centres, r):
-    """corr [N, 1, H, W], centres [N, 2] pixel (x, y) -> [N, (2r+1)²] bilinear samples at centre + (dx, dy),
-    ordered with dy slow... as RAFT's meshgrid(dy, dx) then (x, y) = (dy, dx): the first offset
-    moves x."""
+    """corr [N, 1, H, W], centres [N, 2] pixel (x, y) -> [N, (2r+1)²] bilinear samples (zero outside) at
+    centre + (a, b), a, b in -r..r, a (the x offset) the slow index: RAFT stacks meshgrid(dy, dx) and
+    uses it as (x, y)."""
     H, W = corr.shape[-2:]
     off = torch.arange(-r, r + 1, dtype=corr.dtype)
     ox = off[:, None].expand(2 * r + 1, 2 * r + 1)        # RAFT stacks meshgrid(dy, dx) as (x, y)
@@ -294,6 +294,7 @@ def test_errors():
         interpolate_odd_frames(model, torch.zeros(3, 3, 64, 64))
     with pytest.raises(ValueError, match="too small"):
         interpolate_odd_frames(model, torch.zeros(3, 3, 32, 64, dtype=torch.uint8))
+    interpolate_odd_frames(model, torch.zeros(3, 3, 50, 64, dtype=torch.uint8))     # padded to 64: large enough
     with pytest.raises(ValueError, match="do not match"):
         motion_smoothness_score(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 9, dtype=torch.uint8))
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "AMTConfig", "AMT_PRESETS", "AMT", "AMT_SOURCE", "load_amt", "InputPadder", "interpolate_odd_frames",
-    "motion_smoothness", "motion_smoothness_score", "to_uint8_truncate",
+    "motion_smoothness", "motion_smoothness_score", "to_uint8_truncate", "check_frame_size",
 ]
 
 AMT_SOURCE = ("the AMT authors' release (MCG-NKU/AMT), mirrored on the Hugging Face Hub: lalala125/AMT, file "
@@ -414,6 +414,16 @@ class InputPadder:
         return x[..., top:top + self.h, left:left + self.w]
 
 
+def check_frame_size(cfg: AMTConfig, h: int, w: int, scale_factor: float = 1.0) -> None:
+    """ValueError unless h x w frames, padded to a multiple of 16 (/ scale_factor), are large enough
+    for the correlation pyramid (`AMTConfig.min_size` px per side at the network's scale)."""
+    padder = InputPadder(h, w, int(16 / scale_factor))
+    ph, pw = h + sum(padder.pad_[2:]), w + sum(padder.pad_[:2])
+    if min(ph, pw) * scale_factor < cfg.min_size:
+        raise ValueError(f"frames of {h}x{w} are too small for AMT: its correlation pyramid needs at least "
+                         f"{cfg.min_size} px per side (after padding to a multiple of 16)")
+
+
 def to_uint8_truncate(x: torch.Tensor) -> torch.Tensor:
     """AMT's tensor2img: (x·255) clipped to [0, 255] and truncated to uint8 (not rounded)."""
     return (x * 255.0).clamp(0, 255).to(torch.uint8)
@@ -435,12 +445,8 @@ def interpolate_odd_frames(model: AMT, frames: torch.Tensor, batch_size: int = 4
         raise ValueError(f"scale_factor must be in (0, 1], got {scale_factor}")
     p = next(model.parameters())
     h, w = frames.shape[-2:]
+    check_frame_size(model.cfg, h, w, scale_factor)
     padder = InputPadder(h, w, int(16 / scale_factor))
-    need = model.cfg.min_size
-    ph, pw = h + sum(padder.pad_[2:]), w + sum(padder.pad_[:2])
-    if min(ph, pw) * scale_factor < need:
-        raise ValueError(f"frames of {h}x{w} are too small for {type(model).__name__}: its correlation pyramid "
-                         f"needs at least {need} px per side (after padding to a multiple of 16)")
     even = frames[0::2]
     embt = torch.full((1, 1, 1, 1), 0.5, device=p.device, dtype=p.dtype)
     out = []

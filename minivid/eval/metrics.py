@@ -24,7 +24,7 @@ from typing import Any, Iterable, Literal
 import torch
 import torch.nn.functional as F
 
-from minivid.eval.amt import AMT, AMT_PRESETS, interpolate_odd_frames, motion_smoothness_score
+from minivid.eval.amt import AMT, AMT_PRESETS, check_frame_size, interpolate_odd_frames, motion_smoothness_score
 from minivid.eval.encoders import AestheticPredictor, CLIPEncoder, DINOViT
 from minivid.eval.musiq import MUSIQ, MUSIQ_PRESETS, imaging_quality, score_frames
 from minivid.eval.preprocess import clip_preprocess_hf, clip_preprocess_vbench, dino_preprocess_vbench, to_uint8
@@ -183,9 +183,11 @@ class Evaluator:
         u8 = to_uint8(frames)
         out: dict[str, Any] = {}
         run_amt = self.amt is not None and "motion_smoothness" in self.metrics and len(u8) >= 3
-        if run_amt and min(u8.shape[-2:]) < self.amt.cfg.min_size:      # before any compute
-            raise ValueError(f"motion_smoothness: frames of {u8.shape[-2]}x{u8.shape[-1]} are too small for AMT-S "
-                             f"(at least {self.amt.cfg.min_size} px per side); leave it out of the metrics")
+        if run_amt:                                                     # before any compute
+            try:
+                check_frame_size(self.amt.cfg, *u8.shape[-2:])
+            except ValueError as e:
+                raise ValueError(f"motion_smoothness: {e}; leave it out of the metrics") from None
         if self.clip is not None:
             clip = self.clip
             pixels = clip_preprocess_hf(u8, clip.image_size)
