@@ -263,11 +263,19 @@ class Job:
         self.record["results"].update(results)
         self.record["finished"] = now()
         self.record["timings_s"]["total"] = round(time.perf_counter() - self._t0, 4)
+        self._add_untimed()
         self.record["peak_memory_bytes"] = peak_memory()
         path = write_json(self.path("record.json"), self.record)
         with contextlib.suppress(ValueError):
             ACTIVE.remove(self)
         return path
+
+    def _add_untimed(self) -> None:
+        """timings_s["untimed"]: the job's time outside its named stages (file writing, small steps between
+        them), so that the stages and it add up to the total."""
+        t = self.record["timings_s"]
+        named = sum(v for k, v in t.items() if k not in ("total", "untimed"))
+        t["untimed"] = round(max(0.0, t["total"] - named), 4)
 
     def abort(self, error: BaseException | None = None, keep_record: bool = False) -> pathlib.Path | None:
         """The job failed or was interrupted: remove what it wrote under final names this run (not the

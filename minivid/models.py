@@ -52,7 +52,7 @@ __all__ = ["ScheduleConfig", "SDConfig", "SD_PRESETS", "StableDiffusion", "METAD
 log = logging.getLogger(__name__)
 
 Prediction = Literal["eps", "v"]
-METADATA_KEY = "minivid_config"          # safetensors metadata entry holding SDConfig as JSON
+METADATA_KEY = weights.SD_CONFIG_METADATA_KEY     # safetensors metadata entry holding SDConfig as JSON (one name)
 
 
 # ---------------------------------------------------------------- configuration

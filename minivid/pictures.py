@@ -90,6 +90,11 @@ def labelled_grid(frames: torch.Tensor | np.ndarray, rows: Sequence[str] | None 
         long = f"frame {i}"
         return long if text_size(long, s)[1] + 2 * pad <= cw else str(i)
 
+    n_labels = cols if rows is not None else F
+    # a column is as wide as its cell or its widest label ("prompt 0" over a 128-pixel cell), the cell
+    # centred in it: labels never overlap the next column nor run off the picture
+    col_w = max([cw] + [text_size(cell_label(i), s)[1] + 2 * pad for i in range(n_labels)])
+    off = (col_w - cw) // 2
     left = 0
     if rows is not None:
         left = max(text_size(r, s)[1] for r in rows) + 2 * pad
@@ -97,7 +102,7 @@ def labelled_grid(frames: torch.Tensor | np.ndarray, rows: Sequence[str] | None 
     header_h = line_h
     title_h = line_h if title else 0
     legend_lines: list[list[tuple[Color, str]]] = []
-    grid_w = left + cols * cw + (cols - 1) * gap
+    grid_w = left + cols * col_w + (cols - 1) * gap
     if title:
         grid_w = max(grid_w, text_size(title, s)[1] + 2 * pad)      # the title is never cut
     if legend:
@@ -124,7 +129,7 @@ def labelled_grid(frames: torch.Tensor | np.ndarray, rows: Sequence[str] | None 
         if numbers is None and left >= text_size("frame", s)[1] + 2 * pad and cell_label(0) == "0":
             draw_text(canvas, "frame", y + pad, pad, s, INK)           # the numbers' meaning, once
         for c in range(cols):
-            x = left + c * (cw + gap)
+            x = left + c * (col_w + gap)
             draw_text(canvas, cell_label(c), y + pad, x + pad, s, INK)
         y += header_h
     for r in range(n_rows):
@@ -132,7 +137,7 @@ def labelled_grid(frames: torch.Tensor | np.ndarray, rows: Sequence[str] | None 
             for c in range(cols):
                 i = r * cols + c
                 if i < F:
-                    draw_text(canvas, cell_label(i), y + pad, left + c * (cw + gap) + pad, s, INK)
+                    draw_text(canvas, cell_label(i), y + pad, left + c * (col_w + gap) + pad, s, INK)
             y += header_h
         if rows is not None:
             draw_text(canvas, rows[r], y + (ch - text_size("X", s)[0]) // 2, pad, s, INK)
@@ -140,7 +145,7 @@ def labelled_grid(frames: torch.Tensor | np.ndarray, rows: Sequence[str] | None 
             i = r * cols + c
             if i >= F:
                 continue
-            x = left + c * (cw + gap)
+            x = left + c * (col_w + gap) + off
             canvas[y:y + ch, x:x + cw] = images[i].repeat(up, axis=0).repeat(up, axis=1)
         y += ch + gap
     y -= gap

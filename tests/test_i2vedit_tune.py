@@ -143,7 +143,11 @@ def test_conditioning_is_the_authors():
         z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=g)) * 0.18215
         ref = post.mean[:1] + post.std[:1] * torch.randn(post.mean[:1].shape, generator=g)
         embeds = svd.encode_image(frames[:1])
-    assert max_err(data.latents[0], z0) <= 1e-6 and max_err(data.cond_latent, ref) <= 1e-6
+    assert max_err(data.latents[0], z0) <= 1e-6
+    # the conditioning latent is the authors' round trip (ref·0.18215)/0.18215: two float32 roundings, so
+    # within γ₂·|ref| = 2u/(1 − 2u)·|ref| elementwise on any CPU (a fixed 1e-6 is 1-4 ulps of the |ref| ≈ 2-8 seen)
+    u = 2.0 ** -24
+    assert ((data.cond_latent - ref).abs() <= 2 * u / (1 - 2 * u) * ref.abs()).all()
     assert torch.equal(data.image_embeds, embeds) and data.image_embeds.shape == (1, 1, 32)
     assert torch.equal(data.time_ids, torch.tensor([[6.0, 0.02, 127.0]]))     # the code's order
     assert torch.equal(training_time_ids(MotionTuneConfig(time_ids_order="svd")), torch.tensor([[6.0, 127.0, 0.02]]))

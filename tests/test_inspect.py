@@ -72,11 +72,36 @@ def test_write_tiny_then_inspect(tmp_path, run):
     assert out.count(" vs official ") == 1123
 
 
-def test_write_tiny_sd2(tmp_path, run):
+def test_write_tiny_sd2_reports_the_prediction_the_loader_uses(tmp_path, run):
+    from minivid.models import StableDiffusion
+
     code, out, _ = run("--write-tiny", tmp_path, "--like", "sd-v2-1", "--json")
     report = json.loads(out)
     assert report["model"] == "sd2" and report["manifest"]["missing"] == [] and report["manifest"]["unexpected"] == []
-    assert report["prediction_reason"].startswith("WARNING")  # "tiny-sd-v2-1" says neither 768 nor 512
+    # the name "tiny-sd-v2-1" says neither 768 nor 512, but the file's minivid metadata says v: inspect and
+    # the loader read the same rule (weights.guess_prediction)
+    sd = StableDiffusion.load(tmp_path / "tiny-sd-v2-1.safetensors")
+    assert report["prediction"] == sd.prediction == "v" and "metadata" in report["prediction_reason"]
+
+
+def test_unstated_sd2_prediction_is_eps_with_one_warning(tmp_path, run, caplog):
+    """The same tensors without minivid's metadata under a name that says nothing: eps, as the loader; the
+    warning appears once (in the report), not also as a log line."""
+    import logging
+
+    import safetensors.torch
+
+    from minivid.weights.tiny import write_tiny_checkpoint
+
+    tensors = safetensors.torch.load_file(write_tiny_checkpoint(tmp_path / "w", like="sd-v2-1"))
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    with caplog.at_level(logging.WARNING):
+        code, out, err = run(path)
+    logged = [r for r in caplog.records if "says neither" in r.getMessage()]
+    assert code == 0 and "prediction  eps: WARNING: " in out
+    assert (out + err).count("says neither 768") == 1 and not logged
+    assert W.guess_prediction(path, "sd2")[0] == "eps"        # the rule StableDiffusion.load applies (it warns once)
 
 
 def test_write_tiny_svd(tmp_path, run):

@@ -121,3 +121,19 @@ def test_edit_grid_written_by_a_job_is_labelled(tmp_path):
     from minivid.video import read_image, to_uint8
     got = to_uint8(read_image(job.path("grid.png"))[None])[0]
     assert np.array_equal(got, labelled_grid(torch.cat([frames(3), frames(3, seed=1)]), rows=["source", "edited"]))
+
+
+def test_column_labels_wider_than_their_cells_neither_overlap_nor_get_cut():
+    """`generated.png` of the plain demo: "prompt 0" / "prompt 1" over 32-px images (enlarged to 128): each
+    column is as wide as its label, the gutter between columns and the picture's right margin hold no ink."""
+    frames = torch.zeros(2, 3, 32, 32)
+    grid = labelled_grid(frames, rows=["generated"], numbers=["prompt 0", "prompt 1"])
+    s = text_scale(128)
+    pad, gap = 2 * s, min(2 * s, 8)
+    left = text_size("generated", s)[1] + 2 * pad
+    col = text_size("prompt 0", s)[1] + 2 * pad
+    assert col > 128 and grid.shape[1] == left + 2 * col + gap
+    header = (grid[:GLYPH_H * s + 2 * pad] == INK).all(-1)
+    assert header[:, left:left + col].any() and header[:, left + col + gap:].any()
+    assert not header[:, left + col - pad:left + col + gap + pad].any()           # between the two labels
+    assert not header[:, -pad:].any()                                              # "1" is not cut off

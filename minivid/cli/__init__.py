@@ -12,11 +12,48 @@ import sys
 SUBCOMMANDS = ["inspect", "generate", "invert", "animate", "tune", "edit", "bench", "demo", "eval", "batch", "parity"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _module_help(name: str) -> str | None:
+    """The `help` string of subcommand module `name`, read from its source without importing it (the
+    modules import torch and the methods: `minivid --help` must not wait for them). None: no such module."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"minivid.cli.{name}")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+    except (OSError, SyntaxError):
+        return getattr(importlib.import_module(f"minivid.cli.{name}"), "help", "")
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "help" for t in node.targets)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            return node.value.value
+    return getattr(importlib.import_module(f"minivid.cli.{name}"), "help", "")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (its first word that is not an option), if it is one."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in SUBCOMMANDS else None
+
+
+_ALL = object()
+
+
+def build_parser(command: str | None | object = _ALL) -> argparse.ArgumentParser:
+    """The `minivid` parser. `command`: build only this subcommand's options (the others are listed with
+    their help line, read without importing their modules): what `main` does, so that `minivid --help`
+    imports nothing heavy and `minivid CMD --help` imports only CMD's module. Default: every subcommand."""
     parser = argparse.ArgumentParser(prog="minivid", description="Diffusion video editing from scratch (COVE, EI², TCVE, I2VEdit).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (and show info messages)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
+        if command is not _ALL and name != command:
+            text = _module_help(name)
+            if text is not None:
+                sub.add_parser(name, help=text)
+            continue
         try:
             mod = importlib.import_module(f"minivid.cli.{name}")
         except ModuleNotFoundError as e:
@@ -96,28 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     unexpected error a short traceback, the failed record and where to report it (exit 70)."""
     import traceback
 
-    from minivid import checks
-
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_of(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:                       # usage errors (exit 2) and --help (exit 0)
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # warnings and errors by default; -v adds info and debug messages
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from minivid import checks                    # torch and the job's modules load only for a job
+
     checks.reset()
-    threads = None
-    from minivid.cli.common import show_progress
+    from minivid.cli.common import show_progress, torch_threads
 
     args.progress = show_progress(args)        # what every job passes as progress= to the long loops
-    if getattr(args, "threads", None):
-        torch = torch_module()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(args.threads)
     try:
-        return int(args._run(args) or 0)
+        with torch_threads(args):               # --threads, else 1 for a tiny model on the CPU
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(_interrupt_message(args.command, sys.exc_info()[2]), file=sys.stderr)
         return 130
@@ -142,9 +177,6 @@ def main(argv: list[str] | None = None) -> int:
               f"Please report it to {REPORT} with the command line, this message and the record.",
               file=sys.stderr)
         return 70
-    finally:
-        if threads is not None:
-            torch_module().set_num_threads(threads)
 
 
 def _quiet_stdout() -> None:

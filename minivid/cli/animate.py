@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from minivid.cli.common import (
     CHUNK, DTYPES, FRAMES, GUIDANCE, PIXELS, STEPS, add_model_arguments, cached_model, check_job_memory, integer,
     number, require_weights,
 )
-from minivid.jobs import Job
+
+if TYPE_CHECKING:
+    import torch
 
 help = "animate an image with Stable Video Diffusion (SVD / SVD-XT)"
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _demo_image(height: int, width: int) -> torch.Tensor:
     """A colour gradient with a bright disc: [3, H, W] in [-1, 1]."""
+    import torch
+
     y = torch.linspace(-1, 1, height)[:, None].expand(height, width)
     x = torch.linspace(-1, 1, width)[None, :].expand(height, width)
     disc = ((x * width / height - 0.3) ** 2 + (y + 0.2) ** 2 < 0.15).float()
@@ -48,6 +51,9 @@ def _demo_image(height: int, width: int) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from minivid.jobs import Job
     from minivid.pipelines.svd import check_size, image_to_video
     from minivid.svd import StableVideoDiffusion
     from minivid.video import read_image, resize_center_crop
@@ -56,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.image and not args.tiny:
         raise ValueError("give --image PATH (the image to animate)")
     dtype = DTYPES[args.dtype]
-    if args.tiny and not args.threads:
-        torch.set_num_threads(1)   # the tiny model's small ops only lose time to thread synchronisation
     job = Job("animate", args.out, vars(args))
     with job.timed("load"):
         if args.weights:

@@ -42,7 +42,8 @@ ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="a JSONL file: one {\"id\", \"command\", \"args\"} object per line")
     p.add_argument("--out", required=True, help="the batch folder: DIR/<id>/ per item and DIR/batch.json")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bar (also off when stderr is not a terminal; --no-progress: the old spelling)")
     p.add_argument("--threads", type=int, help="CPU threads for torch in each process (default: torch's choice)")
 
 
@@ -119,7 +120,7 @@ def finished(folder: Path) -> dict[str, Any] | None:
 def run_item(item: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     """Run (or skip) one item in-process into out/<id>/; never raises for the item's own failure."""
     from minivid import distributed
-    from minivid.cli import build_parser
+    from minivid.cli import build_parser, common
 
     folder = out / item["id"]
     entry = {"id": item["id"], "command": item["command"], "rank": rank}
@@ -137,7 +138,8 @@ def run_item(item: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
                 raise ValueError(usage.getvalue().strip().splitlines()[-1]) from None
         args.device = distributed.resolve_device(args.device)
         args.progress = False              # one bar over the items (rank 0), none inside them
-        with distributed.local():          # an item is one process's job: its tuning does not all-reduce
+        # an item is one process's job: its tuning does not all-reduce; a tiny item runs on one thread
+        with distributed.local(), common.torch_threads(args):
             code = int(args._run(args) or 0)
         if code:
             raise RuntimeError(f"{item['command']} exited with status {code}")
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     mine = distributed.shard(items, rank, world)
     others = len(items) - len(distributed.shard(items, 0, world))
     bar = tqdm(total=len(items), desc=f"batch ({world} process{'es' if world > 1 else ''})", unit="item",
-               disable=args.no_progress or rank != 0)
+               disable=not common.show_progress(args) or rank != 0)
     counter = distributed.DoneCounter(others, lambda src: bar.update(1))
     if rank != 0:
         logging.getLogger("minivid").setLevel(logging.WARNING)

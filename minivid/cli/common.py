@@ -5,19 +5,40 @@ and the outputs every edit writes. Used by the subcommands and by the methods' C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:                     # torch loads when a job runs, not for `--help` (see minivid.cli)
+    import torch
 
-from minivid.jobs import Job
+    from minivid.jobs import Job
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+class _Dtypes(Mapping):
+    """--dtype name -> torch dtype, resolved on lookup (importing this module does not import torch)."""
+    NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+    def __getitem__(self, name: str):
+        import torch
+
+        return getattr(torch, self.NAMES[name])
+
+    def __iter__(self):
+        return iter(self.NAMES)
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
+
+DTYPES = _Dtypes()
 DEFAULT_SIZE = 512
 TINY_PRESETS = {"sd1": "tiny", "sd2": "tiny_sd2"}    # the tiny random model of each SD generation
 BASE_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
@@ -70,7 +91,12 @@ def number(low: float = 0.0, high: float | None = None, low_open: bool = False, 
 
 
 def torch_device(text: str) -> str:
-    """An argparse type: a torch device this torch can use (cpu; cuda[:i] with CUDA; mps on Apple)."""
+    """An argparse type: a torch device this torch can use (cpu; cuda[:i] with CUDA; mps on Apple);
+    "auto" (the default of --device): cuda when this torch can use it, else cpu."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(text)
     except (RuntimeError, TypeError, ValueError):
@@ -114,21 +140,64 @@ CHUNK = integer(1, 100_000)
 # ---------------------------------------------------------------- options
 
 def add_run_arguments(p: argparse.ArgumentParser, device: str | None = None) -> None:
-    """--device, --seed, --out, --threads, --quiet: what every job takes."""
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--device", type=torch_device, default=dev, help=f"torch device (default {dev})")
+    """--device, --seed, --out, --threads, --quiet: what every job takes. `device`: the default device
+    (default "auto": cuda when available, else cpu; resolved when the options are parsed, so that
+    building the parser for `--help` does not import torch)."""
+    dev = device or "auto"
+    p.add_argument("--device", type=torch_device, default=dev,
+                   help="torch device (default " + ("cuda when available, else cpu" if dev == "auto" else dev) + ")")
     p.add_argument("--seed", type=SEED, default=0, help="random seed, an integer ≥ 0 (default 0)")
     p.add_argument("--out", help="output folder (default outputs/<job>-<time>/); must be writable and apart from the inputs")
-    p.add_argument("--threads", type=THREADS, help="CPU threads for torch, ≥ 1 (default: torch's choice)")
+    p.add_argument("--threads", type=THREADS,
+                   help="CPU threads for torch, ≥ 1 (default: 1 for a tiny model on the CPU, else torch's choice)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (they are also off when stderr is not a terminal)")
 
 
+# ---------------------------------------------------------------- the run policies (one place each)
+
 def show_progress(args: argparse.Namespace) -> bool:
-    """Progress bars (tqdm, on stderr, one per stage) unless --quiet or stderr is not a terminal."""
+    """The one progress policy of every command: tqdm bars on stderr, one per stage that takes more than
+    about a second, unless --quiet (batch: also spelled --no-progress) or stderr is not a terminal.
+    `minivid.cli.main` stores the answer in `args.progress`; every job passes that to its long loops."""
     import sys
 
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def runs_tiny(args: argparse.Namespace) -> bool:
+    """A job on a tiny random model: --tiny, or a demo (the demos build only tiny models)."""
+    return bool(getattr(args, "tiny", False)) or getattr(args, "command", None) == "demo"
+
+
+def default_threads(args: argparse.Namespace) -> int | None:
+    """The one thread policy of every command: --threads N when given; else 1 for a tiny model on the CPU
+    (its small operators gain nothing from threads, and on a busy CPU OpenMP threads spin-waiting on each
+    other make it 5-10x slower: `generate --tiny` 43-84 s vs 8.4 s, a 5-step COVE edit 33 s vs 7.7 s);
+    else None: torch's own choice."""
+    if getattr(args, "threads", None):
+        return int(args.threads)
+    device = str(getattr(args, "device", None) or "cpu")
+    if runs_tiny(args) and device.split(":")[0] == "cpu":
+        return 1
+    return None
+
+
+@contextlib.contextmanager
+def torch_threads(args: argparse.Namespace) -> Iterator[int | None]:
+    """Run the block with `default_threads(args)` torch threads (the previous count restored after)."""
+    n = default_threads(args)
+    if n is None:
+        yield None
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def add_model_arguments(p: argparse.ArgumentParser, weights_help: str = "official checkpoint file or diffusers folder") -> None:
@@ -274,6 +343,8 @@ class MemoryEstimateError(ValueError):
 def available_memory(device: str | torch.device = "cpu") -> tuple[int, int]:
     """(available, total) bytes of `device`'s memory: for the CPU /proc/meminfo's MemAvailable and
     MemTotal (elsewhere the physical memory for both), for CUDA torch.cuda.mem_get_info."""
+    import torch
+
     dev = torch.device(device)
     if dev.type == "cuda":
         free, total = torch.cuda.mem_get_info(dev)
@@ -315,6 +386,8 @@ def check_job_memory(model, frames: int, height: int, width: int, device: str | 
                      batch: int = 2) -> int:
     """Refuse, before allocating, a job whose `job_bytes` lower bound exceeds the memory available
     (MemoryEstimateError with the estimate and the machine's memory). Returns the estimate."""
+    import torch
+
     need = job_bytes(model.config, frames, height, width, batch=batch,
                      element=torch.finfo(model.dtype).bits // 8 if hasattr(model, "dtype") else 4)
     free, total = available_memory(device)
@@ -364,9 +437,22 @@ def method_defaults(args: argparse.Namespace, prompt_hint: str = "") -> None:
         raise ValueError(f"--method {args.method} needs --prompt{prompt_hint}")
 
 
+def per_method_frames(p: argparse.ArgumentParser, clis: dict[str, ModuleType]) -> None:
+    """--frames of `edit`/`tune`: unset until `method_defaults` fills in the method's DEFAULT_FRAMES; its help
+    names each method's default."""
+    p.set_defaults(frames=None)
+    names = {"cove": "COVE", "ei2": "EI²", "tcve": "TCVE", "i2vedit": "I2VEdit"}
+    defaults = ", ".join(f"{names.get(n, n)} {getattr(mod, 'DEFAULT_FRAMES', 8)}" for n, mod in clis.items())
+    for action in p._actions:
+        if action.dest == "frames":
+            action.help = f"number of frames to read, ≥ 1 (default: the method's: {defaults})"
+
+
 def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
     """`minivid <action> --method NAME`: run `minivid.cli.<name>.<action>(args, job)` in a job
     folder of its own and write its record. `hint`: what to do instead when the method has none."""
+    from minivid.jobs import Job
+
     try:
         mod = method_cli(args.method)
     except ModuleNotFoundError:
@@ -385,6 +471,8 @@ def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
 
 def write_edit(job: Job, source: torch.Tensor, edited: torch.Tensor, fps: float = 8) -> None:
     """What every edit writes: edited.mp4, grid.png (source row over edited row), side_by_side.mp4."""
+    import torch
+
     source, edited = source.cpu(), edited.cpu()
     with job.timed("write"):
         job.write_video("edited.mp4", edited, fps=fps)
@@ -432,6 +520,8 @@ def check_job_memory_config(config, frames: int, height: int, width: int, device
 def fixed_batch_loss(loss_fn) -> float:
     """A tuning loss_fn(step, generator) evaluated on one fixed draw (noise, t, posterior sample), without
     gradients: the same batch before and after tuning shows whether the tuning works."""
+    import torch
+
     with torch.no_grad():
         return float(loss_fn(0, torch.Generator().manual_seed(1234)))
 

@@ -124,6 +124,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
 
 # ---------------------------------------------------------------- demo
 
+DEMO_MODELS = ("tiny_sd2",)     # COVE is an SD 2 method: its demo runs on the SD 2-style tiny model only
+DEMO_SIZE = 48                  # a 12x12 correspondence grid (minivid demo's --size default for COVE)
 DEMO_SOURCE = "a red disc and a blue square moving"
 DEMO_PROMPT = "a green disc and a yellow square moving"
 
@@ -149,8 +151,8 @@ def moving_shapes(frames: int, size: int) -> torch.Tensor:
 def demo(args: argparse.Namespace, job: Job) -> dict:
     """`minivid demo --method cove`: COVE end to end on the tiny random SD 2-style model and a synthetic clip.
 
-    The clip is `moving_shapes` at 48 px (the demo parser's default 32 px becomes 48, so the
-    correspondence grid is 12×12; another --size is used as given). Inversion and sampling both take
+    The clip is `moving_shapes` at --size px (`minivid demo` fills an unset --size with DEMO_SIZE, 48: a
+    12×12 correspondence grid, and refuses a --model other than tiny_sd2). Inversion and sampling both take
     --steps steps (the paper: 100 and 50; equal counts keep the demo well under a minute), injection the
     first 80 % of the sampling steps, as the paper's 40 of 50. A random model makes
     no real edits: the output shows every stage running (features, correspondence, CGA with merging in
@@ -158,9 +160,9 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     """
     from minivid.models import StableDiffusion
 
-    model = "tiny_sd2"                                       # COVE is an SD 2 method, whatever --model says
+    model = args.model or DEMO_MODELS[0]
     check_demo_arguments(args, model)
-    size = 48 if args.size == 32 else args.size
+    size = args.size
     job.ran(model=model, frames=args.frames, size=[size, size], dtype="fp32", device=str(args.device))
     config = COVEConfig(inversion_steps=args.steps, steps=args.steps, inject_steps=math.floor(0.8 * args.steps),
                         guidance=7.5)
@@ -169,17 +171,11 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
           f"features, windowed top-{config.k} correspondence (l={config.window}), correspondence-guided attention "
           f"with {config.merge_ratio:.0%} token merging in {config.inversion_steps} inversion and {config.steps} "
           f"sampling steps, and feature injection in the first {config.inject_steps}.")
-    threads = torch.get_num_threads()
-    if torch.device(args.device).type == "cpu":
-        torch.set_num_threads(1)        # a tiny model gains nothing from threads on a busy CPU
-    try:
-        with job.timed("build"):
-            sd = StableDiffusion.from_config(model, device=args.device, seed=args.seed)
-            clip = moving_shapes(args.frames, size).to(sd.device)
-        with job.timed("edit"):
-            out = edit_video(sd, clip, DEMO_PROMPT, DEMO_SOURCE, config, seed=args.seed, progress=args.progress)
-    finally:
-        torch.set_num_threads(threads)
+    with job.timed("build"):
+        sd = StableDiffusion.from_config(model, device=args.device, seed=args.seed)
+        clip = moving_shapes(args.frames, size).to(sd.device)
+    with job.timed("edit"):
+        out = edit_video(sd, clip, DEMO_PROMPT, DEMO_SOURCE, config, seed=args.seed, progress=args.progress)
     point = (0.25, 0.25)                                     # the red disc's centre in frame 0
     job.write_video("source.mp4", clip.cpu())
     _write(job, clip, out, point, 8)

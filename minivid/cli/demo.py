@@ -9,50 +9,75 @@ is first order, its error halves when the steps double). The round trip starts f
 latents, not from re-encoded pixels, because a random VAE is not an autoencoder.
 
 `--method NAME` hands over to a method's own demo, `minivid.cli.<name>.demo(args, job)`,
-where a method provides one.
+where a method provides one. A method's CLI module may declare `DEMO_MODELS` (the tiny presets its demo
+runs on, the first the default; empty: it builds its own model and --model does not apply) and
+`DEMO_SIZE` (its default --size); an unset --model or --size takes those, and a --model the method's
+demo cannot run on is refused, so the record states what ran.
 """
 from __future__ import annotations
 
 import argparse
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from minivid.cli.common import FRAMES, STEPS, add_run_arguments, check_job_memory_config, integer, run_method
-from minivid.jobs import Job
+
+if TYPE_CHECKING:
+    import torch
 
 help = "run generation and an inversion round trip on a tiny random model (no weights needed)"
-description = __doc__.split("\n\n")[1] + " A random model makes no real images."
+METHOD_NAMES = ("cove", "ei2", "tcve", "i2vedit")     # as minivid.methods.METHODS (not imported for --help)
+description = (__doc__.split("\n\n")[1] + " With --method NAME ("
+               + ", ".join(METHOD_NAMES) + "), that method's demo on a synthetic clip instead.")
+TINY_MODELS = ("tiny", "tiny_sd2")
+DEFAULT_MODEL, DEFAULT_SIZE = "tiny", 32
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 CLIP_PROMPT = "a boat on a lake"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["tiny", "tiny_sd2"], default="tiny",
-                   help="tiny: SD 1-style (ε); tiny_sd2: SD 2-style (v-prediction, linear projections)")
+    p.add_argument("--model", choices=list(TINY_MODELS),
+                   help="tiny: SD 1-style (ε); tiny_sd2: SD 2-style (v-prediction, linear projections) "
+                        "(default: tiny; a method's demo: its base, COVE tiny_sd2; I2VEdit builds a tiny SVD)")
     p.add_argument("--steps", type=STEPS, default=20, help="DDIM steps, 1..1000 (default 20)")
     p.add_argument("--frames", type=FRAMES, default=8, help="frames of the generated clip, ≥ 1 (default 8)")
-    p.add_argument("--size", type=integer(16, 1 << 20), default=32, help="image size in pixels (multiple of 16; default 32)")
-    p.add_argument("--method", help="run a method's demo instead (minivid.cli.<name>.demo), where it has one")
+    p.add_argument("--size", type=integer(16, 1 << 20),
+                   help="image size in pixels, a multiple of 16 (default 32; COVE's demo 48, I2VEdit's 32 high x 48 wide)")
+    p.add_argument("--method", metavar="NAME",
+                   help="run a method's demo instead: " + ", ".join(METHOD_NAMES) + " (see `minivid edit --help`)")
     add_run_arguments(p, device="cpu")
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_demo_model(args)
     if not args.method and (args.steps < 1 or args.frames < 1 or args.size < 16 or args.size % 16):
         raise ValueError("--steps and --frames must be at least 1 and --size a multiple of 16")
-    threads = torch.get_num_threads()
-    if args.threads is None and torch.device(args.device).type == "cpu":
-        # a tiny model gains nothing from threads, and on a busy CPU OpenMP threads spin-waiting on
-        # each other make it ~10x slower (--threads overrides)
-        torch.set_num_threads(1)
-    try:
-        return run_method(args, "demo", "; run `minivid demo` without --method") if args.method else run_tiny(args)
-    finally:
-        torch.set_num_threads(threads)
+    # threads: minivid.cli.main runs every demo on one CPU thread unless --threads says otherwise
+    return run_method(args, "demo", "; run `minivid demo` without --method") if args.method else run_tiny(args)
+
+
+def resolve_demo_model(args: argparse.Namespace) -> None:
+    """Fill an unset --model / --size with the demo's own (a method's DEMO_MODELS[0] / DEMO_SIZE), and refuse a
+    --model the method's demo does not run on: the options, and so record.json, then say what runs."""
+    if not args.method:
+        args.model, args.size = args.model or DEFAULT_MODEL, args.size or DEFAULT_SIZE
+        return
+    from minivid.cli.common import method_cli
+
+    mod = method_cli(args.method)
+    models = tuple(getattr(mod, "DEMO_MODELS", TINY_MODELS))
+    if args.model and args.model not in models:
+        runs = f"runs on {' or '.join(models)}" if models else "builds its own tiny model (--model does not apply)"
+        raise ValueError(f"--model {args.model}: the {args.method} demo {runs}; leave --model out")
+    args.model = args.model or (models[0] if models else None)
+    args.size = args.size or getattr(mod, "DEMO_SIZE", DEFAULT_SIZE)
 
 
 def run_tiny(args: argparse.Namespace) -> int:
+    import torch
+
+    from minivid.jobs import Job
     from minivid.models import SDConfig, StableDiffusion
     from minivid.pipelines.sd import invert, psnr, reconstruct, text_to_image
 
@@ -99,6 +124,8 @@ def run_tiny(args: argparse.Namespace) -> int:
 def _interpolated_noise(sd, frames: int, size: int, seed: int) -> torch.Tensor:
     """[F, C, h, w] unit-variance noise moving along a great circle between two seeds' draws,
     so consecutive frames of the clip are related."""
+    import torch
+
     from minivid.pipelines.sd import initial_noise
 
     a = initial_noise(sd, 1, size, size, seed=seed)

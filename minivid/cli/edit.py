@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from minivid.cli.common import (
-    GUIDANCE, STEPS, add_model_arguments, add_video_arguments, available_clis, method_defaults, run_method,
+    GUIDANCE, STEPS, add_model_arguments, add_video_arguments, available_clis, method_defaults, per_method_frames,
+    run_method,
 )
 from minivid.methods import METHODS
 
@@ -26,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_video_arguments(p)
     add_eval_arguments(p.add_argument_group("evaluation (--eval)"))
-    p.set_defaults(frames=None)                       # resolved per method in run() (DEFAULT_FRAMES)
-    for name, mod in available_clis().items():
+    clis = available_clis()
+    per_method_frames(p, clis)                        # resolved per method in run() (DEFAULT_FRAMES)
+    for name, mod in clis.items():
         mod.add_arguments(p.add_argument_group(f"{name} options"))
 
 

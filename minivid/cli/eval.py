@@ -123,7 +123,9 @@ def build_evaluator(args: argparse.Namespace, metrics: tuple[str, ...], prefix: 
     """The Evaluator the options ask for (weights checked before anything is loaded)."""
     from minivid.eval.loading import load_evaluator, tiny_evaluator
 
-    progress = not getattr(args, "quiet", False) and sys.stderr.isatty()
+    from minivid.cli.common import show_progress
+
+    progress = show_progress(args)
     if args.tiny:
         return tiny_evaluator(metrics, seed=getattr(args, "seed", 0) or 0, device=args.device, progress=progress)
     return load_evaluator(weights_paths(args, prefix), metrics, device=args.device, progress=progress)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from minivid.cli.common import GUIDANCE, PIXELS, STEPS, add_model_arguments, check_job_memory, integer, load_sd
-from minivid.jobs import Job
 
 help = "text-to-image with Stable Diffusion 1.x / 2.x"
 description = ("Generate images from a prompt (DDIM, classifier-free guidance). Writes image_NN.png, grid.png "
@@ -30,6 +29,7 @@ def add_sd_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from minivid.jobs import Job
     from minivid.pipelines.sd import text_to_image
 
     if args.num_images < 1 or args.steps < 1:

@@ -48,6 +48,7 @@ METHOD_NAME = "I2VEdit"
 DEFAULT_FRAMES = 21                       # data.py: 2.5 fps over 0–8.4 s
 DEFAULT_CHECKPOINT_EVERY = 50             # the authors' (minivid.methods.i2vedit.tune)
 TAKES_PROMPT = False                      # guided by an edited first frame, not a prompt
+DEMO_MODELS = ()                          # `minivid demo --method i2vedit` builds a tiny SVD: --model does not apply
 DEFAULT_SIZE = {"full": (512, 896), "tiny": (32, 48)}
 
 
@@ -135,8 +136,6 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     if args.i2vedit_rank < 1 or not 0 <= args.i2vedit_dropout <= 1:
         raise ValueError("--i2vedit-rank must be at least 1 and --i2vedit-dropout in [0, 1]")
     clip_ranges(args.frames, args.i2vedit_clip_length, args.i2vedit_overlap)   # the options, before any loading
-    if args.tiny and not args.threads:
-        torch.set_num_threads(1)   # the tiny model's small ops only lose time to thread synchronisation
     with job.timed("load"):
         svd = _load_svd(args, "its zero-initialised output layers keep the LoRA's gradients at zero, so the tuning shows the machinery only")
         video = _read_video(args, svd, args.i2vedit_clip_length)
@@ -148,7 +147,7 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     targets = ("ff_in", "attn1", "attn2", "ff") if args.i2vedit_lora_layers == "code" else ("attn1", "attn2")
     config = MotionTuneConfig(rank=args.i2vedit_rank, dropout=args.i2vedit_dropout, targets=targets,
                               time_ids_order=args.i2vedit_time_ids)
-    changes = dict(steps=steps, checkpoint_every=every, seed=args.seed)
+    changes = dict(steps=steps, checkpoint_every=every, seed=args.seed, progress=args.progress)
     if args.lr:
         changes["lr"] = args.lr
     if args.autocast:
@@ -319,11 +318,16 @@ def _outputs(job: Job, source, result, fps: float) -> dict:
     clip0 = result.clips[0]
     info = {}
     if clip0.masks:
-        tiles, rows, cols = mask_picture(clip0.masks, clip0.layer_hw, clip0.frames.clamp(-1, 1).cpu())
+        from minivid.methods.i2vedit.edit import resize_frames
+
+        # drawn over the SOURCE frame (at the edit's size): where the edit was allowed to depart from it
+        s0, e0 = result.ranges[0]
+        under = resize_frames(source[s0:e0].float(), tuple(clip0.frames.shape[-2:])).clamp(-1, 1).cpu()
+        tiles, rows, cols = mask_picture(clip0.masks, clip0.layer_hw, under)
         frame = clip0.frames.shape[0] // 2
         job.write_grid("matching_mask.png", tiles, rows=[row_label(n) for n in rows],
                        numbers=[f"step {s}" for s in cols], legend=mask_legend(),
-                       title=f"spatial matching mask M (Eq. 8) of clip 0, frame {frame}: rows = attn1 layers")
+                       title=f"spatial matching mask M (Eq. 8) of clip 0 over source frame {frame}: rows = attn1 layers")
         info = {"matching_mask": {"rows_layers": rows, "columns_steps": cols,
                                   "frame": clip0.frames.shape[0] // 2,
                                   "mean_M_per_step": {s: round(float(torch.stack(
@@ -363,19 +367,15 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     print(f"I2VEdit: {video.shape[0]} frames {video.shape[-2]}x{video.shape[-1]} in clips {ranges}, edited at "
           f"{work[0]}x{work[1]}, {cfg.steps} steps, preset {cfg.preset} {cfg.beta or ''}, store {cfg.store}"
           f"{', no LoRA' if lora_for_clip is None else ''}")
-    threads = torch.get_num_threads()
-    if args.tiny and not args.threads and torch.device(args.device).type == "cpu":
-        torch.set_num_threads(1)        # the tiny model's small ops only lose time to thread synchronisation
     t0 = time.perf_counter()
-    try:
-        with job.timed("edit"):
-            result = edit_video(svd, video.to(svd.device), first.to(svd.device), cfg, work_size=work,
-                                lora_for_clip=lora_for_clip, progress=True)
-    finally:
-        torch.set_num_threads(threads)
+    with job.timed("edit"):
+        result = edit_video(svd, video.to(svd.device), first.to(svd.device), cfg, work_size=work,
+                            lora_for_clip=lora_for_clip, progress=args.progress)
     seconds = time.perf_counter() - t0
     info = _outputs(job, video, result, args.fps)
-    return {**_results(svd, cfg, result, video, work, notes, seconds), **info,
+    with job.timed("store estimate"):
+        results = _results(svd, cfg, result, video, work, notes, seconds)
+    return {**results, **info,
             "model": svd.load_info.get("detected", "tiny (random)"), "lora": args.lora, "loras": loras}
 
 
@@ -429,28 +429,26 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
           f"the demo runs every I2VEdit stage: SARP, EDM inversion, attention matching (spatial mask, temporal "
           f"selector {cfg.preset} {cfg.matching_config().beta}) with the source attention recomputed at each "
           f"of {cfg.steps} edit steps, auto-regressive clips of {clip_len} frames.")
-    threads = torch.get_num_threads()
-    if torch.device(args.device).type == "cpu" and not args.threads:
-        torch.set_num_threads(1)
-    try:
-        with job.timed("build"):
-            torch.manual_seed(args.seed)
-            from minivid.svd import StableVideoDiffusion
+    job.ran(model="tiny SVD (random weights)", frames=args.frames, size=[height, width], dtype="fp32",
+            device=str(args.device), seeds={"model_weights": args.seed, "sampling_noise": cfg.seed})
+    with job.timed("build"):
+        torch.manual_seed(args.seed)
+        from minivid.svd import StableVideoDiffusion
 
-            svd = StableVideoDiffusion.from_config("tiny", device=args.device)
-            video = moving_shapes(args.frames, height, width)
-            first = recolour(video[0])
-        t0 = time.perf_counter()
-        with job.timed("edit"):
-            result = edit_video(svd, video.to(svd.device), first.to(svd.device), cfg, progress=False)
-        seconds = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
+        svd = StableVideoDiffusion.from_config("tiny", device=args.device)
+        video = moving_shapes(args.frames, height, width)
+        first = recolour(video[0])
+    t0 = time.perf_counter()
+    with job.timed("edit"):
+        result = edit_video(svd, video.to(svd.device), first.to(svd.device), cfg, progress=args.progress)
+    seconds = time.perf_counter() - t0
     job.write_video("source.mp4", video)
-    job.write_grid("first_frame.png", torch.stack([video[0], first]), cols=2)
+    job.write_grid("first_frame.png", torch.stack([video[0], first]), rows=["first frame"],
+                   numbers=["source", "edited"])
     info = _outputs(job, video, result, 8)
-    out = {**_results(svd, cfg, result, video, (height, width), [], seconds), **info,
-           "note": "random weights: the edit is not meaningful"}
+    with job.timed("store estimate"):
+        results = _results(svd, cfg, result, video, (height, width), [], seconds)
+    out = {**results, **info, "note": "random weights: the edit is not meaningful"}
     print(f"edited {result.frames.shape[0]} frames in clips {result.ranges} in {seconds:.1f} s; source-attention "
           f"store of clip 0: {result.store_bytes['recompute']} bytes kept (recompute) vs "
           f"{out['store_bytes_per_clip_estimate']['official']} for the authors' store")

@@ -12,11 +12,10 @@ import argparse
 import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from minivid import weights as W
-from minivid.weights.tiny import TINY_LAYOUTS, write_tiny_checkpoint
+if TYPE_CHECKING:            # torch and the weights package load when a path is inspected, not for --help
+    import torch
 
 help = "say which official model a checkpoint file or diffusers folder holds, and how it differs from it"
 
@@ -31,6 +30,10 @@ _DIFFUSERS_COMPONENTS = {
     "svd": _SVD,
     "svd_xt": _SVD,
 }
+
+
+# minivid.weights.tiny.TINY_LAYOUTS (a test checks they agree), spelled out so `--help` imports no torch
+TINY_LAYOUTS = ("sd-v1-4", "sd-v2-1", "svd", "svd_xt")
 
 
 def _svd_tables() -> None:
@@ -60,11 +63,15 @@ def _params(shape) -> int:
 
 
 def _meta(info: dict) -> dict[str, torch.Tensor]:
+    import torch
+
     return {k: torch.empty(s, dtype=getattr(torch, d, torch.float32), device="meta") for k, (s, d) in info.items()}
 
 
 def inspect_path(path: str | Path, manifest: str | None = None) -> dict:
     """Everything `minivid inspect` reports, as a JSON-ready dict."""
+    from minivid import weights as W
+
     path = Path(path)
     kind, comps = W.detect_path(path)
     out: dict = {"path": str(path), "layout": kind}
@@ -85,7 +92,7 @@ def inspect_path(path: str | Path, manifest: str | None = None) -> dict:
                                            else f"pickle ({file.suffix}) read with torch.load(weights_only=True)")
     out.update(model=model, model_name=W.MODELS[model], reason=reason)
     if model != "unknown":
-        pred, why = W.guess_prediction(path, model)
+        pred, why = W.guess_prediction(path, model, warn=False)      # the loader's rule; the report shows a warning
         out.update(prediction=pred, prediction_reason=why)
     dtypes: dict[str, int] = {}
     for _, d in info.values():
@@ -192,6 +199,8 @@ def render(r: dict, show_all: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from minivid.weights.tiny import write_tiny_checkpoint
+
     if args.write_tiny:
         path = write_tiny_checkpoint(args.write_tiny, like=args.like)
         if not args.json:

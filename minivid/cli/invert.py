@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
-
-from minivid.cli.common import CHUNK, DTYPES, GUIDANCE, STEPS, add_video_arguments, load_sd, read_source
+from minivid.cli.common import CHUNK, GUIDANCE, STEPS, add_video_arguments, load_sd, read_source
 from minivid.cli.generate import add_sd_arguments
-from minivid.jobs import Job
+
+if TYPE_CHECKING:
+    import torch
+
+    from minivid.jobs import Job
 
 help = "DDIM-invert an image or video and reconstruct it (reports the reconstruction PSNR)"
 description = ("Invert an image or video to DDIM noise and sample it back with the same prompt. Reports the "
@@ -29,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import safetensors.torch
+    import torch
 
+    from minivid.jobs import Job
     from minivid.pipelines.sd import invert_video, reconstruct_video
 
     if args.steps < 1:
@@ -63,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(job: Job, source: torch.Tensor, result: torch.Tensor, vae_only: torch.Tensor, fps: float) -> dict:
     """Grids (and videos for more than one frame); returns the PSNR figures for the record."""
+    import torch
+
     from minivid.pipelines.sd import psnr
 
     job.write_grid("source_grid.png", source, rows=["source"])

@@ -64,15 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from minivid import parity
+    from minivid.cli.common import show_progress
 
     comps = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     report = parity.run_parity(args.weights, comps, size=args.size, frames=args.frames, dtype=args.dtype,
                                device=args.device, timesteps=args.timesteps, seed=args.seed, repeat=args.repeat,
                                reference=args.reference, diffusers_eps=args.diffusers_eps,
-                               progress=not args.quiet and sys.stderr.isatty())
+                               progress=show_progress(args))
     print(parity.render(report))
     if args.json:
         print(f"wrote {parity.write_json(report, args.json)}")

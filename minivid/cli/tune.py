@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from minivid.cli.common import (
-    add_model_arguments, add_video_arguments, available_clis, integer, method_defaults, number, run_method,
+    add_model_arguments, add_video_arguments, available_clis, integer, method_defaults, number, per_method_frames,
+    run_method,
 )
 
 help = "one-shot tuning on a source video (EI², TCVE; I2VEdit's motion LoRAs)"
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true", help="the same as --restart")
     add_model_arguments(p)
     add_video_arguments(p)
-    p.set_defaults(frames=None)                       # resolved per method in run()
+    per_method_frames(p, tuning_clis())               # resolved per method in run()
     for name, mod in tuning_clis().items():             # a method's tuning options, else its options
         add = getattr(mod, "add_tune_arguments", mod.add_arguments)
         default = getattr(mod, "DEFAULT_FRAMES", None)

@@ -15,7 +15,7 @@ diffusers_names.py (one rename table per component; svd_names.py adds SVD's), ti
 Every failure is a `WeightsError` (a ValueError) whose message names the file and what was expected.
 """
 from .detect import (MANIFEST_OF, MODELS, describe_detection, detect, detect_folder, detect_path,
-                     group_by_component, guess_prediction)
+                     group_by_component, guess_prediction, stated_prediction, SD_CONFIG_METADATA_KEY)
 from .diffusers_names import (TABLES, ComponentTable, Rule, TextSD2Layout, UNetLayout, VAELayout,
                               diffusers_only, diffusers_to_original, layout_of, original_only,
                               original_to_diffusers)
@@ -32,7 +32,8 @@ __all__ = [
     "WeightsError", "TensorInfo", "read_state_dict", "read_shapes", "read_safetensors_header",
     "read_diffusers_folder", "find_component_file", "shapes_of",
     "SAFETENSORS_EXTENSIONS", "PICKLE_EXTENSIONS", "WEIGHT_EXTENSIONS",
-    "detect", "describe_detection", "detect_path", "detect_folder", "guess_prediction", "group_by_component",
+    "detect", "describe_detection", "detect_path", "detect_folder", "guess_prediction", "stated_prediction",
+    "SD_CONFIG_METADATA_KEY", "group_by_component",
     "MODELS", "MANIFEST_OF",
     "split_by_prefix", "load_strict", "check_finite", "nonfinite_tensors", "compare_to_manifest", "load_manifest", "Manifest", "Report",
     "HARMLESS_EXTRAS", "SCHEDULE_BUFFERS", "SD_PREFIXES", "REST", "MANIFESTS_DIR", "is_harmless",

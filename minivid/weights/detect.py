@@ -16,8 +16,8 @@ Two things the names cannot tell:
   token (svd_xt.safetensors, ...-img2vid-xt...), then "svd_xt". A diffusers folder records
   the frame count in unet/config.json (`num_frames` 14 or 25), which `detect_folder` reads.
 - SD 2.x epsilon vs v prediction (v2-1_512 vs v2-1_768): same keys and shapes. See
-  `guess_prediction`: a diffusers folder says it in scheduler/scheduler_config.json; for a
-  single file the name decides ("768" or a "-v" token -> v; "512" or "base" -> eps; otherwise
+  `guess_prediction`: a diffusers folder says it in scheduler/scheduler_config.json, a file minivid
+  wrote in its safetensors metadata (SD_CONFIG_METADATA_KEY); for any other single file the name decides ("768" or a "-v" token -> v; "512" or "base" -> eps; otherwise
   eps, with a warning).
 """
 from __future__ import annotations
@@ -204,21 +204,51 @@ def _sd_generation(unet: dict, text: dict) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------ prediction type
 
 
-def guess_prediction(path: str | Path, model: str | None = None) -> tuple[str, str]:
-    """("eps" | "v", reason) for a checkpoint file or diffusers folder.
+SD_CONFIG_METADATA_KEY = "minivid_config"    # safetensors metadata entry of a file minivid wrote: its SDConfig as JSON
 
-    SD 1.x is eps and SVD v (EDM v-scaling). For SD 2.x the tensors cannot tell: a diffusers
-    folder's scheduler_config.json says it; for a file the name decides: "768" or a "-v"/"_v"
-    token (e.g. v2-1_768-ema-pruned, 768-v-ema) -> v; "512" or "base" (v2-1_512-ema-pruned,
-    512-base-ema) -> eps; anything else -> eps with a warning.
-    """
+
+def stated_prediction(path: str | Path) -> tuple[str, str] | None:
+    """("eps" | "v", where it is written) when the files say it: a diffusers folder's
+    scheduler/scheduler_config.json (prediction_type), or the SDConfig minivid writes into a .safetensors
+    file's metadata (`StableDiffusion.save`, `minivid inspect --write-tiny`); None otherwise."""
     path = Path(path)
-    if path.is_dir() and (path / "model_index.json").is_file():
-        model = model or detect_folder(path)[0]
+    if path.is_dir():
         sched = _read_json(path / "scheduler" / "scheduler_config.json")
         pred = sched.get("prediction_type")
         if pred in ("epsilon", "v_prediction"):
             return ("eps" if pred == "epsilon" else "v"), f"scheduler/scheduler_config.json prediction_type={pred}"
+        return None
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        pred = json.loads(meta[SD_CONFIG_METADATA_KEY]).get("prediction") if SD_CONFIG_METADATA_KEY in meta else None
+    except (OSError, ValueError, AttributeError, TypeError):      # unreadable or odd metadata: the name decides
+        return None
+    if pred in ("eps", "v"):
+        return pred, f"the minivid config in the file's metadata ({SD_CONFIG_METADATA_KEY}) says {pred}"
+    return None
+
+
+def guess_prediction(path: str | Path, model: str | None = None, warn: bool = True) -> tuple[str, str]:
+    """("eps" | "v", reason) for a checkpoint file or diffusers folder: what `StableDiffusion.load` uses
+    when no prediction= argument is given (the one rule; `minivid inspect` reports it).
+
+    What the files state comes first (`stated_prediction`: a diffusers scheduler config, minivid's
+    metadata). Else SD 1.x is eps and SVD v (EDM v-scaling). For SD 2.x the tensors cannot tell: the
+    file name decides: "768" or a "-v"/"_v" token (e.g. v2-1_768-ema-pruned, 768-v-ema) -> v; "512" or
+    "base" (v2-1_512-ema-pruned, 512-base-ema) -> eps; anything else -> eps with a warning (logged unless
+    warn=False: the reason then starts with "WARNING: ", for a caller that shows it itself).
+    """
+    path = Path(path)
+    stated = stated_prediction(path)
+    if stated is not None:
+        return stated
+    if path.is_dir() and (path / "model_index.json").is_file():
+        model = model or detect_folder(path)[0]
     if model is None:
         model = detect(read_shapes(path), path.name)
     if model == "sd1":
@@ -232,7 +262,8 @@ def guess_prediction(path: str | Path, model: str | None = None) -> tuple[str, s
         return "eps", f"file name {path.name!r} says 512 / base: epsilon-prediction (v2-1_512-ema-pruned style)"
     reason = (f"file name {path.name!r} says neither 768/-v nor 512/base and the tensors cannot tell: assuming "
               f"epsilon-prediction; if samples come out as flat grey or noise, pass prediction='v'")
-    log.warning("%s: %s", path, reason)
+    if warn:
+        log.warning("%s: %s", path, reason)
     return "eps", "WARNING: " + reason
 
 

@@ -1,0 +1,154 @@
+"""The command line's shared policies, each decided in one place: torch threads (one for a tiny model on the
+CPU, --threads wins), progress bars (--quiet, batch's --no-progress alias), `--help` without torch,
+per-method defaults in the help, and a demo that runs what its options and record say."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minivid.cli import build_parser, main
+from minivid.cli.common import default_threads, torch_threads
+
+
+def ns(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"threads": None, "device": "cpu", "tiny": False, "command": "generate", **kw})
+
+
+def test_thread_policy():
+    assert default_threads(ns(tiny=True)) == 1                      # a tiny model on the CPU: one thread
+    assert default_threads(ns(command="demo")) == 1                 # every demo is tiny
+    assert default_threads(ns(tiny=True, threads=3)) == 3           # an explicit --threads wins
+    assert default_threads(ns(threads=2)) == 2
+    assert default_threads(ns()) is None                            # weights: torch's own choice
+    assert default_threads(ns(tiny=True, device="cuda:0")) is None  # not on the CPU
+
+
+def test_torch_threads_sets_and_restores():
+    import torch
+
+    before = torch.get_num_threads()
+    with torch_threads(ns(tiny=True)) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(ns()) as n:
+        assert n is None and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("argv", [["generate", "--tiny"], ["invert", "--tiny"], ["edit", "--method", "cove", "--tiny"],
+                                  ["demo"], ["animate", "--tiny"]])
+def test_main_runs_tiny_jobs_on_one_thread(argv, monkeypatch):
+    """Every command goes through the one policy in minivid.cli.main (the job itself is replaced)."""
+    import torch
+
+    seen = []
+    parser = build_parser(argv[0])
+    real_parse = parser.parse_args
+
+    def run(args):
+        seen.append(torch.get_num_threads())
+        return 0
+
+    def parse(a):
+        args = real_parse(a)
+        args._run = run
+        return args
+
+    monkeypatch.setattr(parser, "parse_args", parse)
+    monkeypatch.setattr("minivid.cli.build_parser", lambda command=None: parser)
+    extra = {"generate": ["--prompt", "p"], "invert": ["--video", "x.mp4"],
+             "edit": ["--video", "x.mp4", "--prompt", "p"]}.get(argv[0], [])
+    assert main(argv + extra) == 0
+    assert main(argv + extra + ["--threads", "2"]) == 0
+    assert seen == [1, 2]
+
+
+def test_help_imports_no_torch():
+    """`minivid --help` and the help of the jobs that need no method import neither torch nor a job module."""
+    code = ("import sys, contextlib, io\n"
+            "from minivid.cli import main\n"
+            "for argv in (['--help'], [], ['demo', '--help'], ['generate', '--help'], ['invert', '--help'],"
+            " ['inspect', '--help'], ['animate', '--help'], ['bench', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "        main(argv)\n"
+            "print(sorted(m for m in ('torch', 'minivid.jobs', 'minivid.models') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    import importlib
+
+    from minivid.cli import SUBCOMMANDS
+
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name in SUBCOMMANDS:                       # the help line read from the source is the module's `help`
+        assert f"{name} {' '.join(importlib.import_module(f'minivid.cli.{name}').help.split())}" in out
+
+
+def test_help_texts(capsys):
+    from minivid.cli.common import available_clis
+    from minivid.methods import METHODS
+
+    assert main(["edit", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    defaults = {n: getattr(m, "DEFAULT_FRAMES", 8) for n, m in available_clis().items()}
+    assert defaults["i2vedit"] == 21 and "I2VEdit 21" in out and "COVE 8" in out
+    assert main(["demo", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in METHODS)
+    from minivid.cli.demo import METHOD_NAMES
+
+    assert set(METHOD_NAMES) == set(METHODS)
+
+
+def test_inspect_tiny_layouts_match_the_writer():
+    from minivid.cli.inspect import TINY_LAYOUTS
+    from minivid.weights import tiny
+
+    assert TINY_LAYOUTS == tiny.TINY_LAYOUTS
+
+
+def test_batch_quiet_and_its_old_spelling():
+    p = build_parser("batch")
+    for flag in ("--quiet", "--no-progress"):
+        assert p.parse_args(["batch", "plan.jsonl", "--out", "o", flag]).quiet is True
+    assert p.parse_args(["batch", "plan.jsonl", "--out", "o"]).quiet is False
+
+
+def test_cove_demo_refuses_a_model_it_cannot_run(tmp_path, capsys):
+    assert main(["demo", "--method", "cove", "--model", "tiny", "--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert "--model tiny" in err and "tiny_sd2" in err and not (tmp_path / "d").exists()
+    assert main(["demo", "--method", "i2vedit", "--model", "tiny", "--out", str(tmp_path / "e")]) == 1
+    assert "does not apply" in capsys.readouterr().err
+
+
+def test_demo_options_take_the_methods_defaults():
+    from minivid.cli.demo import resolve_demo_model
+
+    args = build_parser("demo").parse_args(["demo", "--method", "cove"])
+    resolve_demo_model(args)
+    assert (args.model, args.size) == ("tiny_sd2", 48)
+    args = build_parser("demo").parse_args(["demo", "--method", "cove", "--size", "32"])
+    resolve_demo_model(args)
+    assert (args.model, args.size) == ("tiny_sd2", 32)                    # honoured, not replaced by 48
+    args = build_parser("demo").parse_args(["demo"])
+    resolve_demo_model(args)
+    assert (args.model, args.size) == ("tiny", 32)
+
+
+def test_cove_demo_records_what_ran(tmp_path):
+    out = tmp_path / "d"
+    assert main(["demo", "--method", "cove", "--model", "tiny_sd2", "--size", "32", "--steps", "2", "--frames", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["settings"]["size"] == 32 and record["ran"]["size"] == [32, 32]
+    assert record["settings"]["model"] == record["ran"]["model"] == "tiny_sd2"
+    stages = {k: v for k, v in record["timings_s"].items() if k != "total"}
+    assert sum(stages.values()) == pytest.approx(record["timings_s"]["total"], abs=0.01)     # the stages add up
