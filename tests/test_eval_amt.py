@@ -284,6 +284,18 @@ def test_uint8_truncation_exactly():
     assert torch.equal(to_uint8_truncate(x32), torch.from_numpy((x32 * 255.).numpy().clip(0, 255).astype(np.uint8)))
 
 
+def test_correlation_bytes_is_the_pyramid_size():
+    from minivid.eval.amt import BidirCorrBlock, correlation_bytes
+
+    for name, (h, w) in (("tiny_amt", (60, 90)), ("tiny_amt", (64, 64)), ("amt_s", (128, 200))):
+        cfg = AMT_PRESETS[name]
+        ph, pw = -(-h // 16) * 2, -(-w // 16) * 2                    # padded to 16, then / 8
+        f = torch.randn(1, 4, ph, pw)
+        block = BidirCorrBlock(f, f, cfg.corr_levels, cfg.corr_radius)
+        held = sum(t.numel() * t.element_size() for t in block.pyramid + block.pyramid_t)
+        assert correlation_bytes(cfg, h, w) == held, (name, h, w)
+
+
 # ---------------------------------------------------------------- bad input, files
 
 def test_errors():

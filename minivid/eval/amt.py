@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "AMTConfig", "AMT_PRESETS", "AMT", "AMT_SOURCE", "load_amt", "InputPadder", "interpolate_odd_frames",
-    "motion_smoothness", "motion_smoothness_score", "to_uint8_truncate", "check_frame_size",
+    "motion_smoothness", "motion_smoothness_score", "to_uint8_truncate", "check_frame_size", "correlation_bytes",
 ]
 
 AMT_SOURCE = ("the AMT authors' release (MCG-NKU/AMT), mirrored on the Hugging Face Hub: lalala125/AMT, file "
@@ -422,6 +422,15 @@ def check_frame_size(cfg: AMTConfig, h: int, w: int, scale_factor: float = 1.0) 
     if min(ph, pw) * scale_factor < cfg.min_size:
         raise ValueError(f"frames of {h}x{w} are too small for AMT: its correlation pyramid needs at least "
                          f"{cfg.min_size} px per side (after padding to a multiple of 16)")
+
+
+def correlation_bytes(cfg: AMTConfig, h: int, w: int, element_size: int = 4) -> int:
+    """Memory of one pair's correlation volumes (both directions, all levels) for h x w frames: the
+    all-pairs volume is (h/8 · w/8)² per direction, 1.07 G elements for 1080p, 16.8 M for 512²."""
+    ph, pw = -(-h // 16) * 16 // 8, -(-w // 16) * 16 // 8
+    n = ph * pw
+    per_level = sum(n * (ph >> i) * (pw >> i) for i in range(cfg.corr_levels))
+    return 2 * per_level * element_size
 
 
 def to_uint8_truncate(x: torch.Tensor) -> torch.Tensor:

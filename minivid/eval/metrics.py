@@ -24,7 +24,9 @@ from typing import Any, Iterable, Literal
 import torch
 import torch.nn.functional as F
 
-from minivid.eval.amt import AMT, AMT_PRESETS, check_frame_size, interpolate_odd_frames, motion_smoothness_score
+from minivid.eval.amt import (
+    AMT, AMT_PRESETS, check_frame_size, correlation_bytes, interpolate_odd_frames, motion_smoothness_score,
+)
 from minivid.eval.encoders import AestheticPredictor, CLIPEncoder, DINOViT
 from minivid.eval.musiq import MUSIQ, MUSIQ_PRESETS, imaging_quality, score_frames
 from minivid.eval.preprocess import clip_preprocess_hf, clip_preprocess_vbench, dino_preprocess_vbench, to_uint8
@@ -52,6 +54,7 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
 NEEDS_PROMPT = ("clip_text_alignment", "pickscore")
 # with --tiny, metrics left out of the default set (the tiny AMT needs frames of 64 px and more): name them to run them
 RUN_WHEN_PRESENT = ("motion_smoothness", "imaging_quality")
+AMT_BATCH_BYTES = 2 * 1024 ** 3     # the Evaluator batches AMT pairs up to this much correlation memory
 
 
 def _check_embeds(x: torch.Tensor, what: str, min_frames: int = 1) -> None:
@@ -222,7 +225,10 @@ class Evaluator:
             out["aesthetic_quality"] = {"value": value, "per_frame_score": per_frame, "encoder": clip.preset,
                                         "preprocess": "clip_preprocess_vbench"}
         if run_amt:
-            interpolated = interpolate_odd_frames(self.amt, u8, batch_size=max(1, self.batch_size // 8),
+            dtype_size = next(self.amt.parameters()).element_size()
+            pairs = max(1, min(self.batch_size // 8,                    # at most ~2 GB of correlation at once
+                               int(AMT_BATCH_BYTES // correlation_bytes(self.amt.cfg, *u8.shape[-2:], dtype_size))))
+            interpolated = interpolate_odd_frames(self.amt, u8, batch_size=pairs,
                                                   progress=self.progress)
             value, mae = motion_smoothness_score(u8, interpolated)
             out["motion_smoothness"] = {"value": value, "per_frame_mae": mae, "frames_interpolated": len(mae),
