@@ -126,7 +126,9 @@ def test_injecting_all_qkv_reproduces_the_first_prompt(unet, inputs):
 
 def test_injecting_probs_and_values_reproduces_cross_attention(unet, inputs):
     x, t, c1, c2 = inputs
-    with attention.capture(unet, "*attn2", kinds=("probs", "v")) as store:
+    # explicit attention computes out = probs·V, as injecting probs does, so the replay is bitwise
+    with attention.processors(unet, "*attn2", attention.explicit), \
+            attention.capture(unet, "*attn2", kinds=("probs", "v")) as store:
         first = run(unet, x, t, c1)
     probs = store.get_call("output_blocks.3.1.transformer_blocks.0.attn2", "probs", 0)
     assert probs.shape == (2, 2, 64, 77)

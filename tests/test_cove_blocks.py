@@ -288,7 +288,7 @@ def test_processor_errors():
     proc = CorrespondenceGuidedAttention(corr, k=2)
     with pytest.raises(ValueError, match="frame count"):
         proc(q, q, q, AttnContext(None, "x", False, 0.5, False, (H, W), {}))
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(ValueError, match="not a whole number of videos of 3 frames"):
         proc(q[:2], q[:2], q[:2], ctx_for(Fr, (H, W), d))
     with pytest.raises(ValueError, match="correspondence has 3 frames"):
         proc(q[:2], q[:2], q[:2], ctx_for(2, (H, W), d))

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minivid.attention import Attention, AttnContext, Processor, name_layers, sdpa, set_processor
+from minivid.attention import Attention, AttnContext, Processor, frame_count, name_layers, sdpa, set_processor
 
 __all__ = [
     "TRAINABLE", "frames_of", "sparse_causal_kv", "sparse_causal", "temporal_attention",
@@ -51,15 +51,9 @@ TRAINABLE = ("*attn1.to_q.*", "*attn2.to_q.*", "*attn_temp.*")
 
 
 def frames_of(state: dict[str, Any], batch: int) -> int:
-    """The frame count F set by `call_state(model, frames=F)`, checked against a (B·F) batch."""
-    if "frames" not in state:
-        raise KeyError(
-            "frame count unknown: run the video model inside minivid.attention.call_state(model, frames=F)"
-        )
-    frames = int(state["frames"])
-    if frames < 1 or batch % frames:
-        raise ValueError(f"batch of {batch} is not a whole number of videos of {frames} frames")
-    return frames
+    """The frame count F set by `call_state(model, frames=F)`, checked against a (B·F) batch
+    (`minivid.attention.frame_count`)."""
+    return frame_count(state, batch)
 
 
 # ---------------------------------------------------------------- 1. sparse-causal attention

@@ -12,6 +12,8 @@ diffusers' StableDiffusionPipeline for the same initial noise. What methods hook
 
 - `callback(i, t, x, pred_x0) -> x or None` after every step (replace x to steer the sampler);
 - attention processors / capture / inject (minivid.attention) around any call;
+- every UNet call carries `step` (the sampler step, from 0 in each loop) and `t` (its timestep) in the
+  call state (`ctx.state["step"]`, `ctx.state["t"]`);
 - video calls run the frames as one batch [(B·F)] inside `call_state(unet, frames=F)`, so
   processors that mix frames know F; `chunk=n` runs n frames per UNet call instead (exact only for
   frame-independent models, i.e. without such processors).
@@ -28,7 +30,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from minivid.attention import call_state
+from minivid.attention import call_state, step_clock
 from minivid.samplers import StepCallback, cfg_denoise, ddim_invert, ddim_sample, ddim_timesteps
 
 __all__ = [
@@ -100,7 +102,8 @@ def _denoiser(sd, cond: Tensor, uncond: Tensor, guidance: float, chunk: int | No
     """denoise(x, t) -> UNet output with classifier-free guidance, in float32.
 
     cond/uncond [B, 77, D] match x's batch. With `chunk`, the batch runs `chunk` elements per call;
-    `frames` is put in the processors' call state (per call: the frames that call sees)."""
+    `frames` is put in the processors' call state (per call: the frames that call sees), and every
+    call carries `step` (the sampler step, from 0) and `t` (its timestep) there too (`step_clock`)."""
     def run(x: Tensor, t: Tensor, c: Tensor, u: Tensor) -> Tensor:
         state = {"frames": x.shape[0]} if frames is not None else {}
         with call_state(sd.unet, **state):
@@ -111,7 +114,7 @@ def _denoiser(sd, cond: Tensor, uncond: Tensor, guidance: float, chunk: int | No
             return run(x, t, cond, uncond)
         pieces = [run(x[i:i + chunk], t, cond[i:i + chunk], uncond[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
         return torch.cat(pieces)
-    return denoise
+    return step_clock(sd.unet, denoise)
 
 
 def _contexts(sd, prompt: Prompt, negative_prompt: Prompt, batch: int, repeat: int = 1) -> tuple[Tensor, Tensor]:

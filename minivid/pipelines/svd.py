@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from minivid.attention import step_clock
 from minivid.samplers import (cfg_denoise, edm_denoiser, edm_init_noise, euler_sample, frame_guidance_scale,
                               karras_sigmas)
 from minivid.svd import StableVideoDiffusion
@@ -105,7 +106,8 @@ def image_to_video(
 
     num_frames defaults to the model's (14 for SVD, 25 for SVD-XT). `latents` [B, F, 4, h, w] fixes the
     initial noise (before the √(σ_max² + 1) scaling, as diffusers' `latents=`). `callback(i, σ_i, x, D)`
-    runs after each Euler step (see minivid.samplers.euler_sample).
+    runs after each Euler step (see minivid.samplers.euler_sample). Every UNet call carries `step` and
+    `t` = σ of the step in its call state (`minivid.attention.step_clock`).
     """
     if image.ndim == 3:
         image = image[None]
@@ -122,7 +124,7 @@ def image_to_video(
         raise ValueError(f"latents must be {list(shape)}, got {list(latents.shape)}")
     sigmas = karras_sigmas(num_steps)
     x = edm_init_noise(latents.to(svd.device, torch.float32), sigmas).to(svd.dtype)
-    denoise = video_denoiser(svd, cond, F, min_guidance, max_guidance)
+    denoise = step_clock(svd.unet, video_denoiser(svd, cond, F, min_guidance, max_guidance))   # step, t = σ
     x = euler_sample(denoise, x, sigmas, callback=callback, progress=progress)
     frames = svd.decode_latents(x, decode_chunk_size).float() if decode else None
     return SVDOutput(frames, x)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minivid.attention import AttnContext, sdpa
+from minivid.attention import AttnContext, Processor, frame_count, sdpa
 
 from .correspondence import Correspondence
 from .merge import grouped_probs, match, merge_groups
@@ -55,15 +55,7 @@ _RESOLUTIONS = ("match", "nearest")
 
 
 def _frames(q: torch.Tensor, ctx: AttnContext) -> int:
-    frames = ctx.state.get("frames")
-    if frames is None:
-        raise ValueError(
-            f"{ctx.name or 'attention'}: COVE attention needs the frame count; "
-            "run the model inside minivid.attention.call_state(model, frames=F)"
-        )
-    if q.shape[0] % frames:
-        raise ValueError(f"{ctx.name or 'attention'}: batch {q.shape[0]} is not a multiple of frames={frames}")
-    return frames
+    return frame_count(ctx, q.shape[0], who=f"{ctx.name or 'attention'} (COVE attention)")
 
 
 def _to_video(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -167,7 +159,10 @@ class CorrespondenceGuidedAttention:
     correspondence: from `correspondence.correspondence(features, ...)` on the source video.
     k: matches per frame used (<= correspondence.k; None = all). merge_ratio: temporal
     token merging ratio (0 = off). See the module docstring for `mode`, `sequential_qkv`,
-    `resolutions` and `include_self`.
+    `resolutions` and `include_self`. `dense` is the frame-mixing attention of the modes that keep
+    one (the first half of "sequential", and the layers CGA skips): COVE's dense spatio-temporal
+    attention by default; any processor, e.g. EI²'s FFAM (`FFAMProcessor(r)`, which with r = 1 is
+    dense spatio-temporal attention) to put CGA inside an EI² model.
     """
 
     def __init__(
@@ -182,6 +177,7 @@ class CorrespondenceGuidedAttention:
         include_self: bool = True,
         proportional: bool = True,
         budget: int = 1 << 22,
+        dense: Processor = None,
     ):
         if mode not in MODES:
             raise ValueError(f"CorrespondenceGuidedAttention: mode must be one of {MODES}, got {mode!r}")
@@ -195,6 +191,7 @@ class CorrespondenceGuidedAttention:
         self.merge_ratio, self.mode = merge_ratio, mode
         self.sequential_qkv, self.resolutions = sequential_qkv, resolutions
         self.include_self, self.proportional, self.budget = include_self, proportional, budget
+        self.dense: Processor = spatio_temporal if dense is None else dense
         self._index: dict[tuple[tuple[int, int], str], torch.Tensor] = {}   # per (grid, device)
 
     def index_for(self, hw: tuple[int, int] | None, n_tokens: int, device: torch.device) -> torch.Tensor | None:
@@ -228,10 +225,10 @@ class CorrespondenceGuidedAttention:
             )
         index = None if self.mode == "dense_only" else self.index_for(ctx.hw, q.shape[2], q.device)
         if index is None:
-            return sdpa(q, k, v, ctx) if self.mode == "cga_only" else spatio_temporal(q, k, v, ctx)
+            return sdpa(q, k, v, ctx) if self.mode == "cga_only" else self.dense(q, k, v, ctx)
         if self.mode in ("replace", "cga_only"):
             return self.cga(q, k, v, index, frames, ctx)
-        dense = spatio_temporal(q, k, v, ctx)                                # "sequential"
+        dense = self.dense(q, k, v, ctx)                                     # "sequential"
         if self.sequential_qkv == "output":
             q2 = k2 = v2 = dense
         elif self.sequential_qkv == "input":

@@ -20,8 +20,11 @@ For other UNets "auto" takes the same position: the last block of the second-fin
 Other choices: the prompt of the pass is empty by default (DIFT's default, and the feature
 should describe the source frames, not a caption); each frame gets its own noise draw
 ("we add noise ... to each frame"); `ensemble` > 1 averages several draws (DIFT's ensemble;
-COVE uses one pass, the default). The UNet runs frame by frame as the image model it is (no
-video processors), and stops at the feature layer: the blocks after it are not evaluated.
+COVE uses one pass, the default). The UNet runs frame by frame as the image model it is, whatever
+is installed on it (`minivid.attention.image_model`: default attention processors, no wrappers or
+hooks, EI²'s or Tune-A-Video's video blocks run as their image block), and stops at the feature
+layer: the blocks after it are not evaluated. So the features of an EI²-inflated or tuned UNet are
+those of its image model (with its own weights: tuned W_Q are part of it, STAM is not).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minivid.attention import replace_outputs
+from minivid.attention import image_model, replace_outputs
 from minivid.samplers import add_noise
 
 __all__ = ["FEATURE_T", "default_feature_layer", "diffusion_features"]
@@ -88,7 +91,7 @@ def diffusion_features(
         raise _Reached
 
     total = None
-    with replace_outputs(unet, name, keep):
+    with image_model(unet), replace_outputs(unet, name, keep):
         for _ in range(ensemble):
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
             parts = []

@@ -43,7 +43,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from minivid.attention import call_state, processors
+from minivid.attention import SPATIAL_SELF, Pattern, Processor, call_state, processors, step_clock
 from minivid.pipelines.sd import Inversion
 from minivid.samplers import cfg_denoise, ddim_invert, ddim_sample, ddim_timesteps
 
@@ -52,7 +52,8 @@ from .correspondence import Correspondence, correspondence
 from .features import FEATURE_T, diffusion_features
 from .inject import FeatureBank, injection_layers, match_timesteps
 
-__all__ = ["COVEConfig", "COVEResult", "edit_video", "STORE_DTYPES", "inversion_unet_timesteps", "injection_schedule"]
+__all__ = ["COVEConfig", "COVEBlocks", "COVEResult", "edit_video", "STORE_DTYPES", "inversion_unet_timesteps",
+           "injection_schedule", "cove_features", "cove_attention"]
 
 
 STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -141,13 +142,58 @@ def injection_schedule(cfg: COVEConfig, num_train: int = 1000) -> dict[int, int]
 
 def _denoiser(sd, cond: Tensor, uncond: Tensor, guidance: float, frames: int, bank: FeatureBank | None
               ) -> Callable[[Tensor, Tensor], Tensor]:
-    """denoise(x, t): one guided UNet call on the F frames, with the call state and the bank's clock set."""
+    """denoise(x, t): one guided UNet call on the F frames, with the call state (frames, step, t) and
+    the bank's clock set."""
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         clock = bank.at(int(t)) if bank is not None else contextlib.nullcontext()
-        with call_state(sd.unet, frames=frames, t=int(t)), clock:
+        with call_state(sd.unet, frames=frames), clock:
             c, u = cond.expand(x.shape[0], -1, -1), uncond.expand(x.shape[0], -1, -1)
             return cfg_denoise(sd.unet, x, t, c, u, guidance).float()
-    return denoise
+    return step_clock(sd.unet, denoise)
+
+
+# ---------------------------------------------------------------- the blocks, with the paper's defaults
+
+def cove_features(sd, latents: Tensor, cfg: COVEConfig, source_prompt: str, generator: torch.Generator) -> Tensor:
+    """The default feature pass: Eq. 4 with the config's timestep, layer, prompt and ensemble
+    (`features.diffusion_features`, which runs the plain image model whatever is installed)."""
+    return diffusion_features(sd, latents, t=cfg.feature_t, layer=cfg.feature_layer, generator=generator,
+                              prompt=source_prompt if cfg.feature_prompt == "source" else "",
+                              ensemble=cfg.feature_ensemble)
+
+
+def cove_attention(corr: Correspondence, cfg: COVEConfig, dense: Processor | None = None) -> Processor:
+    """The default attention of both passes: CGA (Eq. 11-14) in the config's mode, with COVE's dense
+    spatio-temporal attention (or `dense`) as its frame-mixing half."""
+    return CorrespondenceGuidedAttention(corr, k=cfg.k, merge_ratio=cfg.merge_ratio, mode=cfg.mode,
+                                        resolutions=cfg.resolutions, include_self=cfg.include_self, dense=dense)
+
+
+@dataclass(frozen=True)
+class COVEBlocks:
+    """The blocks `edit_video` is made of, each defaulting to the paper's, so another combination is a
+    few lines of configuration:
+
+    - `features(sd, latents [F, C, h, w], cfg, source_prompt, generator) -> [F, h', w', D]`, unit
+      vectors (stage 2, Eq. 4);
+    - `attention(correspondence, cfg) -> processor`, installed on `layers` (default: the spatial
+      self-attention layers, `SPATIAL_SELF`) during the inversion (if `cfg.cga_in_inversion`) and the
+      sampling (stages 4-6);
+    - `invert` and `sample`, the sampler loops, with the signatures of `samplers.ddim_invert`
+      (called with eps_at=, progress=, return_trajectory=True) and `samplers.ddim_sample` (progress=).
+
+    CGA inside an EI²-inflated model, FFAM as its dense half:
+
+        with inflated(sd.unet, EI2Config(r=2)):
+            blocks = COVEBlocks(attention=lambda corr, cfg: cove_attention(corr, cfg, dense=FFAMProcessor(2)))
+            out = edit_video(sd, frames, prompt, source_prompt, COVEConfig(), blocks=blocks)
+    """
+
+    features: Callable[..., Tensor] = cove_features
+    attention: Callable[[Correspondence, COVEConfig], Processor] = cove_attention
+    layers: Pattern = SPATIAL_SELF
+    invert: Callable[..., Any] = ddim_invert
+    sample: Callable[..., Tensor] = ddim_sample
 
 
 def _autocast(sd, dtype: torch.dtype | None):
@@ -169,12 +215,14 @@ def edit_video(
     dtype: torch.dtype | None = None,
     vae_chunk: int | None = None,
     decode: bool = True,
+    blocks: COVEBlocks = COVEBlocks(),
 ) -> COVEResult:
     """Edit `frames` [F, 3, H, W] (in [-1, 1]) from `source_prompt` to `prompt` with COVE.
 
     `seed` fixes the noise of the feature pass (the only random draw: DDIM inversion and sampling are
     deterministic). `dtype` runs the UNet under autocast in that dtype. See the module docstring for the
-    stages; `stats` in the result holds their timings and what the feature bank kept.
+    stages; `stats` in the result holds their timings and what the feature bank kept. `blocks` replaces
+    the feature pass, the attention the passes install or the sampler loops (`COVEBlocks`).
     """
     if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] < 2:
         raise ValueError(f"COVE: frames must be [F >= 2, 3, H, W] in [-1, 1], got {tuple(frames.shape)}")
@@ -195,9 +243,7 @@ def edit_video(
     # 2. diffusion features, Eq. 4
     generator = torch.Generator().manual_seed(seed)
     with _autocast(sd, dtype):
-        feats = diffusion_features(sd, z, t=cfg.feature_t, layer=cfg.feature_layer, generator=generator,
-                                   prompt=source_prompt if cfg.feature_prompt == "source" else "",
-                                   ensemble=cfg.feature_ensemble)              # [F, h', w', D]
+        feats = blocks.features(sd, z, cfg, source_prompt, generator)       # [F, h', w', D]
     lap("features")
 
     # 3. correspondence, Eq. 5-10
@@ -206,20 +252,19 @@ def edit_video(
     stats["feature_grid"], stats["feature_dim"] = list(corr.hw), int(feats.shape[-1])
 
     # 4. correspondence-guided attention on every self-attention layer, Eq. 11-14
-    cga = CorrespondenceGuidedAttention(corr, k=cfg.k, merge_ratio=cfg.merge_ratio, mode=cfg.mode,
-                                        resolutions=cfg.resolutions, include_self=cfg.include_self)
+    cga = blocks.attention(corr, cfg)
     resnets, attentions = injection_layers(unet)
     schedule = injection_schedule(cfg, sd.schedule.num_train_timesteps)
     bank = FeatureBank(resnets, attentions, schedule, cfg.store_device, STORE_DTYPES[cfg.store_dtype])
     stats["injection"] = {"resnets": resnets, "attentions": attentions,
                           "sampling_to_inversion_timestep": {str(k): v for k, v in schedule.items()}}
-    inversion_attention = processors(unet, "*attn1", cga) if cfg.cga_in_inversion else contextlib.nullcontext()
+    inversion_attention = processors(unet, blocks.layers, cga) if cfg.cga_in_inversion else contextlib.nullcontext()
 
     # 5. DDIM inversion with CGA, saving the features to inject
     source = sd.encode_prompt([source_prompt])
     invert = _denoiser(sd, source, source, 1.0, Fr, bank)
     with inversion_attention, bank.recording(unet), _autocast(sd, dtype):
-        x_T, trajectory = ddim_invert(invert, z, cfg.inversion_steps, sd.schedule, sd.prediction,
+        x_T, trajectory = blocks.invert(invert, z, cfg.inversion_steps, sd.schedule, sd.prediction,
                                       eps_at=cfg.inversion_eps_at, progress=progress, return_trajectory=True)
     inversion = Inversion(x_T, z, trajectory, ddim_timesteps(cfg.inversion_steps, sd.schedule.num_train_timesteps).flip(0))
     stats["bank_bytes"], stats["bank_steps"] = bank.nbytes, len(bank.steps)
@@ -227,8 +272,8 @@ def edit_video(
 
     # 6. DDIM sampling with CGA and the source features injected in the first steps
     denoise = _denoiser(sd, sd.encode_prompt([prompt]), sd.encode_prompt([cfg.negative_prompt]), cfg.guidance, Fr, bank)
-    with processors(unet, "*attn1", cga), bank.injecting(unet), _autocast(sd, dtype):
-        x0 = ddim_sample(denoise, x_T, cfg.steps, sd.schedule, sd.prediction, progress=progress)
+    with processors(unet, blocks.layers, cga), bank.injecting(unet), _autocast(sd, dtype):
+        x0 = blocks.sample(denoise, x_T, cfg.steps, sd.schedule, sd.prediction, progress=progress)
     stats["injected_tensors"] = bank.injected
     lap("sampling")
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from minivid.attention import Attention, AttnContext
+from minivid.attention import Attention, AttnContext, frame_count
 from minivid.kernels.fine_coarse_attention import fine_coarse_attention
 
 __all__ = ["instance_centering", "STAM", "FFAMProcessor", "video_frames"]
@@ -39,15 +39,8 @@ __all__ = ["instance_centering", "STAM", "FFAMProcessor", "video_frames"]
 
 def video_frames(state: dict[str, Any], batch: int, frames: int | None = None) -> int:
     """The frame count: `frames` if given, else `state["frames"]` from `call_state`; checked
-    against a batch of `batch` = B·F frames."""
-    if frames is None:
-        if "frames" not in state:
-            raise KeyError("EI²: frame count unknown; pass frames= or run inside call_state(model, frames=F)")
-        frames = state["frames"]
-    frames = int(frames)
-    if frames < 1 or batch % frames:
-        raise ValueError(f"EI²: a batch of {batch} frames is not a whole number of videos of {frames} frames")
-    return frames
+    against a batch of `batch` = B·F frames (`minivid.attention.frame_count`)."""
+    return frame_count(state, batch, frames, who="EI²")
 
 
 # ---------------------------------------------------------------- STAM (§4.3)

@@ -11,8 +11,12 @@ itself is `minivid.pipelines.sd.edit_video`.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 
+from minivid.attention import SPATIAL_SELF, Pattern, Processor, processors
 from minivid.methods.ei2.blocks import FFAMProcessor
 from minivid.methods.ei2.model import STAMBlockMixin
 from minivid.pipelines.sd import Edit, edit_video
@@ -40,11 +44,19 @@ def edit(
     progress: bool = True,
     dtype: torch.dtype | None = None,
     vae_chunk: int | None = None,
+    *,
+    attention: Processor | None = None,
+    layers: Pattern = SPATIAL_SELF,
+    loop: Callable[..., Edit] = edit_video,
 ) -> Edit:
     """Edit frames [F, 3, H, W] in [-1, 1] with an inflated (normally tuned) `sd.unet`.
 
     Inversion uses `source_prompt` without guidance; sampling uses `prompt` with CFG `guidance`
     against `negative_prompt`. Returns the edited frames, their latents and the source's inversion.
+
+    The blocks, defaulting to the paper's: `attention`, a processor installed on `layers` for both
+    passes (None: the inflation's, FFAM on the spatial self-attention); `loop`, the inversion and
+    sampling loop (`minivid.pipelines.sd.edit_video`'s signature).
     """
     if not _is_inflated(sd.unet):
         raise ValueError("EI² edit: the UNet is not inflated; use load_tuned(sd, checkpoint) or "
@@ -52,5 +64,7 @@ def edit(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     sd.unet.eval()
-    return edit_video(sd, frames, prompt, source_prompt, steps, guidance, negative_prompt, progress=progress,
-                      dtype=dtype, vae_chunk=vae_chunk)
+    scope = processors(sd.unet, layers, attention) if attention is not None else contextlib.nullcontext()
+    with scope:
+        return loop(sd, frames, prompt, source_prompt, steps, guidance, negative_prompt, progress=progress,
+                    dtype=dtype, vae_chunk=vae_chunk)

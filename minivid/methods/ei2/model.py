@@ -19,9 +19,12 @@ The block is changed by swapping the class of the existing instance (the Tune-A-
 as `...transformer_blocks.0.stam.*`.
 
     unet = sd.unet
-    inflate(unet, EI2Config(r=2))                        # in place
+    inflate(unet, EI2Config(r=2))                        # in place, for good (what tuning needs)
     model = EI2Model(unet)                               # or EI2Model(unet, EI2Config(...)) to inflate here
     eps = model(latents, t, context)                     # latents [B, 4, F, h, w], context [B, 77, 768]
+
+    with inflated(unet, EI2Config(r=2)) as model:        # scoped: the plain image UNet comes back on exit
+        ...                                              # (`deflate(unet)` undoes a permanent inflation)
 """
 from __future__ import annotations
 
@@ -29,18 +32,19 @@ import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-from minivid.attention import call_state, name_layers, set_processor
+from minivid.attention import SPATIAL_SELF, Attention, attention_layers, call_state, name_layers, sdpa, set_processor
 from minivid.methods.ei2.blocks import STAM, FFAMProcessor
 
 __all__ = [
-    "ORDERS", "EI2Config", "STAMBlockMixin", "stam_block_class", "inflate", "set_stam_order", "EI2Model",
+    "ORDERS", "EI2Config", "STAMBlockMixin", "stam_block_class", "inflate", "deflate", "inflated", "set_stam_order",
+    "EI2Model",
     "trainable_patterns", "BUFFER_PATTERNS", "power_iteration",
 ]
 
@@ -173,8 +177,54 @@ def inflate(unet: nn.Module, config: EI2Config | None = None, seed: int | None =
             raise ValueError(f"inflate: no {block_type.__name__} in {type(unet).__name__}")
     name_layers(unet)
     if config.ffam:
-        set_processor(unet, "*attn1", FFAMProcessor(config.r, config.ffam_backend))
+        set_processor(unet, SPATIAL_SELF, FFAMProcessor(config.r, config.ffam_backend))
     return names
+
+
+def deflate(unet: nn.Module) -> list[str]:
+    """Undo `inflate`, in place: every STAM block becomes its plain image block again (its `stam`
+    removed) and every FFAM layer gets the default processor back; returns the names of the blocks
+    that lost their STAM. The image model's weights are untouched (tuned W_Q stay tuned)."""
+    names = []
+    for name, m in unet.named_modules():
+        if isinstance(m, STAMBlockMixin):
+            names.append(name)
+    for name in names:
+        m = unet.get_submodule(name)
+        base = type(m).base
+        del m.stam
+        del m.stam_order
+        m.__class__ = base
+    for m in unet.modules():
+        if isinstance(m, Attention) and isinstance(m.processor, FFAMProcessor):
+            m.processor = sdpa
+    name_layers(unet)
+    return names
+
+
+@contextlib.contextmanager
+def inflated(unet: nn.Module, config: EI2Config | None = None, seed: int | None = 0,
+             block_type: type | None = None) -> Iterator[EI2Model]:
+    """EI²'s inflation as a scope: `inflate(unet, config, seed)` on entry, the plain image UNet back
+    on exit (its STAMs dropped, its attn1 processors as they were before entry). Yields the
+    `EI2Model` on the inflated UNet. For a model to tune and keep, use the permanent `inflate` /
+    `EI2Model(unet, config)`; this form is for trying EI²'s blocks in an experiment on a model that
+    must stay an image model afterwards.
+
+        with inflated(sd.unet, EI2Config(r=1)) as model:
+            eps = model(latents, t, context)          # latents [B, 4, F, h, w]
+    """
+    if any(isinstance(m, STAMBlockMixin) for m in unet.modules()):
+        raise ValueError(f"inflated: {type(unet).__name__} is already inflated")
+    saved = {n: m.processor for n, m in attention_layers(unet).items()}
+    model = EI2Model(unet, config or EI2Config(), seed, block_type)
+    try:
+        yield model
+    finally:
+        deflate(unet)
+        for n, m in attention_layers(unet).items():
+            if n in saved:
+                m.processor = saved[n]
 
 
 def set_stam_order(unet: nn.Module, order: Order) -> int:
@@ -234,11 +284,12 @@ class EI2Model(nn.Module):
     it is (already inflated, or a plain UNet for comparison).
     """
 
-    def __init__(self, unet: nn.Module, config: EI2Config | None = None, seed: int | None = 0):
+    def __init__(self, unet: nn.Module, config: EI2Config | None = None, seed: int | None = 0,
+                 block_type: type | None = None):
         super().__init__()
         self.unet = unet
         self.config = config
-        self.stam_blocks = inflate(unet, config, seed) if config is not None else []
+        self.stam_blocks = inflate(unet, config, seed, block_type) if config is not None else []
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:

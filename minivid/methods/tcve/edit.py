@@ -15,9 +15,12 @@ training batch).
 """
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Callable, Literal
 
 import torch
+
+from minivid.attention import SPATIAL_SELF, Pattern, Processor, processors
 
 from minivid.methods.tcve.model import TCVEModel
 from minivid.samplers import StepCallback
@@ -45,13 +48,22 @@ def edit_tcve(
     inversion_callback: StepCallback | None = None,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    attention: Processor | None = None,
+    layers: Pattern = SPATIAL_SELF,
+    loop: Callable | None = None,
 ):
     """Edit a clip [F, 3, H, W] in [-1, 1] with the (tuned) TCVE `model` built on `sd.unet`.
 
     inversion_prompt: "empty" inverts with the empty prompt (the authors' code), "source" with
     `source_prompt`. Returns minivid.pipelines.sd.Edit (images [F, 3, H, W], latents, the inversion).
+
+    The blocks, defaulting to the paper's: `attention`, a processor installed on `layers` for both
+    passes (None: the model's own, sparse-causal attention on the spatial self-attention); `loop`,
+    the inversion and sampling loop (None: `minivid.pipelines.sd.edit_video`, whose signature it takes).
     """
     from minivid.pipelines.sd import edit_video
+
+    loop = loop or edit_video
 
     if inversion_prompt not in INVERSION_PROMPTS:
         raise ValueError(f"inversion_prompt must be one of {INVERSION_PROMPTS}, got {inversion_prompt!r}")
@@ -60,6 +72,7 @@ def edit_tcve(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     inv_prompt = source_prompt if inversion_prompt == "source" else ""
-    with model.attached():
-        return edit_video(sd, frames, prompt, inv_prompt, steps, guidance, negative_prompt, vae_chunk=vae_chunk,
+    scope = processors(sd.unet, layers, attention) if attention is not None else contextlib.nullcontext()
+    with model.attached(), scope:
+        return loop(sd, frames, prompt, inv_prompt, steps, guidance, negative_prompt, vae_chunk=vae_chunk,
                           callback=callback, inversion_callback=inversion_callback, progress=progress, dtype=dtype)
