@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minivid.attention import Attention, AttnContext, Processor, frame_count, name_layers, sdpa, set_processor
+from minivid.attention import SPATIAL_SELF, Attention, AttnContext, Processor, frame_count, name_layers, sdpa, set_processor
 
 __all__ = [
     "TRAINABLE", "frames_of", "sparse_causal_kv", "sparse_causal", "temporal_attention",
@@ -210,5 +210,5 @@ def inflate_for_tuneavideo(
             raise ValueError(f"inflate_for_tuneavideo: no un-inflated {block_type.__name__} in {type(unet).__name__}")
     name_layers(unet)
     if sparse:
-        set_processor(unet, "*attn1", sparse_causal)
+        set_processor(unet, SPATIAL_SELF, sparse_causal)
     return names

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minivid.attention import step_clock
 from minivid.pipelines.svd import check_size, video_denoiser
 from minivid.samplers import edm_init_noise, euler_sample, karras_sigmas
 from minivid.svd import StableVideoDiffusion
@@ -225,7 +226,7 @@ def edit_clip(
 
         sigmas = karras_sigmas(N)
         x = edm_init_noise(inv.noise.to(svd.device), sigmas).to(svd.dtype)
-        x = euler_sample(denoise, x, sigmas, progress=progress)
+        x = euler_sample(step_clock(svd.unet, denoise), x, sigmas, progress=progress)
 
     # 4. decode in chunks
     frames = svd.decode_latents(x, cfg.decode_chunk).float()[0]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minivid.attention import step_clock
 from minivid.samplers import edm_denoiser, edm_inversion_sigmas, edm_invert, karras_sigmas
 from minivid.svd import StableVideoDiffusion
 
@@ -169,7 +170,7 @@ def invert_clip(
         return out
 
     with lora_off(lora):
-        xN, trajectory = edm_invert(denoise, x0, sigmas, progress=progress, return_trajectory=True)
+        xN, trajectory = edm_invert(step_clock(svd.unet, denoise), x0, sigmas, progress=progress, return_trajectory=True)
     inv.trajectory = trajectory
     inv.noise = xN / (sigmas[0] ** 2 + 1) ** 0.5
     return inv
