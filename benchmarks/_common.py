@@ -82,6 +82,23 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def interleaved_clocks(fns: dict[str, Callable[[], object]], repeats: int = 5,
+                       warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """Like `interleaved`, two clocks per run: median (wall s, process CPU s). Process CPU time
+    counts every thread of this process (BLAS and worker threads, spin-waits included) and not
+    the time other jobs hold the cores: on a loaded machine its ratios are the steadier ones."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            f()
+            times[k].append((time.perf_counter() - w, time.process_time() - c))
+    return {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
+
+
 def peak_memory(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by torch's CPU allocator while `fn` runs, via the profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -207,13 +224,13 @@ def blas() -> str:
     return "BLAS unknown"
 
 
-def machine(threads: int | None = None) -> str:
+def machine(threads: int | str | None = None) -> str:
     """What a figure was measured on: 'CPU model, vector ISA, cores, torch, BLAS, threads', e.g.
     'AMD EPYC, AVX-512, 2 cores, torch 2.13.0+cpu (MKL), 2 threads'. `minivid bench` prints it
     before every run and `write_section` stamps it on every section of docs/benchmarks.md."""
     n = torch.get_num_threads() if threads is None else threads
     return (f"{cpu_model()}, {cpu_isa()}, {os.cpu_count()} cores, torch {torch.__version__} ({blas()}), "
-            f"{n} thread{'s' if n != 1 else ''}")
+            f"{n} thread{'s' if n != 1 else ''}")   # a str: e.g. '2/1', the counts of a run's phases
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
@@ -223,7 +240,8 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(title: str, body: str, path: str | os.PathLike | None = None) -> pathlib.Path:
+def write_section(title: str, body: str, path: str | os.PathLike | None = None,
+                  threads: int | str | None = None) -> pathlib.Path:
     """Replace the marked section `title` of docs/benchmarks.md (or `path`, or $MINIVID_BENCH_DOCS).
 
     The section is `<!-- bench: title -->`, `## title`, the stamp (date, machine, load average),
@@ -234,7 +252,7 @@ def write_section(title: str, body: str, path: str | os.PathLike | None = None) 
     path = pathlib.Path(path or os.environ.get("MINIVID_BENCH_DOCS") or DOCS)
     begin, end = f"<!-- bench: {title} -->", f"<!-- /bench: {title} -->"
     stamp = datetime.date.today().isoformat()
-    section = (f"{begin}\n## {title}\n\nMeasured {stamp} on {machine()}; {load_note()}.\n\n"
+    section = (f"{begin}\n## {title}\n\nMeasured {stamp} on {machine(threads)}; {load_note()}.\n\n"
                f"{body.strip()}\n{end}\n")
     text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery figure below was printed by `minivid bench ...` in one run.\n"
     if begin in text and end in text.split(begin, 1)[1]:

@@ -8,17 +8,17 @@ On random unit features of F frames with an H×W token grid and width d (COVE: 2
   directions it runs once per direction (i -> i+1 and i+1 -> i);
 - `window_topk_reference`: 8×8 query tiles as batched matmuls against their 16×16 key regions,
   candidates packed with their index into int64 keys for the tie rule (the former CPU path);
-- `window_topk_band` (the CPU path now, one direction): query row segments of 16 tokens against
-  one key band of l rows × (16+l−1) columns, one bmm per column tile on overlapping views;
-- `window_topk_pair` (both directions, what `consecutive_topk` runs): the band similarities of
-  i -> i+1 also serve i+1 -> i; only the top/bottom l//2 rows are searched again backwards;
+- `window_topk_band` (the CPU path, one direction): 4×4 query tiles against their 12×12 key regions
+  (l=9), the tiles of a column strip a few bmm calls on strided views of two contiguous copies;
+- `window_topk_pair` (both directions, what `consecutive_topk` runs): the same tiles, with border
+  regions grown so that a[p]·b[q] of i -> i+1 also serves i+1 -> i: nothing is searched twice;
 - `--full` adds l = 3 / 15 (Table 4's windows) and Eq. 5's all-pairs matrix (one block row measured,
   time × N: the whole matrix, 26.8 GB fp32 at COVE's size, does not fit).
 
 Every run is timed in phases: 1 and 2 torch threads on the machine as it is, then the same with a
 concurrent job loading both cores (a second process multiplying 2048² matrices on 2 threads,
 started and stopped by this script; `--no-load` skips it). Within a phase the paths run interleaved
-(a, b, c, a, b, c, ...), medians reported, and each phase reports the 1-minute load average before
+(a, b, c, a, b, c, ...), medians of wall and of process CPU time reported, and each phase reports the 1-minute load average before
 and after it (the machine is shared). Before timing, the script checks on these random floats that
 the band path equals the reference bitwise and the pair path equals two reference searches bitwise.
 
@@ -41,12 +41,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved, table, write_section  # noqa: E402
+from _common import interleaved_clocks, machine, table, write_section  # noqa: E402
 
 from minivid.kernels.correspondence import (  # noqa: E402
-    _axis_tiles,
-    _band_gather,
-    _band_plan,
+    _block_plan,
     multiply_adds,
     window_topk_band,
     window_topk_pair,
@@ -120,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
             for lw in (3, 15):
                 fn = lambda lw=lw: window_topk_band(a, b, lw, K)  # noqa: E731
                 fn()
-                t = interleaved({"w": fn}, repeats=args.repeats, warmup=0)["w"]
+                t = interleaved_clocks({"w": fn}, repeats=args.repeats, warmup=0)["w"][0]
                 extra_rows.append((f"band l={lw}", lw, t, peak_memory(fn)))
-            row_t = interleaved({"row": lambda: all_pairs_block_row(feats, K)}, 1, 1)["row"]
+            row_t = interleaved_clocks({"row": lambda: all_pairs_block_row(feats, K)}, 1, 1)["row"][0]
             extra_rows.append(("all-pairs (Eq. 5), one block row × N", None, N * row_t, peak_memory(lambda: all_pairs_block_row(feats, K))))
 
         phases = []
@@ -132,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                 for t in threads:
                     torch.set_num_threads(t)
                     before = os.getloadavg()[0]
-                    times = interleaved(fns, repeats=args.repeats, warmup=0)
+                    times = interleaved_clocks(fns, repeats=args.repeats, warmup=0)
                     phases.append((t, loaded, before, os.getloadavg()[0], times))
             finally:
                 if job is not None:
@@ -152,21 +150,23 @@ def run(args: argparse.Namespace) -> int:
         cost_rows.append([name, dirs, need / 1e9, e / 1e9, f"{e / (exact * dirs):.2f}×",
                           f"{memory[name] / 2 ** 20:.1f}", f"{100 * memory[name] / mem_base:.1f}%"])
     time_rows = []
-    for t, loaded, before, after, tm in phases:
-        pp = tm["per-pair full matrix"]
-        pp2 = pp + tm["per-pair full matrix, backward"]
-        ref, ref2 = tm["reference (8×8 tiles)"], tm["reference (8×8 tiles)"] + tm["reference, backward"]
-        band, band2 = tm["band (one direction)"], tm["band (one direction)"] + tm["band, backward"]
-        pair = tm["pair (both, one pass)"]
-        time_rows.append([
-            t, "concurrent job" if loaded else "as is", f"{before:.1f} / {after:.1f}",
-            f"{pp:.2f}", f"{ref:.3f} ({pp / ref:.1f}×)", f"{band:.3f} (**{pp / band:.1f}×**)",
-            f"{pp2:.2f}", f"{ref2:.3f} ({pp2 / ref2:.1f}×)", f"{band2:.3f} ({pp2 / band2:.1f}×)",
-            f"{pair:.3f} (**{pp2 / pair:.1f}×**)",
-        ])
+    for t, loaded, before, after, clocks in phases:
+        for c, clock in enumerate(("wall", "CPU")):
+            tm = {name: v[c] for name, v in clocks.items()}
+            pp = tm["per-pair full matrix"]
+            pp2 = pp + tm["per-pair full matrix, backward"]
+            ref, ref2 = tm["reference (8×8 tiles)"], tm["reference (8×8 tiles)"] + tm["reference, backward"]
+            band, band2 = tm["band (one direction)"], tm["band (one direction)"] + tm["band, backward"]
+            pair = tm["pair (both, one pass)"]
+            time_rows.append([
+                t, "concurrent job" if loaded else "as is", f"{before:.1f} / {after:.1f}", clock,
+                f"{pp:.2f}", f"{ref:.3f} ({pp / ref:.1f}×)", f"{band:.3f} (**{pp / band:.1f}×**)",
+                f"{pp2:.2f}", f"{ref2:.3f} ({pp2 / ref2:.1f}×)", f"{band2:.3f} ({pp2 / band2:.1f}×)",
+                f"{pair:.3f} (**{pp2 / pair:.1f}×**)",
+            ])
     body = table(["path", "directions", f"GMAC exact (l={l})", "GMAC executed", "executed / exact", "peak MiB", "peak / per-pair"], cost_rows)
     body += "\n\n" + table([
-        "threads", "machine", "load avg before / after", "per-pair s", "reference s (×)", "band s (×)",
+        "threads", "other work", "load avg before / after", "clock", "per-pair s", "reference s (×)", "band s (×)",
         "per-pair ×2 s", "reference ×2 s (×)", "band ×2 s (×)", "pair s (×)",
     ], time_rows)
     if extra_rows:
@@ -188,13 +188,18 @@ def run(args: argparse.Namespace) -> int:
         f"Peak memory measured at {threads[0]} thread(s); with more threads each worker thread holds its "
         "own buffers (the profiler does not see worker threads): add the peak minus the outputs per extra "
         "worker. 'executed / exact': executed multiply-adds over the exact windowed count of the same "
-        "directions (for the per-pair path: its whole-frame products over the window's).\n\n"
+        "directions (for the per-pair path: its whole-frame products over the window's). Clocks: 'wall' "
+        "is elapsed time, 'CPU' the process CPU time of the same runs (all its threads, BLAS spin-waits "
+        "included; time other jobs hold the cores not counted): on a loaded machine the CPU-time ratios are "
+        f"the steadier ones. Band path tiles {BAND_TILE[0]}×{BAND_TILE[1]} queries (pair: the same tiles, "
+        "regions grown at the borders so that one pass serves both directions). "
+        f"Machine: {machine(threads='/'.join(map(str, threads)))}.\n\n"
         f"Command: `{cmd} --write`."
     )
     print(body)
     print(f"\nbitwise: band == reference {band_eq}; pair == two reference searches {pair_eq}")
     if getattr(args, "write", False):
-        write_section(TITLE, notes + "\n\n" + body)
+        write_section(TITLE, notes + "\n\n" + body, threads="/".join(map(str, threads)))
     return 0
 
 
@@ -248,10 +253,5 @@ def executed_macs(path: str, N: int, H: int, W: int, D: int, window: int) -> int
         nh, th, rh = axis(H)
         nw, tw, rw = axis(W)
         return P * nh * nw * th * tw * rh * rw * D
-    if path == "band":                                        # T_h×T_w tiles against R_h×R_w regions
-        rows, cols = _axis_tiles(H, window, BAND_TILE[0]), _axis_tiles(W, window, BAND_TILE[1])
-        return P * len(rows[3]) * len(cols[3]) * rows[1] * cols[1] * rows[2] * cols[2] * D
-    plan = _band_plan(H, W, window, 16)                       # pair: 1×16 row segments against l×(16+l-1) bands
-    per_row = len(plan["w0"]) * plan["T"] * plan["Lh"] * plan["R"] * D
-    rows = H + int((~_band_gather(H, W, window, 16, tuple(range(H)), True)[1]).sum())
-    return P * rows * per_row
+    plan = _block_plan(H, W, window, *BAND_TILE, path == "pair")  # tiles against their key regions
+    return P * plan[3] * D

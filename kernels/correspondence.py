@@ -46,6 +46,7 @@ COVE's size; it is guaranteed for features whose dot products are exact, as in t
 """
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import functools
 import threading
@@ -231,208 +232,131 @@ def window_topk_reference(
     return idx, score
 
 
-# ---------------------------------------------------------------- band path (CPU default)
-#
-# A query row segment (row h, columns w0..w0+T-1) has all its windows inside one key band:
-# rows [s_h, s_h + L_h) (the window rows of row h, the same for the whole row) by the
-# R = T + L_w - 1 columns covering the segment's window columns. Let keys_j hold columns
-# [c_j, c_j + R) of the key rows, contiguous ([rows, R, D], copied in chunks of _KEY_ROWS
-# query rows); the band of row h is then the contiguous block keys_j[s_h : s_h + L_h]
-# ([L_h*R, D]), and the bands of consecutive rows with s_h = h - l//2 are one overlapping
-# strided view (batch stride R*D). Border rows share one band (batch stride 0). So a column
-# tile is a few bmm calls on views: no query or band copies, only keys_j (~1.5 frames per
-# pair at T=16, l=9).
-
-@functools.lru_cache(maxsize=64)
-def _band_plan(H: int, W: int, window: int, tile: int):
-    """Shape-only plan of the band search (cached, plain Python numbers).
-
-    Returns a dict: Lh, Lw, T, R; w0 [nT] first query column of each tile (the last tile
-    ends at W, overlapping its neighbour); c [nT] first key column of each tile's band
-    (the band lies inside the frame); rs [H], cs [W]: window starts; col_tile, col_t [W]:
-    the tile and slot whose result column w takes (the last tile covering it).
-    """
-    Lh, Lw = min(window, H), min(window, W)
-    T = min(tile, W)
-    nT = -(-W // T)
-    w0 = [min(j * T, W - T) for j in range(nT)]
-    cs = window_starts(W, window).tolist()
-    rs = window_starts(H, window).tolist()
-    R = max(cs[w + T - 1] + Lw - cs[w] for w in w0)
-    c = [min(cs[w], W - R) for w in w0]
-    col_tile = [0] * W
-    col_t = [0] * W
-    for j, x in enumerate(w0):
-        for t in range(T):
-            col_tile[x + t], col_t[x + t] = j, t
-    return dict(Lh=Lh, Lw=Lw, T=T, R=R, w0=w0, c=c, rs=rs, cs=cs, col_tile=col_tile, col_t=col_t)
-
-
-@functools.lru_cache(maxsize=64)
-def _band_gather(H: int, W: int, window: int, tile: int, rows: tuple[int, ...], backward: bool):
-    """Flat positions, inside a similarity buffer [nT, len(rows), T, L_h*R] computed for the
-    query rows `rows`, of the window candidates of every query of those rows, in flat-index
-    order: [len(rows)*W*L_h*L_w] int32 (CPU, cached).
-
-    backward=True: the buffer holds sims of the *other* direction (queries p of frame a
-    against the bands of frame b, for all H rows) and the candidates are those of the queries
-    q of frame b: entry (q, p) is read at p's row of the buffer, q's place in p's band.
-    Returns (index, covered [H] bool: rows whose every query's candidates are all in the buffer).
-    """
-    P = _band_plan(H, W, window, tile)
-    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
-    rs, cs = torch.tensor(P["rs"]), torch.tensor(P["cs"])
-    ct, cT = torch.tensor(P["col_tile"]), torch.tensor(P["col_t"])
-    c = torch.tensor(P["c"])
-    n = len(rows)
-    hq = torch.tensor(rows)[:, None, None, None]                        # query row
-    wq = torch.arange(W)[None, :, None, None]                           # query column
-    i = torch.arange(Lh)[None, None, :, None]
-    jj = torch.arange(Lw)[None, None, None, :]
-    kh, kw = rs[hq] + i, cs[wq] + jj                                    # candidate (row, column)
-    if not backward:
-        slot = torch.arange(n)[:, None, None, None]
-        j = ct[wq]
-        index = (((j * n + slot) * T + cT[wq]) * Lh + i) * R + kw - c[j]
-        return index.flatten().int(), None
-    # q = (hq, wq) of frame b, candidate p = (kh, kw) of frame a: its buffer row is kh (all H rows
-    # computed), its tile col_tile[kw]; q sits at (hq - rs[kh], wq - c[tile]) inside p's band.
-    j = ct[kw]
-    dy, dx = hq - rs[kh], wq - c[j]
-    ok = (dy >= 0) & (dy < Lh) & (dx >= 0) & (dx < R)
-    index = (((j * H + kh) * T + cT[kw]) * Lh + dy.clamp(0, Lh - 1)) * R + dx.clamp(0, R - 1)
-    covered = ok.flatten(1).all(1)                                      # [n]
-    return index.flatten().int(), covered
-
-
-_KEY_ROWS = 24       # query rows per key copy: the keys buffer holds their bands, [24 + L_h - 1, R, D]
-
-
-def _row_chunks(rows: tuple[int, ...], rs: list[int], chunk: int):
-    """Split sorted query rows into chunks of <= chunk consecutive rows, and each chunk into
-    runs whose band starts step by 1 (interior) or 0 (border rows sharing a band):
-    [(first key row, key rows, [(out slot, query row, n, band offset, step), ...]), ...]."""
-    chunks, o = [], 0
-    while o < len(rows):
-        o1 = o + 1
-        while o1 < len(rows) and o1 - o < chunk and rows[o1] == rows[o1 - 1] + 1:
-            o1 += 1
-        k0 = rs[rows[o]]
-        runs, r = [], o
-        while r < o1:
-            r1, step = r + 1, None
-            while r1 < o1:
-                d = rs[rows[r1]] - rs[rows[r1 - 1]]
-                if step is None:
-                    step = d
-                if d != step:
-                    break
-                r1 += 1
-            runs.append((r, rows[r], r1 - r, rs[rows[r]] - k0, step or 0))
-            r = r1
-        chunks.append((k0, rs[rows[o1 - 1]] - k0, runs))
-        o = o1
-    return chunks
-
-
-def _band_sims(q, kf, P, chunks, j, keys, out) -> None:
-    """Similarities of query rows (planned as `chunks`) of q [H, W, D] against their bands of
-    kf [H, W, D] in column tile j, into out [n_rows, T, L_h*R]. keys: [_KEY_ROWS+L_h-1, R, D]."""
-    D = q.shape[-1]
-    Lh, T, R = P["Lh"], P["T"], P["R"]
-    w0, c0 = P["w0"][j], P["c"][j]
-    for k0, span, runs in chunks:
-        n_keys = span + Lh
-        keys[:n_keys].copy_(kf[k0:k0 + n_keys, c0:c0 + R])
-        for o, h, n, off, step in runs:
-            band = keys.as_strided((n, Lh * R, D), (step * R * D, D, 1), off * R * D)
-            torch.bmm(q[h:h + n, w0:w0 + T], band.transpose(1, 2), out=out[o:o + n])
-
-
-# ---------------------------------------------------------------- block path (window_topk_band)
+# ---------------------------------------------------------------- block path (CPU default)
 #
 # Queries are cut into tiles of T_h×T_w tokens; the windows of a tile all lie in one key region
-# of R_h×R_w tokens (R ≤ T + L - 1 per axis), so a tile is one [T_h·T_w, d]×[d, R_h·R_w] product.
-# Per query it multiplies R_h·R_w keys for L_h·L_w candidates: (T_h+L_h-1)(T_w+L_w-1)/(L_h·L_w)
-# the exact work, 1.78x at 4×4 tiles and l=9 (a 1×16 row segment: 2.67x), and M=16 rows still
-# keep BLAS near its rate. For column tile j the queries of its columns are copied into
-# qs [H, T_w, D] and the keys of its region columns into ks [H, R_w, D] (contiguous), so a tile's
-# queries are the block qs[r0 : r0+T_h] -> [T_h·T_w, D] and its region the block ks[g : g+R_h] ->
-# [R_h·R_w, D]: row tiles whose starts step evenly are one bmm on strided views.
+# (R ≤ T + L - 1 per axis in the frame interior), so a tile is one [T_h·T_w, d]×[d, R_h·R_w]
+# product. Per query it multiplies R_h·R_w keys for L_h·L_w candidates: (T_h+L_h-1)(T_w+L_w-1)
+# /(L_h·L_w) the exact work, 1.78x at 4×4 tiles and l=9 (a 1×16 row segment: 2.67x), and
+# M = 16 rows keep BLAS near its rate. For column strip j the strip's queries are copied into
+# qs [H, T_w, D] and its region columns of keys into ks [H, R_w, D] (contiguous), so a tile's
+# queries are the block qs[r0 : r0+T_h] -> [T_h·T_w, D] and its region the block
+# ks[g : g+R_h] -> [R_h·R_w, D]: row tiles whose starts step evenly are one bmm on strided views.
+#
+# Both directions (`window_topk_pair`): a[p]·b[q] serves p -> q and q -> p, if p's tile region
+# also holds every q whose window holds p. In the interior that is the same region; at the
+# borders a shifted window reaches farther (q = 0's window holds p = l-1), so there the regions
+# grow to hold those q as well (plan `both=True`), and nothing is searched twice.
 
 @functools.lru_cache(maxsize=128)
-def _axis_tiles(size: int, window: int, tile: int):
-    """Tiles along one axis (shape only, plain Python numbers): (L, T, R, first, region, starts,
-    owner, slot). first [n]: first query position of each tile (the last tile ends at `size`,
-    overlapping its neighbour); region [n]: first key position of its region of R keys (inside
-    the axis, holding every window of the tile); starts [size]: window starts; owner/slot [size]:
-    the tile (the last one covering it) and the slot whose result position p takes."""
+def _axis_tiles(size: int, window: int, tile: int, both: bool = False):
+    """Tiles along one axis (shape only, plain Python numbers): (L, T, first, region, extent,
+    starts, owner, slot). first [n]: first query position of each tile (the last tile ends at
+    `size`, overlapping its neighbour); region/extent [n]: first key position and length of its
+    region (inside the axis, holding every window of the tile; with `both`, also every position
+    whose window holds one of the tile's); starts [size]: window starts; owner/slot [size]: the
+    tile (the last one covering it) and the slot whose result position p takes."""
     L, T = min(window, size), min(tile, size)
     n = -(-size // T)
     first = [min(j * T, size - T) for j in range(n)]
     starts = window_starts(size, window).tolist()
-    R = max(starts[x + T - 1] + L - starts[x] for x in first)
-    region = [min(starts[x], size - R) for x in first]
+    if both:   # the positions whose window holds p: [lo[p], hi[p]] (starts are nondecreasing)
+        lo = [bisect.bisect_right(starts, p - L) for p in range(size)]
+        hi = [bisect.bisect_right(starts, p) - 1 for p in range(size)]
+        region = [min(starts[x], lo[x]) for x in first]
+        extent = [max(starts[x + T - 1] + L, hi[x + T - 1] + 1) - g for x, g in zip(first, region)]
+    else:      # one length for all tiles, the region shifted (not cut) at the borders
+        R = max(starts[x + T - 1] + L - starts[x] for x in first)
+        region = [min(starts[x], size - R) for x in first]
+        extent = [R] * n
     owner, slot = [0] * size, [0] * size
     for j, x in enumerate(first):
         for t in range(T):
             owner[x + t], slot[x + t] = j, t
-    return L, T, R, tuple(first), tuple(region), tuple(starts), tuple(owner), tuple(slot)
+    return L, T, tuple(first), tuple(region), tuple(extent), tuple(starts), tuple(owner), tuple(slot)
 
 
 @functools.lru_cache(maxsize=128)
-def _tile_runs(first: tuple[int, ...], region: tuple[int, ...]):
-    """Consecutive tiles whose query and region starts step evenly: [(tile, n, first, region,
-    query step, region step), ...], each one bmm on strided views."""
+def _tile_runs(first: tuple[int, ...], region: tuple[int, ...], extent: tuple[int, ...]):
+    """Consecutive tiles of one region length whose query and region starts step evenly:
+    [(tile, n, first, region, query step, region step, length), ...], each one bmm."""
     runs, i, n = [], 0, len(first)
     while i < n:
         i1, step = i + 1, None
-        while i1 < n:
+        while i1 < n and extent[i1] == extent[i]:
             d = (first[i1] - first[i1 - 1], region[i1] - region[i1 - 1])
             if step is None:
                 step = d
             if d != step:
                 break
             i1 += 1
-        runs.append((i, i1 - i, first[i], region[i], *(step or (0, 0))))
+        runs.append((i, i1 - i, first[i], region[i], *(step or (0, 0)), extent[i]))
         i = i1
     return tuple(runs)
 
 
 @functools.lru_cache(maxsize=64)
-def _block_gather(H: int, W: int, window: int, tile_h: int, tile_w: int) -> torch.Tensor:
-    """Flat positions, inside the similarities [nT_w, nT_h, T_h·T_w, R_h·R_w] of one pair, of
-    every query's L_h·L_w window candidates, queries row-major, candidates in flat-index order:
-    [H·W·L_h·L_w] (CPU, cached; int32 when it fits)."""
-    Lh, Th, Rh, _, rreg, rs, rown, rslot = _axis_tiles(H, window, tile_h)
-    Lw, Tw, Rw, _, creg, cs, cown, cslot = _axis_tiles(W, window, tile_w)
-    nTh = len(rreg)
+def _block_plan(H: int, W: int, window: int, tile_h: int, tile_w: int, both: bool):
+    """The tiles of both axes, each tile's offset in the flat similarity buffer of one pair
+    (tiles ordered by column strip, then row tile; tile (j, i) holds [T_h·T_w, R_h[i]·R_w[j]]),
+    the buffer's size and the row-tile runs."""
+    rows, cols = _axis_tiles(H, window, tile_h, both), _axis_tiles(W, window, tile_w, both)
+    block = rows[1] * cols[1]
+    offsets, size = [], 0
+    for rw in cols[4]:
+        offsets.append([])
+        for rh in rows[4]:
+            offsets[-1].append(size)
+            size += block * rh * rw
+    return rows, cols, tuple(map(tuple, offsets)), size, _tile_runs(rows[2], rows[3], rows[4])
+
+
+@functools.lru_cache(maxsize=64)
+def _block_gather(H: int, W: int, window: int, tile_h: int, tile_w: int, both: bool, backward: bool) -> torch.Tensor:
+    """Flat positions, inside one pair's similarity buffer (`_block_plan`), of every query's
+    L_h·L_w window candidates, queries row-major, candidates in flat-index order:
+    [H·W·L_h·L_w] (CPU, cached; int32 when it fits).
+
+    backward=True (plan `both`): the buffer holds a[p]·b[q] for queries p of frame a, and the
+    queries are those q of frame b: candidate p's entry for q is read in p's tile, at q's place
+    in that tile's region."""
+    rows, cols, offsets, size, _ = _block_plan(H, W, window, tile_h, tile_w, both)
+    Lh, Th, _, rreg, rext, rs, rown, rslot = rows
+    Lw, Tw, _, creg, cext, cs, cown, cslot = cols
     t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    off, rext, cext, rreg, creg = t(offsets), t(rext), t(cext), t(rreg), t(creg)
     h = torch.arange(H)[:, None, None, None]
     w = torch.arange(W)[None, :, None, None]
-    i, j = t(rown)[h], t(cown)[w]
-    kh = t(rs)[h] + torch.arange(Lh)[None, None, :, None] - t(rreg)[i]     # row inside the region
-    kw = t(cs)[w] + torch.arange(Lw)[None, None, None, :] - t(creg)[j]     # column inside the region
-    query = (j * nTh + i) * (Th * Tw) + t(rslot)[h] * Tw + t(cslot)[w]
-    index = (query * (Rh * Rw) + kh * Rw + kw).flatten()
-    return index.int() if len(cown) * nTh * Th * Tw * Rh * Rw < 2 ** 31 else index
+    kh = t(rs)[h] + torch.arange(Lh)[None, None, :, None]                  # candidate row
+    kw = t(cs)[w] + torch.arange(Lw)[None, None, None, :]                  # candidate column
+    if backward:     # the entry sits in candidate (kh, kw)'s tile, at the query (h, w)'s place
+        (ph, pw), (qh, qw) = (kh, kw), (h, w)
+    else:            # in the query's tile, at the candidate's place
+        (ph, pw), (qh, qw) = (h, w), (kh, kw)
+    i, j = t(rown)[ph], t(cown)[pw]
+    ext = rext[i] * cext[j]
+    index = off[j, i] + (t(rslot)[ph] * Tw + t(cslot)[pw]) * ext + (qh - rreg[i]) * cext[j] + (qw - creg[j])
+    index = index.flatten()
+    return index.int() if size < 2 ** 31 else index
 
 
-def _block_sims(q, kf, rows, cols, qs, ks, out) -> None:
+def _block_sims(q, kf, plan, qs, ks, out) -> None:
     """Similarities of every query tile of q [H, W, D] against its key region of kf [H, W, D]
-    into out [nT_w, nT_h, T_h·T_w, R_h·R_w]; qs [H, T_w, D] and ks [H, R_w, D] are buffers.
-    rows/cols: `_axis_tiles` of each axis."""
-    D = q.shape[-1]
-    Th, Rh = rows[1], rows[2]
-    Tw, Rw = cols[1], cols[2]
-    runs = _tile_runs(rows[3], rows[4])
-    for j, (w0, c0) in enumerate(zip(cols[3], cols[4])):
-        qs.copy_(q[:, w0:w0 + Tw])
-        ks.copy_(kf[:, c0:c0 + Rw])
-        for i, n, r0, g0, dr, dg in runs:
+    into the flat buffer out (`_block_plan` layout); qs [H·T_w·D] and ks [H·max R_w·D] are
+    buffers."""
+    rows, cols, offsets, _, runs = plan
+    H, _, D = q.shape
+    Th, Tw = rows[1], cols[1]
+    qv = qs.view(H, Tw, D)
+    for j, (w0, c0, rw) in enumerate(zip(cols[2], cols[3], cols[4])):
+        qv.copy_(q[:, w0:w0 + Tw])
+        kv = ks[:H * rw * D].view(H, rw, D)
+        kv.copy_(kf[:, c0:c0 + rw])
+        for i, n, r0, g0, dr, dg, rh in runs:
             a = qs.as_strided((n, Th * Tw, D), (dr * Tw * D, D, 1), r0 * Tw * D)
-            b = ks.as_strided((n, Rh * Rw, D), (dg * Rw * D, D, 1), g0 * Rw * D)
-            torch.bmm(a, b.transpose(1, 2), out=out[j, i:i + n])
+            b = kv.as_strided((n, rh * rw, D), (dg * rw * D, D, 1), g0 * rw * D)
+            o = offsets[j][i]
+            torch.bmm(a, b.transpose(1, 2), out=out[o:o + n * Th * Tw * rh * rw].view(n, Th * Tw, rh * rw))
 
 
 _MAX_PASSES = 6      # k up to this: k passes of max (2-3x faster than topk at C = 81); above: topk
@@ -526,6 +450,36 @@ def _tile_sides(tile, name: str) -> tuple[int, int]:
     return sides
 
 
+def _block_search(a, b, window, k, tile, threads, both, name):
+    """The block path for a batch of pairs: forward (and with `both` backward) top-K."""
+    _band_check(a, b, window, k, None, threads, name)
+    tile_h, tile_w = _tile_sides(tile, name)
+    B, H, W, D = a.shape
+    plan = _block_plan(H, W, window, tile_h, tile_w, both)
+    rows, cols, _, size, _ = plan
+    dev, acc = a.device, _accum_dtype(a.dtype)
+    Lw, C = cols[0], rows[0] * cols[0]
+    gathers = [_block_gather(H, W, window, tile_h, tile_w, both, backward).to(dev) for backward in (False, True)[:1 + both]]
+    rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
+    out = [torch.empty(B, H, W, k, dtype=t, device=dev) for t in (torch.long, acc) * (1 + both)]
+
+    def make():
+        return (torch.empty(H * cols[1] * D, dtype=acc, device=dev), torch.empty(H * max(cols[4]) * D, dtype=acc, device=dev),
+                torch.empty(size, dtype=acc, device=dev))
+
+    def work(i, buffers):
+        qs, ks, sims = buffers
+        _block_sims(a[i], b[i], plan, qs, ks, sims)
+        for d, gather in enumerate(gathers):
+            s, p = _select_topk(sims.index_select(0, gather).view(H * W, C), k)
+            out[2 * d + 1][i] = s.view(H, W, k)
+            out[2 * d][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
+
+    with torch.no_grad():
+        _over_pairs(B, threads, make, work)
+    return tuple(out)
+
+
 def window_topk_band(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -549,32 +503,7 @@ def window_topk_band(
     and candidates and one strip of queries and keys (~4.7 MiB at l=9, 64×64, d=640, fp32).
     Same signature and results as `window_topk_reference`; no gradient.
     """
-    _band_check(src, dst, window, k, None, threads, "window_topk_band")
-    tile_h, tile_w = _tile_sides(tile, "window_topk_band")
-    B, H, W, D = src.shape
-    rows, cols = _axis_tiles(H, window, tile_h), _axis_tiles(W, window, tile_w)
-    Lh, Th, Rh = rows[:3]
-    Lw, Tw, Rw = cols[:3]
-    gather = _block_gather(H, W, window, tile_h, tile_w).to(src.device)
-    dev, acc = src.device, _accum_dtype(src.dtype)
-    rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
-    idx = torch.empty(B, H, W, k, dtype=torch.long, device=dev)
-    score = torch.empty(B, H, W, k, dtype=acc, device=dev)
-
-    def make():
-        return (torch.empty(H, Tw, D, dtype=acc, device=dev), torch.empty(H, Rw, D, dtype=acc, device=dev),
-                torch.empty(len(cols[3]), len(rows[3]), Th * Tw, Rh * Rw, dtype=acc, device=dev))
-
-    def work(b, buffers):
-        qs, ks, sims = buffers
-        _block_sims(src[b], dst[b], rows, cols, qs, ks, sims)
-        s, p = _select_topk(sims.view(-1).index_select(0, gather).view(H * W, Lh * Lw), k)
-        score[b] = s.view(H, W, k)
-        idx[b] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
-
-    with torch.no_grad():
-        _over_pairs(B, threads, make, work)
-    return idx, score
+    return _block_search(src, dst, window, k, tile, threads, False, "window_topk_band")
 
 
 def window_topk_pair(
@@ -584,72 +513,28 @@ def window_topk_pair(
     k: int = 3,
     *,
     backend: str = "auto",
-    tile: int = 16,
+    tile: int | tuple[int, int] = (4, 4),
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both directions at once: `window_topk(a, b)` and `window_topk(b, a)`, as
     (fwd_idx, fwd_score, bwd_idx, bwd_score).
 
-    On the band path (backend "auto" on CPU, or "band") one pass serves both: the forward
-    band similarities a[p]·b[q] of a pair are computed once; a backward query q of b reads
-    a[p]·b[q] for each p of its window from p's band. In the frame interior q is in p's band
-    whenever p is in q's window; only rows where a shifted border window reaches past that
-    (the top and bottom l//2 rows, for l < H) are searched again, backward, by themselves.
-    Memory beyond inputs and outputs per worker thread: one pair's band similarities
-    (~3.4 MiB at l=9, 64×64, fp32), one key chunk and the candidates. Other backends run two
-    searches. tile (band path only): the width of the query row segments (one row each: a row
-    shares the band of all its window rows, which the backward reads); threads: as in
-    `window_topk_band`.
+    On the block path (backend "auto" on CPU, or "band") one pass serves both: the similarities
+    a[p]·b[q] of each tile of queries p of a against its key region of b are computed once; a
+    backward query q of b reads a[p]·b[q] for each p of its window from p's tile. The regions
+    hold, besides the tile's windows, every q whose window holds one of the tile's p: the same
+    region in the frame interior, up to l//2 rows/columns more for border tiles, where a
+    shifted window reaches farther. At l=9, 64×64 and 4×4 tiles that is 0.92x the exact
+    multiply-adds of both directions. Memory beyond inputs and outputs per worker thread: one
+    pair's similarities (2.4 MiB at l=9, 64×64, fp32), both directions' candidates in turn and
+    one strip of queries and keys. Other backends run two searches. tile/threads: as in
+    `window_topk_band` (block path only).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"window_topk_pair: backend must be one of {_BACKENDS}, got {backend!r}")
     if _resolve(a, backend) != "band":
         return (*window_topk(a, b, window, k, backend=backend), *window_topk(b, a, window, k, backend=backend))
-    _band_check(a, b, window, k, tile, threads, "window_topk_pair")
-    B, H, W, D = a.shape
-    P = _band_plan(H, W, window, tile)
-    dev, acc = a.device, _accum_dtype(a.dtype)
-    Lh, Lw, T, R = P["Lh"], P["Lw"], P["T"], P["R"]
-    nT, rows = len(P["w0"]), tuple(range(H))
-    chunks = _row_chunks(rows, P["rs"], _KEY_ROWS)
-    fwd_gather = _band_gather(H, W, window, tile, rows, False)[0].to(dev)
-    bwd_gather, covered = _band_gather(H, W, window, tile, rows, True)
-    bwd_gather = bwd_gather.to(dev)
-    rest = tuple(int(h) for h in (~covered).nonzero().flatten())       # rows searched again, backward
-    if rest:
-        rest_chunks = _row_chunks(rest, P["rs"], _KEY_ROWS)
-        rest_gather = _band_gather(H, W, window, tile, rest, False)[0].to(dev)
-        rest_rows = torch.tensor(rest, device=dev)
-    rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
-    out = [torch.empty(B, H, W, k, dtype=t, device=dev) for t in (torch.long, acc, torch.long, acc)]
-
-    def make():
-        return (torch.empty(min(H, _KEY_ROWS) + Lh - 1, R, D, dtype=acc, device=dev),
-                torch.empty(nT, H, T, Lh * R, dtype=acc, device=dev),
-                torch.empty(nT, len(rest), T, Lh * R, dtype=acc, device=dev))
-
-    def work(i, buffers):
-        keys, sims, rest_sims = buffers
-        qa, qb = a[i].to(acc), b[i].to(acc)
-        for j in range(nT):
-            _band_sims(qa, qb, P, chunks, j, keys, sims[j])
-        flat = sims.view(-1)
-        cand = flat.index_select(0, bwd_gather).view(H, W, Lh * Lw)
-        if rest:
-            for j in range(nT):
-                _band_sims(qb, qa, P, rest_chunks, j, keys, rest_sims[j])
-            cand.index_copy_(0, rest_rows, rest_sims.view(-1).index_select(0, rest_gather).view(len(rest), W, -1))
-        s, p = _select_topk(cand.view(H * W, -1), k)
-        del cand
-        out[3][i] = s.view(H, W, k)
-        out[2][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
-        s, p = _select_topk(flat.index_select(0, fwd_gather).view(H * W, -1), k)
-        out[1][i] = s.view(H, W, k)
-        out[0][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
-
-    with torch.no_grad():
-        _over_pairs(B, threads, make, work)
-    return tuple(out)
+    return _block_search(a, b, window, k, tile, threads, True, "window_topk_pair")
 
 
 # ---------------------------------------------------------------- Triton kernel
