@@ -7,6 +7,7 @@ docs/benchmarks.md (`<!-- bench: TITLE -->` ... `<!-- /bench: TITLE -->`), leavi
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
@@ -99,10 +100,33 @@ def interleaved_clocks(fns: dict[str, Callable[[], object]], repeats: int = 5,
     return {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """File descriptor 2 to /dev/null for the block: Kineto (the profiler's C++ backend) writes
+    `USDT:... profiler_start` / `profiler_stop` lines there that no environment variable turns off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
 def peak_memory(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated by torch's CPU allocator while `fn` runs, via the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    """Peak bytes allocated by torch's CPU allocator while `fn` runs, via the profiler (whose start and
+    stop lines are kept off stderr; what `fn` itself writes there is not)."""
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_to_devnull():
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _stderr_to_devnull():
+            prof.__exit__(None, None, None)
     # each event's OWN allocations (self_*): the inclusive figure counts nested calls twice
     peak = cur = 0
     events = sorted(
@@ -240,6 +264,20 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def with_command(body: str) -> str:
+    """`body` with its `Command: `...`` line replaced by the command that ran, as `minivid bench` recorded it
+    in $MINIVID_BENCH_COMMAND (every option given, in order; a script composing the line itself drops what
+    it does not know); appended when the body has none. Unchanged when the script ran outside `minivid bench`."""
+    import re
+
+    cmd = os.environ.get("MINIVID_BENCH_COMMAND")
+    if not cmd:
+        return body
+    line = f"Command: `{cmd}`."
+    new, n = re.subn(r"Command: `[^`]*`\.?", lambda _m: line, body)
+    return new if n else body.rstrip() + "\n\n" + line
+
+
 def write_section(title: str, body: str, path: str | os.PathLike | None = None,
                   threads: int | str | None = None) -> pathlib.Path:
     """Replace the marked section `title` of docs/benchmarks.md (or `path`, or $MINIVID_BENCH_DOCS).
@@ -250,6 +288,7 @@ def write_section(title: str, body: str, path: str | os.PathLike | None = None,
     file is written to a temporary file and renamed.
     """
     path = pathlib.Path(path or os.environ.get("MINIVID_BENCH_DOCS") or DOCS)
+    body = with_command(body)
     begin, end = f"<!-- bench: {title} -->", f"<!-- /bench: {title} -->"
     stamp = datetime.date.today().isoformat()
     section = (f"{begin}\n## {title}\n\nMeasured {stamp} on {machine(threads)}; {load_note()}.\n\n"

@@ -115,3 +115,27 @@ def test_bench_prints_the_machine_line(monkeypatch, capsys):
     assert out.index("Machine: ") < out.index("benchmark output")
     machine = out.split("Machine: ", 1)[1].splitlines()[0]
     assert any(isa in machine for isa in ("AVX-512", "AVX2", "no AVX2")) and machine.endswith("1 thread")
+
+
+def test_written_command_line_is_the_command_that_ran(monkeypatch):
+    """`--write` puts the invocation with every option used into the Command: line, whatever the script wrote."""
+    from minivid.cli import build_parser
+
+    c = _common()
+
+    ns = build_parser("bench").parse_args(["bench", "--threads", "2", "cove", "--frames", "4", "--prompt", "a b", "--write"])
+    cmd = bench.command_line(ns)
+    assert cmd == "minivid bench --threads 2 cove --frames 4 --prompt 'a b' --write"
+    monkeypatch.setenv("MINIVID_BENCH_COMMAND", cmd)
+    assert c.with_command("table\n\nCommand: `minivid bench cove`.") == f"table\n\nCommand: `{cmd}`."
+    assert c.with_command("table") == f"table\n\nCommand: `{cmd}`."
+    monkeypatch.delenv("MINIVID_BENCH_COMMAND")
+    assert c.with_command("table\n\nCommand: `x`.") == "table\n\nCommand: `x`."
+
+
+def test_peak_memory_keeps_the_profiler_lines_off_stderr(capfd):
+    import torch
+
+    c = _common()
+    assert c.peak_memory(lambda: torch.ones(1000, 1000)) >= 4_000_000
+    assert "USDT" not in capfd.readouterr().err

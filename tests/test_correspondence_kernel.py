@@ -23,26 +23,11 @@ from minivid.kernels.correspondence import (
     window_topk_reference,
     window_topk_triton,
 )
+from minivid.methods.cove.correspondence import window_topk_definition
 
 
-def brute_force(src, dst, window, k):
-    """The definition, one query at a time: shifted window, sort by (-score, flat index)."""
-    B, H, W, D = src.shape
-    Lh, Lw = min(window, H), min(window, W)
-    idx = torch.empty(B, H, W, k, dtype=torch.long)
-    score = torch.empty(B, H, W, k, dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for w in range(W):
-                sh = min(max(h - window // 2, 0), H - Lh)
-                sw = min(max(w - window // 2, 0), W - Lw)
-                cand = dst[b, sh:sh + Lh, sw:sw + Lw].double().reshape(-1, D)
-                s = (cand @ src[b, h, w].double()).tolist()
-                flat = [(sh + p // Lw) * W + sw + p % Lw for p in range(Lh * Lw)]
-                best = sorted(zip(s, flat), key=lambda t: (-t[0], t[1]))[:k]
-                idx[b, h, w] = torch.tensor([f for _, f in best])
-                score[b, h, w] = torch.tensor([v for v, _ in best])
-    return idx, score
+# the definition, one query at a time (shifted window, sort by (-score, flat index)), lives with the method
+brute_force = window_topk_definition
 
 
 def integer_features(*shape, low=-2, high=3):

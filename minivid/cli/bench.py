@@ -47,6 +47,13 @@ def load(name: str):
     spec = importlib.util.spec_from_file_location(f"minivid_bench_{name.replace('-', '_')}", scripts[name])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    # the scripts put their folder FIRST on sys.path (for `_common`); there benchmarks/kernels.py would
+    # stand in for the installed PyPI package `kernels` that transformers imports: move it to the end
+    import sys
+
+    here = str(BENCH_DIR)
+    if here in sys.path:
+        sys.path[:] = [p for p in sys.path if p != here] + [here]
     return mod
 
 
@@ -80,9 +87,18 @@ def _load1() -> float:
         return 0.0
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command as run (`--threads` always stated: it changes every figure); what `--write` puts in
+    docs/benchmarks.md's Command: line."""
+    import shlex
+
+    return shlex.join(["minivid", "bench", "--threads", str(args.threads), args.name, *args.rest])
+
+
 def run(args: argparse.Namespace) -> int:
     mod = load(args.name)
     ns = parser_for(args.name, mod).parse_args(args.rest)
+    os.environ["MINIVID_BENCH_COMMAND"] = command_line(args)        # read by benchmarks/_common.with_command
     if args.threads:
         import torch
 

@@ -19,6 +19,11 @@ longer chain is then only an index gather (`chain`).
 
 `correspondence(features, ...)` does both. Computing the diffusion features themselves
 (Eq. 4: one UNet pass per noised frame) belongs to the pipeline.
+
+The windowed top-K itself (Eq. 7, 8, 10) is defined, readably, by `window_topk_definition` below:
+one query token at a time, in float64. The search that runs is `minivid.kernels.correspondence`
+(`window_topk_pair` and friends: banded, tiled and Triton paths for speed and memory), tested to
+return exactly what this definition returns.
 """
 from __future__ import annotations
 
@@ -29,7 +34,33 @@ import torch.nn.functional as F
 
 from minivid.kernels.correspondence import window_topk_pair
 
-__all__ = ["Correspondence", "consecutive_topk", "chain", "correspondence"]
+__all__ = ["Correspondence", "window_topk_definition", "consecutive_topk", "chain", "correspondence"]
+
+
+def window_topk_definition(src: torch.Tensor, dst: torch.Tensor, window: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sliding-window top-K of COVE (Eq. 7, 8, 10), written to be read, not run at size.
+
+    src, dst [B, H, W, D]: (normalised) features of frame i and frame j. For every token (h, w) of src: the
+    l×l window of dst around the same position (l = `window`; shifted, not cut, at the borders so it
+    always holds min(l, H)×min(l, W) tokens), the similarity of the token to each candidate (Eq. 7: a
+    dot product, the cosine for unit features), and the K best (Eq. 8, 10), ties to the lower flat index.
+    Returns (idx [B, H, W, K] flat indices h*W + w into dst, score [B, H, W, K] float64).
+    """
+    B, H, W, D = src.shape
+    Lh, Lw = min(window, H), min(window, W)
+    idx = torch.empty(B, H, W, k, dtype=torch.long)
+    score = torch.empty(B, H, W, k, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for w in range(W):
+                top, left = min(max(h - window // 2, 0), H - Lh), min(max(w - window // 2, 0), W - Lw)
+                candidates = dst[b, top:top + Lh, left:left + Lw].double().reshape(-1, D)     # the window
+                sims = (candidates @ src[b, h, w].double()).tolist()                            # Eq. 7
+                flat = [(top + p // Lw) * W + left + p % Lw for p in range(Lh * Lw)]
+                best = sorted(zip(sims, flat), key=lambda t: (-t[0], t[1]))[:k]                 # Eq. 8, 10
+                idx[b, h, w] = torch.tensor([f for _, f in best])
+                score[b, h, w] = torch.tensor([v for v, _ in best])
+    return idx, score
 
 
 @dataclass(frozen=True)
