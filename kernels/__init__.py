@@ -24,3 +24,9 @@ if __name__ != "minivid.kernels":
     _module = _util.module_from_spec(_spec)
     _sys.modules[__name__] = _module          # the import statement returns sys.modules[name]
     _spec.loader.exec_module(_module)
+else:
+    def aot_specs(capability):
+        """One spec per Triton launch the methods make, as chosen for a GPU of compute `capability`
+        (e.g. (8, 0)), for ahead-of-time compilation: see `minivid.kernels.aot` (imported on call)."""
+        from .aot import aot_specs as specs
+        return specs(capability)

@@ -623,14 +623,48 @@ def _triton_kernel():
     return triton, window_topk_kernel
 
 
+def window_topk_launch_config(dtype: torch.dtype, dim: int, window: int, width: int,
+                              capability: tuple[int, int] = (8, 0), shared_optin: int | None = None) -> dict:
+    """The kernel's launch parameters on a GPU of compute `capability` with `shared_optin` bytes of
+    shared memory per block (default: the architecture's, `minivid.kernels.aot.ARCHS`), for features
+    of `dim` channels, an l = `window` search and frames `width` tokens wide: block_q (query segment),
+    block_d (feature block), num_warps, num_stages. Compiled for sm_80/86/89/90 by `minivid bench
+    kernels --aot` (0 spill bytes, within shared memory; docs/benchmarks.md); why each: docs/cove.md."""
+    from .aot import arch_limits
+
+    arch_limits(capability, shared_optin)
+    block_q, block_d, warps, stages = 32, 64, 4, 1
+    if dtype == torch.float32 or dtype == torch.bfloat16:
+        # IEEE float32 products (bf16 converted in the kernel) run on the CUDA cores: a 32-wide
+        # feature block keeps the operand tiles in registers
+        block_d = 32
+    return dict(block_q=block_q, block_d=block_d, num_warps=warps, num_stages=stages)
+
+
+def _launch(src, dst, idx, score, window, k, cfg):
+    """(grid, positional args, keyword args) of one `window_topk_kernel` launch: what the launcher
+    passes and what `minivid.kernels.aot_specs` compiles (from meta tensors of the same shapes)."""
+    B, H, W, D = src.shape
+    Lh, Lw = min(window, H), min(window, W)
+    p2 = lambda n: 1 << max(0, n - 1).bit_length()                     # noqa: E731  next power of two
+    bt = max(16, min(p2(cfg["block_q"]), p2(W)))
+    br = max(16, p2(bt + Lw - 1))
+    bd = max(16, min(p2(cfg["block_d"]), p2(D)))
+    grid = (-(-W // bt), H, B)
+    kwargs = dict(K=k, KP=p2(k), BLOCK_T=bt, BLOCK_R=br, BLOCK_D=bd, SINGLE_D=D <= bd, TO_F32=src.dtype == torch.bfloat16,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return grid, (src, dst, idx, score, H, W, D, window // 2, Lh, Lw), kwargs
+
+
 def window_topk_triton(
     src: torch.Tensor,
     dst: torch.Tensor,
     window: int = 9,
     k: int = 3,
     *,
-    block_q: int = 32,
-    block_d: int = 64,
+    block_q: int | None = None,
+    block_d: int | None = None,
+    capability: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed top-K as one Triton kernel; never materialises a similarity tensor.
 
@@ -642,25 +676,25 @@ def window_topk_triton(
     input_precision="ieee", no TF32) and `score` is float32. bfloat16 tiles are converted
     to float32 in the kernel before tl.dot (exact): Triton's CPU interpreter computes bf16
     tl.dot wrongly, so a bf16 tl.dot path could not be verified and does not ship.
+    block_q, block_d, warps and stages are chosen for the tensors' GPU
+    (`window_topk_launch_config`; on the CPU interpreter: sm_80's); `capability`, e.g. (8, 6),
+    chooses them for another GPU, and `block_q`/`block_d` override the blocks.
     """
     _check(src, dst, window, k)
     if src.dtype not in _TRITON_DTYPES:
         raise ValueError(f"window_topk_triton: dtype must be one of {_TRITON_DTYPES}, got {src.dtype}")
-    triton, kernel = _triton_kernel()
+    from .aot import device_target
+
+    _, kernel = _triton_kernel()
     B, H, W, D = src.shape
     src, dst = src.contiguous(), dst.contiguous()
     idx = torch.empty(B, H, W, k, dtype=torch.long, device=src.device)
     score = torch.empty(B, H, W, k, dtype=torch.float32, device=src.device)
-    Lh, Lw = min(window, H), min(window, W)
-    bt = max(16, min(triton.next_power_of_2(block_q), triton.next_power_of_2(W)))
-    br = max(16, triton.next_power_of_2(bt + Lw - 1))
-    bd = max(16, min(triton.next_power_of_2(block_d), triton.next_power_of_2(D)))
-    grid = (triton.cdiv(W, bt), H, B)
-    kernel[grid](
-        src, dst, idx, score, H, W, D, window // 2, Lh, Lw,
-        K=k, KP=triton.next_power_of_2(k), BLOCK_T=bt, BLOCK_R=br, BLOCK_D=bd,
-        SINGLE_D=D <= bd, TO_F32=src.dtype == torch.bfloat16,
-    )
+    cap, shared = device_target(src.device) if capability is None else (tuple(capability), None)
+    cfg = window_topk_launch_config(src.dtype, D, window, W, cap, shared)
+    cfg.update({n: b for n, b in (("block_q", block_q), ("block_d", block_d)) if b})
+    grid, args, kwargs = _launch(src, dst, idx, score, window, k, cfg)
+    kernel[grid](*args, **kwargs)
     return idx, score
 
 

@@ -261,33 +261,83 @@ def _lse_reference(q, k, v, frames, size, r, scale, budget=_LSE_WORK_BYTES):
 
 # ---------------------------------------------------------------- Triton kernel
 
-def _triton_forward(q, k, v, frames, size, r, scale, block_m, block_n):
-    import triton
+def head_pieces(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the head dimension as one or two power-of-two pieces of at least 16
+    (what `tl.dot` takes), the second 0 when one piece holds it. Two pieces are used when they
+    pad less than the next power of two: 40 -> 32 + 16, 80 -> 64 + 16, 160 -> 128 + 32, 64 -> 64."""
+    whole = max(16, 1 << (head_dim - 1).bit_length())
+    first = max(16, 1 << (head_dim.bit_length() - 1))
+    if first >= head_dim:
+        return whole, 0
+    second = max(16, 1 << (head_dim - first - 1).bit_length())
+    return (first, second) if first + second < whole else (whole, 0)
 
-    from . import _fine_coarse_attention_triton as impl
 
+def ffam_launch_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int] = (8, 0),
+                       shared_optin: int | None = None) -> dict:
+    """The kernel's launch parameters on a GPU of compute `capability` with `shared_optin` bytes
+    of shared memory per block (default: that architecture's, `minivid.kernels.aot.ARCHS`).
+
+    Returns block_m, block_n, block_d, block_d2 (`head_pieces`), num_warps, num_stages and
+    precision. `dtype` is the dtype the kernel computes in (bfloat16 inputs that run the float32
+    kernel: torch.float32). Every choice is compiled for sm_80/86/89/90 by `minivid bench kernels
+    --aot` (0 spill bytes, shared memory within the limit; docs/benchmarks.md); why each: docs/ei2.md.
+    """
+    from .aot import arch_limits
+
+    shared = arch_limits(capability, shared_optin)["shared_optin"]
+    block_d, block_d2 = head_pieces(head_dim)
+    width = block_d + block_d2
+    if dtype == torch.float32:
+        # IEEE float32 tl.dot runs on the CUDA cores (FMA), every operand tile in registers: 8 warps
+        # share them (4 warps spill at d = 40 / 80 / 160 on sm_80/86) and the key tile narrows as
+        # the head widens; no software pipelining (its buffers add shared memory, an FMA dot is
+        # not waiting on loads). Chosen by compiling the candidates (docs/ei2.md).
+        block_m, block_n = {48: (64, 32), 64: (32, 32), 80: (64, 16)}.get(width, (32, 16))
+        warps, stages = 8, 1
+    else:
+        # float16/bfloat16: mma on the tensor cores, float32 accumulation; two stages of cp.async
+        # pipelining up to d = 80; at d = 160 (128 + 32) the 64×160 accumulator and Q leave room
+        # for a 16-key tile only, unpipelined, to stay within 255 registers.
+        block_m, block_n, warps, stages = 64, 64 if width <= 64 else 32, 4, 2
+        if width > 128:
+            block_n, stages = 16, 1
+    if stages > 1 and 2 * stages * block_n * width * dtype.itemsize > shared // 2:
+        stages = 1                                    # a small shared memory (not one of sm_80/86/89/90)
+    return dict(block_m=block_m, block_n=block_n, block_d=block_d, block_d2=block_d2,
+                num_warps=warps, num_stages=stages, precision="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _launch(q, k, v, kc, vc, out, frames, size, scale, cfg):
+    """(grid, positional args, keyword args) of one `fine_coarse_fwd` launch: what the launcher
+    passes and what `minivid.kernels.aot_specs` compiles (from meta tensors of the same shapes)."""
     B, h, N, d = q.shape
-    H, W = size
-    L = H * W
+    L = size[0] * size[1]
+    P = kc.shape[2] // frames
+    grid = (frames * -(-L // cfg["block_m"]), B * h)
+    args = (q, k, v, kc, vc, out, *q.stride(), *k.stride(), *v.stride(), *kc.stride(), *out.stride(),
+            h, L, P, frames, d, scale * _LOG2E)
+    kwargs = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_D2=cfg["block_d2"],
+                  PRECISION=cfg["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return grid, args, kwargs
+
+
+def _triton_forward(q, k, v, frames, size, r, scale, block_m, block_n, capability=None):
+    from . import _fine_coarse_attention_triton as impl
+    from .aot import device_target
+
     kc = pool_frames(k, frames, size, r).flatten(2, 3).contiguous()      # (B, h, F·P, d)
     vc = pool_frames(v, frames, size, r).flatten(2, 3).contiguous()
-    P = kc.shape[2] // frames
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m = block_m or 64
-    block_n = block_n or (64 if block_d <= 128 else 32)
-    if block_m < 16 or block_n < 16:
-        raise ValueError(f"fine_coarse_attention_triton: block sizes must be >= 16 (tl.dot), got {block_m}, {block_n}")
+    cap, shared = device_target(q.device) if capability is None else (tuple(capability), None)
+    cfg = ffam_launch_config(q.dtype, q.shape[-1], cap, shared)
+    cfg.update({k: b for k, b in (("block_m", block_m), ("block_n", block_n)) if b})
+    if cfg["block_m"] < 16 or cfg["block_n"] < 16:
+        raise ValueError(f"fine_coarse_attention_triton: block sizes must be >= 16 (tl.dot), got {cfg['block_m']}, {cfg['block_n']}")
     # float32 inputs multiply in IEEE float32 (not TF32) so the kernel keeps minivid's 1e-5 parity;
     # the option is ignored for 16-bit inputs, which multiply natively with float32 accumulation.
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (frames * triton.cdiv(L, block_m), B * h)
-    impl.fine_coarse_fwd[grid](
-        q, k, v, kc, vc, out,
-        *q.stride(), *k.stride(), *v.stride(), *kc.stride(), *out.stride(),
-        h, L, P, frames, d, scale * _LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
-    )
+    grid, args, kwargs = _launch(q, k, v, kc, vc, out, frames, size, scale, cfg)
+    impl.fine_coarse_fwd[grid](*args, **kwargs)
     return out
 
 
@@ -295,13 +345,13 @@ class _FineCoarseTriton(torch.autograd.Function):
     """Triton forward; backward recomputes the PyTorch reference and differentiates it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, frames, size, r, scale, block_m, block_n, bf16_native):
+    def forward(ctx, q, k, v, frames, size, r, scale, block_m, block_n, bf16_native, capability):
         ctx.save_for_backward(q, k, v)
         ctx.args = (frames, size, r, scale)
         if q.dtype == torch.bfloat16 and not bf16_native:           # unverified native bf16: run the fp32 kernel
-            out = _triton_forward(q.float(), k.float(), v.float(), frames, size, r, scale, block_m, block_n)
+            out = _triton_forward(q.float(), k.float(), v.float(), frames, size, r, scale, block_m, block_n, capability)
             return out.to(torch.bfloat16)
-        return _triton_forward(q, k, v, frames, size, r, scale, block_m, block_n)
+        return _triton_forward(q, k, v, frames, size, r, scale, block_m, block_n, capability)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -310,7 +360,7 @@ class _FineCoarseTriton(torch.autograd.Function):
         with torch.enable_grad():
             out = fine_coarse_attention_reference(q, k, v, frames, size, r, scale=scale)
             grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def fine_coarse_attention_triton(
@@ -325,18 +375,21 @@ def fine_coarse_attention_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     bf16_native: bool | None = None,
+    capability: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Fine-coarse frame attention with the Triton kernel: (B, h, F·H·W, d) ×3 -> (B, h, F·H·W, d).
 
     Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton
-    was first imported (the tests do). `block_m`/`block_n` (>= 16) override the tile sizes.
+    was first imported (the tests do). Tile sizes, warps and pipeline stages are chosen for the
+    tensors' GPU (`ffam_launch_config`; on the CPU interpreter: sm_80's); `capability`, e.g. (8, 6),
+    chooses them for another GPU instead, and `block_m`/`block_n` (>= 16) override the tiles.
     bfloat16 inputs run the float32 kernel unless `bf16_native` (default:
     `BF16_NATIVE_VERIFIED`, False until a GPU check passed; see the module docstring).
     """
     H, W = _check(q, k, v, frames, size, r)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     native = BF16_NATIVE_VERIFIED if bf16_native is None else bool(bf16_native)
-    return _FineCoarseTriton.apply(q, k, v, frames, (H, W), r, scale, block_m, block_n, native)
+    return _FineCoarseTriton.apply(q, k, v, frames, (H, W), r, scale, block_m, block_n, native, capability)
 
 
 # ---------------------------------------------------------------- dispatcher
