@@ -226,7 +226,12 @@ def compile_spec(spec: dict, capability) -> dict:
     out = {key: int(m.group(1)) if (m := re.search(rx, text)) else None for key, rx in _PTXAS.items()}
     if out["registers"] is None:
         raise RuntimeError(f"compile_spec: no ptxas -v report for {spec['name']} on {cap}:\n{text}")
-    return dict(out, shared=int(k.metadata.shared), threads=32 * spec["options"]["num_warps"], ptxas=text.strip())
+    ptx = k.asm["ptx"]
+    # tensor-core instructions in the PTX: mma.sync (sm_80/86/89) or wgmma (sm_90a), and their input types
+    mma = sorted({m.group(1) for m in re.finditer(r"\b(wgmma\.mma_async|mma\.sync)\S*", ptx)})
+    kinds = sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\S*\.(f16|bf16|tf32)\b", ptx)))
+    return dict(out, shared=int(k.metadata.shared), threads=32 * spec["options"]["num_warps"], mma=mma,
+                mma_inputs=kinds, ptxas=text.strip())
 
 
 def _compile_one(job):

@@ -110,7 +110,7 @@ def test_every_capabilitys_search_configuration_equals_the_reference(dtype, dim,
     # exact products: features are multiples of 1/8 in [-1, 1] (exact in fp16/bf16, sums exact in fp32), so
     # scores and the tie rule must agree bitwise with the reference; d = 80 is several feature blocks
     g = torch.Generator().manual_seed(1)
-    src, dst = ((torch.randint(-8, 9, (2, 6, 37, 80), generator=g) / 8).to(dtype) for _ in range(2))
+    src, dst = ((torch.randint(-8, 9, (1, 5, 33, 80), generator=g) / 8).to(dtype) for _ in range(2))
     idx, score = corr.window_topk_triton(src, dst, 9, 3, capability=cap)
     with torch.inference_mode():
         ridx, rscore = corr.window_topk_reference(src, dst, 9, 3)
@@ -129,6 +129,7 @@ def test_compile_one_spec_per_kernel_dtype_and_head_dim_for_sm80_and_sm86():
     pytest.importorskip("triton")
     results = aot.compile_specs([(8, 0), (8, 6)])          # bf16-via-fp32 specs are fp32's compiles (run once)
     names = {r["name"] for r in results}
+    specs = {cap: aot.aot_specs(cap) for cap in [(8, 0), (8, 6)]}
     expected = {s["name"] for s in aot.aot_specs((8, 0))}
     assert names == expected and len(results) == 2 * len(expected)
     for r in results:
@@ -138,6 +139,13 @@ def test_compile_one_spec_per_kernel_dtype_and_head_dim_for_sm80_and_sm86():
         assert r["shared"] <= aot.ARCHS[cap]["shared_optin"], f"{where}: {r['shared']} B of shared memory"
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{where}: spills\n{r['ptxas']}"
         assert 0 < r["registers"] <= 255
+        # fp32 stays IEEE (no tensor-core instruction: no TF32); fp16 and native bf16 products on tensor
+        # cores (mma.sync on sm_8x) with the inputs' type; bf16 search tiles are converted to fp32 (no mma)
+        sig = next(iter(specs[cap][r["index"]]["signature"].values()))
+        if sig == "*fp32" or "window_topk_kernel bf16" in r["name"]:
+            assert r["mma"] == [] and r["mma_inputs"] == [], where
+        else:
+            assert r["mma"] == ["mma.sync"] and r["mma_inputs"] == [{"*fp16": "f16", "*bf16": "bf16"}[sig]], where
 
 
 def test_aot_specs_rejects_a_bad_capability():
