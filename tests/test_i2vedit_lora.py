@@ -184,17 +184,35 @@ def test_hooked_equals_merged_per_layer_and_through_the_unet(unet):
             assert ((linear.weight.double() - exact).abs() <= gamma(b.lora_down.weight.shape[0] + 2) * mag).all(), n
         with lora.disabled():                               # a merged LoRA is taken out for the block
             assert torch.equal(unet(*inputs), plain(unet.state_dict()))
-        lora.detach()                                       # unmerges, removes the hooks
-        # unmerged: fl(fl(W + d) − d) with d = fl(s·fl(UD)) the same both ways: |W'' − W| ≤ 3u(|W| + |d|)
+        lora.detach()                                       # unmerges (restores the kept base), removes the hooks
         after = unet.state_dict()
-        for k, v in weights.items():
-            name = k.removesuffix(".weight")
-            if name in lora.names:
-                d = (lora.scale * lora.branch(name).delta()).double().abs()
-                assert ((after[k].double() - v.double()).abs() <= 3 * U32 * (v.double().abs() + d)).all(), k
-            else:
-                assert torch.equal(after[k], v), k
+        assert all(torch.equal(after[k], v) for k, v in weights.items())   # bitwise: no subtraction
         assert torch.equal(unet(*inputs), plain(after))     # no hook left
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merged_half_precision_base_survives_50_disable_cycles_bitwise(unet, dtype):
+    """Issue 19.5: on a half-precision base, W <- W + BA then W <- W - BA rounds twice per cycle; 25 such
+    cycles drifted every Linear (up to 1.6 % in bf16). Merging from the kept base never does."""
+    unet = unet.to(dtype)
+    base = {n: m.weight.detach().clone() for n, m in motion_lora_targets(unet).items()}
+    lora = randomize_lora_(attach_motion_lora(unet, scale=1.0), std=0.2)
+    lora.merge()
+    merged = {n: m.weight.detach().clone() for n, m in lora.layers().items()}
+    assert all(not torch.equal(merged[n], base[n]) for n in base)      # the merge changed every layer
+    for _ in range(50):                                  # one edit step's `disabled()` per cycle
+        with lora.disabled():
+            assert all(torch.equal(m.weight, base[n]) for n, m in lora.layers().items())
+        assert all(torch.equal(m.weight, merged[n]) for n, m in lora.layers().items())
+    lora.detach()
+    assert all(torch.equal(m.weight, base[n]) for n, m in motion_lora_targets(unet).items())
+    # the old arithmetic (subtract the delta) does drift: the test above can fail
+    w = next(iter(base.values())).clone()
+    d = lora.branch(next(iter(base))).delta()
+    for _ in range(50):
+        w = (w.float() + d).to(dtype)
+        w = (w.float() - d).to(dtype)
+    assert not torch.equal(w, next(iter(base.values())))
 
 
 def test_disabled_and_scale(unet):

@@ -140,6 +140,7 @@ class MotionLoRA(nn.Module):
         self.rank, self.dropout_p, self.scale, self.targets = int(rank), float(dropout), float(scale), tuple(targets)
         self.enabled = True
         self.merged = False
+        self._base: dict[str, torch.Tensor] = {}        # base weights while merged (see merge)
         layers = motion_lora_targets(unet, self.targets)
         too_small = {n: min(m.in_features, m.out_features) for n, m in layers.items() if rank > min(m.in_features, m.out_features)}
         if too_small:
@@ -202,21 +203,28 @@ class MotionLoRA(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> "MotionLoRA":
-        """W ← W + scale·up·down on every target (the hooks then do nothing)."""
+        """W ← W + scale·up·down on every target (the hooks then do nothing). The base weights are kept
+        (a copy in their own dtype) and the merged ones are computed from them in float32, so merging
+        never reads a merged weight: `unmerge` restores the base bitwise and any number of
+        unmerge/merge cycles (`disabled()` does one) neither drifts the base nor the merged weights,
+        in bf16/fp16 as in fp32. The copy costs the targets' weight bytes while merged."""
         if not self.merged:
+            self._base = {}
             for name, linear in self._layers.items():
                 w = linear.weight
-                w.copy_((w.float() + self.scale * self._branches[name].delta().to(w.device)).to(w.dtype))
+                base = w.detach().clone()
+                self._base[name] = base
+                w.copy_((base.float() + self.scale * self._branches[name].delta().to(w.device)).to(w.dtype))
             self.merged = True
         return self
 
     @torch.no_grad()
     def unmerge(self) -> "MotionLoRA":
-        """W ← W − scale·up·down (equal to the base weights up to rounding)."""
+        """W ← the base weights kept by `merge` (bitwise; no subtraction, so no rounding)."""
         if self.merged:
             for name, linear in self._layers.items():
-                w = linear.weight
-                w.copy_((w.float() - self.scale * self._branches[name].delta().to(w.device)).to(w.dtype))
+                linear.weight.copy_(self._base[name])
+            self._base = {}
             self.merged = False
         return self
 
