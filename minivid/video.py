@@ -138,6 +138,16 @@ def frame_indices(total: int, num_frames: Optional[int] = None, stride: int = 1,
     return list(range(start, total, stride))[: num_frames or available]
 
 
+def time_grid(start: int, end: int, fps: float, sample_fps: float) -> list[int]:
+    """Frame indices sampled at `sample_fps` from a video at `fps`, over frames [start, end): the I2VEdit
+    authors' np.linspace(start, end, int((end − start)/fps · sample_fps), endpoint=False).astype(int)
+    (Vicky0522/I2VEdit i2vedit/data.py `read_video_iter`, with the times in frames)."""
+    if fps <= 0 or sample_fps <= 0:
+        raise ValueError(f"time_grid: fps and sample_fps must be positive, got {fps} and {sample_fps}")
+    n = int((end - start) / fps * sample_fps + 1e-9)
+    return [int(start + i * (end - start) / n) for i in range(n)] if n > 0 else []
+
+
 def sample_frames(frames: Tensor, num_frames: Optional[int] = None, stride: int = 1, start: int = 0) -> Tensor:
     """frames[start::stride][:num_frames] with the same checks as `read_video`."""
     return frames[frame_indices(frames.shape[0], num_frames, stride, start, source="frames")]

@@ -23,7 +23,8 @@ def inputs(tmp_path_factory):
 
 def _edit(inputs, out, *extra):
     return main(["edit", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
-                 "--i2vedit-clip-length", "4", "--steps", "2", "--i2vedit-size", "32x48", "--out", str(out), *extra])
+                 "--sample-fps", "0", "--i2vedit-clip-length", "4", "--steps", "2", "--i2vedit-size", "32x48",
+                 "--out", str(out), *extra])
 
 
 def test_edit_tiny_writes_every_output(inputs, tmp_path):
@@ -37,6 +38,13 @@ def test_edit_tiny_writes_every_output(inputs, tmp_path):
     assert res["source_size"] == [40, 56] and res["work_size"] == [32, 48]
     assert res["config"]["preset"] == "shape" and res["notes"] == []
     assert res["store_bytes_clip0_measured"]["recompute"] < res["store_bytes_per_clip_estimate"]["official"]
+    # what ran, per clip (issue 19.8): the authors' recipe, clip 1 with skip-interval, fp32 throughout
+    run = res["clips_run"]
+    assert [c["frames"] for c in run] == [[0, 4], [3, 6]] and [c["source_frames"] for c in run] == [[0, 1, 2, 3], [3, 4, 5]]
+    assert [c["recipe"] for c in run] == ["first", "subsequent"] and [c["skip_interval"] for c in run] == [False, True]
+    assert [c["fps_id"] for c in run] == [4, 6]
+    assert all(c["inversion_dtype"] == c["edit_dtype"] == "fp32" and c["lora"] is False for c in run)
+    assert res["sampling"]["mode"] == "frames"
     edited = read_video(out / "edited.mp4")
     assert edited.shape == (6, 3, 40, 56)                      # back at the source size, overlap written once
     mask = read_image(out / "matching_mask.png")
@@ -71,20 +79,24 @@ def test_bad_inputs_give_clear_errors(inputs, tmp_path, capsys, extra, message):
 def test_edit_with_the_tuned_motion_loras(inputs, tmp_path, capsys):
     """`minivid tune --method i2vedit` writes one LoRA per clip; `edit --lora DIR` loads clip k's for clip k."""
     loras = tmp_path / "loras"
-    assert main(["tune", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
+    assert main(["tune", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6", "--sample-fps", "0",
                  "--i2vedit-clip-length", "4", "--steps", "1", "--i2vedit-size", "32x48", "--i2vedit-clips", "0",
                  "--out", str(loras)]) == 0
     out = tmp_path / "job"
     # only clip 0 was tuned: a clear error before any compute
     assert _edit(inputs, out, "--first-frame", str(inputs / "edited.png"), "--lora", str(loras)) == 1
     assert "no motion LoRA for clip(s) [1]" in capsys.readouterr().err
-    assert main(["tune", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6",
+    assert main(["tune", "--method", "i2vedit", "--tiny", "--video", str(inputs / "in.mp4"), "--frames", "6", "--sample-fps", "0",
                  "--i2vedit-clip-length", "4", "--steps", "1", "--i2vedit-size", "32x48", "--i2vedit-clips", "1",
                  "--out", str(loras)]) == 0
+    tuned = json.loads((loras / "record.json").read_text())["results"]["clips"]
+    assert tuned[0]["recipe"] == "subsequent" and tuned[0]["skip_interval"] is True    # clip 1 attends to clip 0
     assert _edit(inputs, out, "--first-frame", str(inputs / "edited.png"), "--lora", str(loras)) == 0
     loaded = json.loads((out / "record.json").read_text())["results"]["loras"]
     assert [entry["clip"] for entry in loaded] == [0, 1]
     assert all(entry["path"].endswith("tuned-000001.safetensors") and entry["rank"] == 32 for entry in loaded)
+    run = json.loads((out / "record.json").read_text())["results"]["clips_run"]
+    assert [c["lora"].endswith("tuned-000001.safetensors") for c in run] == [True, True]
 
 
 def test_other_methods_still_need_a_prompt(inputs, tmp_path, capsys):
@@ -99,6 +111,29 @@ def test_demo(tmp_path):
         assert (out / name).is_file(), name
     res = json.loads((out / "record.json").read_text())["results"]
     assert res["clips"] == [[0, 5]] and res["frames"] == 5
+
+
+def test_demo_takes_dtype(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--method", "i2vedit", "--steps", "2", "--frames", "6", "--dtype", "bf16", "--out", str(out)]) == 0
+    run = json.loads((out / "record.json").read_text())["results"]["clips_run"]
+    assert [c["edit_dtype"] for c in run] == ["bf16", "bf16"] and [c["inversion_dtype"] for c in run] == ["fp32", "fp32"]
+    assert [c["skip_interval"] for c in run] == [False, True] and run[0]["weights_dtype"] == "fp32"
+
+
+def test_edit_samples_the_source_over_time(tmp_path):
+    """The authors' loader samples over time (data.py linspace): a 3 s clip at 8 fps read at 4 fps takes
+    every other frame, and the record says which source frames each clip used."""
+    video = moving_shapes(24, 40, 56)
+    write_video(tmp_path / "long.mp4", video, fps=8)
+    save_grid(tmp_path / "edited.png", recolour(video[0])[None], cols=1)
+    out = tmp_path / "job"
+    assert main(["edit", "--method", "i2vedit", "--tiny", "--video", str(tmp_path / "long.mp4"), "--frames", "6",
+                 "--sample-fps", "4", "--i2vedit-clip-length", "4", "--steps", "2", "--i2vedit-size", "32x48",
+                 "--first-frame", str(tmp_path / "edited.png"), "--i2vedit-no-matching", "--out", str(out)]) == 0
+    res = json.loads((out / "record.json").read_text())["results"]
+    assert res["sampling"]["mode"] == "time" and res["sampling"]["source_frames"] == [0, 2, 4, 6, 8, 10]
+    assert [c["source_frames"] for c in res["clips_run"]] == [[0, 2, 4, 6], [6, 8, 10]]
 
 
 def test_matching_mask_picture_labels():

@@ -406,13 +406,13 @@ def test_clip_k_conditioning(svd, monkeypatch):
     calls = []
     real = edit_mod.edit_clip
 
-    def spy(svd_, clip, first_frame, cfg, lora, previous_latent, clip0, is_first, progress):
-        out = real(svd_, clip, first_frame, cfg, lora, previous_latent, clip0, is_first=is_first, progress=progress)
+    def spy(svd_, clip, first_frame, cfg, lora, previous_latent, clip0, is_first, progress, **kw):
+        out = real(svd_, clip, first_frame, cfg, lora, previous_latent, clip0, is_first=is_first, progress=progress, **kw)
         calls.append((clip, first_frame, previous_latent, out))
         return out
 
     monkeypatch.setattr(edit_mod, "edit_clip", spy)
-    cfg = I2VEditConfig(steps=2, clip_len=4, overlap=1)
+    cfg = I2VEditConfig(steps=2, clip_len=4, overlap=1, recipe="uniform")     # every clip: fps id 4, no skip-interval
     res = edit_video(svd, video, first, cfg, work_size=(16, 32), progress=False)
     assert res.ranges == [(0, 4), (3, 7)]
     assert res.frames.shape == (7, 3, 32, 48)
@@ -432,14 +432,28 @@ def test_clip_k_conditioning(svd, monkeypatch):
     assert torch.equal(res.frames, expect)
 
 
-def test_skip_interval_runs_and_is_off_by_default(svd):
-    assert I2VEditConfig().skip_interval is False
+def test_the_authors_recipe_is_the_default():
+    """Issue 19.1: clip 0 with customize_train.yaml, clips k >= 1 with customize_subsequent_edit.yaml."""
+    cfg = I2VEditConfig()
+    first, later = cfg.clip_settings(0), cfg.clip_settings(1)
+    assert (first.clip_len, first.output_fps, first.skip_interval, first.tune_steps, first.sample_fps) == (11, 5, False, 300, 2.5)
+    assert (later.clip_len, later.output_fps, later.skip_interval, later.tune_steps, later.sample_fps) == (16, 7, True, 250, 7)
+    assert cfg.ranges(41) == [(0, 11), (10, 26), (25, 41)]
+    uniform = I2VEditConfig(recipe="uniform")
+    assert uniform.clip_settings(3) == first and uniform.ranges(21) == [(0, 11), (10, 21)]
+    assert I2VEditConfig(skip_interval=False).clip_settings(1).skip_interval is False
+    with pytest.raises(ValueError, match="recipe"):
+        I2VEditConfig(recipe="mine")
+
+
+def test_skip_interval_is_on_for_later_clips_by_default(svd):
     video = _video(6)
     first = _video(1, seed=4)[0]
-    cfg = I2VEditConfig(steps=2, clip_len=4, overlap=1, skip_interval=True)
-    res = edit_video(svd, video, first, cfg, progress=False, keep_clips=True)
+    res = edit_video(svd, video, first, I2VEditConfig(steps=2, clip_len=4, overlap=1), progress=False, keep_clips=True)
     assert res.clips[0].inversion.kv and res.clips[0].edit_kv
-    plain = edit_video(svd, video, first, I2VEditConfig(steps=2, clip_len=4, overlap=1), progress=False)
+    assert [c.info["skip_interval"] for c in res.clips] == [False, True]
+    plain = edit_video(svd, video, first, I2VEditConfig(steps=2, clip_len=4, overlap=1, skip_interval=False), progress=False)
+    assert not plain.clips[0].inversion.kv                          # nothing recorded when no clip reads it
     assert torch.equal(res.frames[:4], plain.frames[:4])            # clip 0 is unaffected
     assert not torch.equal(res.frames[4:], plain.frames[4:])       # clips k ≥ 1 attend to clip 0's K/V
 
@@ -475,10 +489,9 @@ def test_stored_equals_recompute_with_skip_interval_and_a_motion_lora(svd):
 
     out = {}
     for store in ("recompute", "stored"):
-        cfg = I2VEditConfig(steps=3, clip_len=4, overlap=1, skip_interval=True, store=store)
+        cfg = I2VEditConfig(steps=3, clip_len=4, overlap=1, store=store)
         out[store] = edit_video(svd, video, first, cfg, lora_for_clip=lora_for_clip, progress=False)
     assert torch.equal(out["recompute"].frames, out["stored"].frames)
-    plain = edit_video(svd, video, first, I2VEditConfig(steps=3, clip_len=4, overlap=1, skip_interval=True),
-                       progress=False)
+    plain = edit_video(svd, video, first, I2VEditConfig(steps=3, clip_len=4, overlap=1), progress=False)
     assert not torch.equal(plain.frames, out["recompute"].frames)        # the LoRA was on while editing
     assert getattr(svd.unet, "_motion_lora", None) is None                # and detached after each clip

@@ -292,7 +292,7 @@ def test_cli_tune_writes_a_lora_per_clip_and_resumes(tmp_path, capsys):
 
     video = _moving_disc_video(tmp_path / "in.mp4")
     out = tmp_path / "job"
-    argv = ["tune", "--method", "i2vedit", "--tiny", "--video", str(video), "--frames", "5",
+    argv = ["tune", "--method", "i2vedit", "--tiny", "--video", str(video), "--frames", "5", "--sample-fps", "0",
             "--i2vedit-clip-length", "3", "--i2vedit-size", "16x24", "--steps", "1", "--out", str(out)]
     assert main(argv) == 0
     rec = json.loads((out / "record.json").read_text())["results"]
@@ -325,7 +325,7 @@ def test_cli_tune_bad_inputs(tmp_path, capsys, extra, message):
     from minivid.cli import main
 
     video = _moving_disc_video(tmp_path / "in.mp4")
-    argv = ["tune", "--method", "i2vedit", "--tiny", "--video", str(video), "--frames", "5",
+    argv = ["tune", "--method", "i2vedit", "--tiny", "--video", str(video), "--frames", "5", "--sample-fps", "0",
             "--i2vedit-clip-length", "3", "--i2vedit-size", "16x24", "--steps", "1", "--out", str(tmp_path / "o")]
     if message is None:                      # rejected by option parsing: usage error, exit 2
         assert main(argv + extra) == 2

@@ -20,7 +20,7 @@ import argparse
 import math
 from typing import TYPE_CHECKING
 
-from minivid.cli.common import FRAMES, STEPS, add_run_arguments, check_job_memory_config, integer, run_method
+from minivid.cli.common import DTYPES, FRAMES, STEPS, add_run_arguments, check_job_memory_config, integer, run_method
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image size in pixels, a multiple of 16 (default 32; COVE's demo 48, I2VEdit's 32 high x 48 wide)")
     p.add_argument("--method", metavar="NAME",
                    help="run a method's demo instead: " + ", ".join(METHOD_NAMES) + " (see `minivid edit --help`)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="compute dtype of a method's demo (--method i2vedit: the edit's UNet; default fp32)")
     add_run_arguments(p, device="cpu")
 
 

@@ -45,7 +45,7 @@ from minivid.jobs import Job
 log = logging.getLogger(__name__)
 
 METHOD_NAME = "I2VEdit"
-DEFAULT_FRAMES = 21                       # data.py: 2.5 fps over 0–8.4 s
+DEFAULT_FRAMES = 26                       # the authors' recipe: clip 0 (11 frames at 2.5 fps) + clip 1 (16 at 7 fps)
 DEFAULT_CHECKPOINT_EVERY = 50             # the authors' (minivid.methods.i2vedit.tune)
 TAKES_PROMPT = False                      # guided by an edited first frame, not a prompt
 DEMO_MODELS = ()                          # `minivid demo --method i2vedit` builds a tiny SVD: --model does not apply
@@ -67,8 +67,7 @@ def add_tune_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--i2vedit-size", type=_size,
                        help="HxW the frames are resized to for tuning (default 512x896, the authors'; --tiny 32x48); "
                             "--size is not used by I2VEdit")
-    group.add_argument("--i2vedit-clip-length", type=integer(1, 100_000), default=11, help="frames per clip (default 11, the authors' code; the paper 14)")
-    group.add_argument("--i2vedit-overlap", type=integer(0, 100_000), default=1, help="frames shared by consecutive clips (default 1)")
+    add_recipe_arguments(group)
     group.add_argument("--i2vedit-rank", type=integer(1, 65_536), default=32, help="motion LoRA rank (default 32)")
     group.add_argument("--i2vedit-lora-layers", choices=["code", "paper"], default="code",
                        help="LoRA on every Linear of attn1, attn2, ff, ff_in of the temporal blocks (code, default) or on "
@@ -80,14 +79,78 @@ def add_tune_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--i2vedit-clips", help="tune only these clips, e.g. 0 or 0,2 (default: all)")
 
 
-def _read_video(args: argparse.Namespace, svd, clip_length: int) -> torch.Tensor:
-    from minivid.video import read_video, resize
+def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
+    """The clip recipe and the frame sampling, shared by tune and edit (they must agree on the clips)."""
+    group.add_argument("--i2vedit-recipe", choices=["authors", "uniform"], default="authors",
+                       help="authors (default): clip 0 with the first config (11 frames at 2.5 fps, fps id 4), clips >= 1 "
+                            "with the subsequent-clip config (16 frames at 7 fps, fps id 6, skip-interval attention in "
+                            "editing and LoRA tuning, 250 tuning steps); uniform: every clip with the first config")
+    group.add_argument("--sample-fps", type=number(0, 1000),
+                       help="read the source at this many frames per second, over time as the authors' loader (default: "
+                            "the recipe's, 2.5 for clip 0 and 7 after); 0: consecutive frames (--stride N: every N-th)")
+    group.add_argument("--i2vedit-clip-length", type=integer(1, 100_000),
+                       help="frames per clip, every clip (default: the recipe's, 11 for clip 0 and 16 after)")
+    group.add_argument("--i2vedit-overlap", type=integer(0, 100_000), default=1, help="frames shared by consecutive clips (default 1)")
 
-    frames = read_video(args.video, num_frames=args.frames, stride=args.stride)
-    if frames.shape[0] < clip_length:
-        raise ValueError(f"{args.video}: {frames.shape[0]} frames (--frames {args.frames}, --stride {args.stride}), "
-                         f"fewer than one clip of {clip_length} (--i2vedit-clip-length); read more frames "
-                         f"(--frames {DEFAULT_FRAMES} is the authors' 2.5 fps × 8.4 s) or shorten the clips")
+
+def _plan(args: argparse.Namespace):
+    """Which source frames each clip reads (minivid.methods.i2vedit.clips.plan_frames), before any loading."""
+    from minivid.methods.i2vedit.clips import plan_frames
+    from minivid.video import probe_video
+
+    path = Path(args.video)
+    fps, total = 0.0, None
+    if path.is_dir():
+        from minivid.video import _list_images
+        total = len(_list_images(path))
+    else:
+        info = probe_video(path)
+        fps = info.fps
+        total = max(1, int(round(info.duration * info.fps))) if info.fps and info.duration else None
+    if total is None:                                     # no duration in the metadata: count the frames
+        from minivid.video import _decode
+        _, it = _decode(path)
+        total = sum(1 for _ in it)
+    time_based = fps > 0 and args.stride == 1 and (args.sample_fps is None or args.sample_fps > 0)
+    return plan_frames(total, fps if time_based else None, args.frames, args.i2vedit_recipe, args.i2vedit_overlap,
+                       args.i2vedit_clip_length, args.sample_fps or None, args.stride), fps, total
+
+
+def _read_frames(path: Path, indices: list[int]) -> torch.Tensor:
+    """The frames `indices` (ascending) of a video file or image folder -> [F, 3, H, W] in [-1, 1]."""
+    import numpy as np
+
+    from minivid.video import VideoError, _decode, _list_images, _read_image_u8, from_uint8
+
+    if path.is_dir():
+        files = _list_images(path)
+        return from_uint8(np.stack([_read_image_u8(files[i]) for i in indices]))
+    wanted, kept, seen = set(indices), {}, 0
+    _, frames = _decode(path)
+    try:
+        for i, frame in enumerate(frames):
+            seen = i + 1
+            if i in wanted:
+                kept[i] = frame
+                if len(kept) == len(wanted):
+                    break
+    finally:
+        frames.close()
+    if len(kept) < len(wanted):
+        raise VideoError(f"{path}: has {seen} frames, the sampling asked for frame {max(wanted)}")
+    return from_uint8(np.stack([kept[i] for i in indices]))
+
+
+def _read_video(args: argparse.Namespace, svd=None):
+    """(frames [T, 3, H, W] at the source size, the FramePlan, fps)."""
+    plan, fps, _ = _plan(args)
+    frames = _read_frames(Path(args.video), plan.indices)
+    return frames, plan, fps
+
+
+def _resize_for_tuning(args: argparse.Namespace, svd, frames: torch.Tensor) -> torch.Tensor:
+    from minivid.video import resize
+
     size = args.i2vedit_size or DEFAULT_SIZE["tiny" if args.tiny else "full"]
     m = svd.config.downsample_factor
     if size[0] % m or size[1] % m:
@@ -95,12 +158,17 @@ def _read_video(args: argparse.Namespace, svd, clip_length: int) -> torch.Tensor
     return resize(frames, size)
 
 
-def _load_svd(args: argparse.Namespace, tiny_note: str = "its outputs are not meaningful"):
-    """The SVD of --weights (or a tiny random one with --tiny) in --dtype on --device."""
+def _sampling_record(plan, fps: float) -> dict:
+    return {"mode": plan.mode, "source_fps": fps, "sample_fps_per_clip": plan.sample_fps,
+            "source_frames": plan.indices, "source_frames_per_clip": plan.clip_sources()}
+
+
+def _load_svd(args: argparse.Namespace, tiny_note: str = "its outputs are not meaningful", dtype: torch.dtype | None = None):
+    """The SVD of --weights (or a tiny random one with --tiny) in `dtype` (default --dtype) on --device."""
     from minivid.svd import StableVideoDiffusion
 
     require_weights(args)
-    dtype = DTYPES[args.dtype]
+    dtype = dtype or DTYPES[args.dtype]
     if args.weights:
         return StableVideoDiffusion.load(args.weights, device=args.device, dtype=dtype,
                                          allow_nonfinite=getattr(args, "allow_nonfinite", False))
@@ -122,54 +190,67 @@ def _clip_selection(text: str | None, n: int) -> list[int]:
 
 
 def tune(args: argparse.Namespace, job: Job) -> dict:
-    """`minivid tune --method i2vedit`: one motion LoRA per clip, into `<job>/clip_<k>/`."""
+    """`minivid tune --method i2vedit`: one motion LoRA per clip, into `<job>/clip_<k>/`. With the authors'
+    recipe clip 0 trains 300 steps, clips k >= 1 250 steps with skip-interval attention to clip 0's
+    inversion at the training size (an extra inversion of clip 0, 25 steps)."""
     from minivid.cli.common import tuning_summary
     from minivid.tuning import frames_digest
-    from minivid.methods.i2vedit.clips import clip_ranges
-    from minivid.methods.i2vedit.tune import (DEFAULT_CHECKPOINT_EVERY, DEFAULT_STEPS, MotionTuneConfig,
-                                              default_tune_config, tune_motion_lora)
+    from minivid.methods.i2vedit.clips import recipe_for
+    from minivid.methods.i2vedit.tune import (DEFAULT_CHECKPOINT_EVERY, MotionTuneConfig, default_tune_config,
+                                              skip_interval_source, tune_motion_lora)
 
-    steps = args.steps or DEFAULT_STEPS
     every = args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
-    if steps < 1 or every < 1:
+    if (args.steps is not None and args.steps < 1) or every < 1:
         raise ValueError("--steps and --checkpoint-every must be at least 1")
     if args.i2vedit_rank < 1 or not 0 <= args.i2vedit_dropout <= 1:
         raise ValueError("--i2vedit-rank must be at least 1 and --i2vedit-dropout in [0, 1]")
-    clip_ranges(args.frames, args.i2vedit_clip_length, args.i2vedit_overlap)   # the options, before any loading
-    with job.timed("load"):
-        svd = _load_svd(args, "its zero-initialised output layers keep the LoRA's gradients at zero, so the tuning shows the machinery only")
-        video = _read_video(args, svd, args.i2vedit_clip_length)
-    ranges = clip_ranges(video.shape[0], args.i2vedit_clip_length, args.i2vedit_overlap)
+    plan, fps, _ = _plan(args)                          # the clips, before any loading
+    ranges = plan.ranges
     if any(e - s < 2 for s, e in ranges):
-        raise ValueError(f"{video.shape[0]} frames split into clips {ranges}: a clip of one frame has no motion; "
+        raise ValueError(f"{len(plan.indices)} frames split into clips {ranges}: a clip of one frame has no motion; "
                          f"read one frame more or less (--frames)")
     chosen = _clip_selection(args.i2vedit_clips, len(ranges))
+    with job.timed("load"):
+        svd = _load_svd(args, "its zero-initialised output layers keep the LoRA's gradients at zero, so the tuning shows the machinery only")
+        video = _resize_for_tuning(args, svd, _read_frames(Path(args.video), plan.indices))
     targets = ("ff_in", "attn1", "attn2", "ff") if args.i2vedit_lora_layers == "code" else ("attn1", "attn2")
     config = MotionTuneConfig(rank=args.i2vedit_rank, dropout=args.i2vedit_dropout, targets=targets,
                               time_ids_order=args.i2vedit_time_ids)
-    changes = dict(steps=steps, checkpoint_every=every, seed=args.seed, progress=args.progress)
-    if args.lr:
-        changes["lr"] = args.lr
-    if args.autocast:
-        changes["autocast"] = args.autocast
-    cfg = default_tune_config(svd.device, **changes)
     base = {"weights": args.weights or "tiny", "tiny_seed": None if args.weights else args.seed}
-    clips = []
+    clips, source, cfgs = [], None, {}
     for k in chosen:
         s, e = ranges[k]
+        recipe = recipe_for(k, args.i2vedit_recipe)
+        changes = dict(steps=args.steps or recipe.tune_steps, checkpoint_every=every, seed=args.seed,
+                       progress=args.progress)
+        if args.lr:
+            changes["lr"] = args.lr
+        if args.autocast:
+            changes["autocast"] = args.autocast
+        cfg = cfgs[k] = default_tune_config(svd.device, **changes)
+        skip = recipe.skip_interval and k > 0
+        if skip and source is None:
+            s0, e0 = ranges[0]
+            with job.timed("clip 0 inversion for skip-interval"):
+                source = skip_interval_source(svd, video[s0:e0])
         with job.timed(f"tuning clip {k}"):
             lora, result = tune_motion_lora(
                 svd, video[s:e], job.dir / f"clip_{k}", config, cfg,
                 gradient_checkpointing=args.gradient_checkpointing, resume=not (args.no_resume or args.restart),
                 meta={"base": base, "clip": k, "clip_range": [s, e], "video": str(args.video),
-                      "source": frames_digest(video[s:e])})
+                      "source": frames_digest(video[s:e]), "recipe": recipe.name, "skip_interval": skip,
+                      "source_frames": plan.indices[s:e]},
+                skip_interval=source if skip else None)
         lora.detach()
         summary = tuning_summary(f"{METHOD_NAME} clip {k} [{s}, {e})", result, video[s:e])
-        clips.append({"clip": k, "range": [s, e], "dir": f"clip_{k}", **summary})
-    job.write_grid("source_grid.png", video.cpu(), cols=min(len(video), args.i2vedit_clip_length))
+        clips.append({"clip": k, "range": [s, e], "dir": f"clip_{k}", "recipe": recipe.name, "skip_interval": skip,
+                      "steps": cfg.steps, "source_frames": plan.indices[s:e], **summary})
+    job.write_grid("source_grid.png", video.cpu(), cols=min(len(video), ranges[0][1]))
+    first_cfg = cfgs[chosen[0]]
     return {"clips": clips, "clip_ranges": [list(r) for r in ranges], "size": list(video.shape[-2:]),
-            "frames": int(video.shape[0]), "i2vedit": config.to_dict(),
-            "tune": {**vars(cfg), "betas": list(cfg.betas)}, "use_step": 250}
+            "frames": int(video.shape[0]), "i2vedit": config.to_dict(), "recipe": args.i2vedit_recipe,
+            "sampling": _sampling_record(plan, fps),
+            "tune": {**vars(first_cfg), "betas": list(first_cfg.betas)}, "use_step": 250}
 
 
 # ---------------------------------------------------------------- editing and the demo
@@ -180,7 +261,7 @@ FULL_SIZE, TINY_SIZE = (576, 1024), (32, 48)
 _FIELDS = {
     "preset": "preset", "i2vedit_layer_set": "layer_set", "i2vedit_compare": "compare",
     "i2vedit_store": "store", "i2vedit_clip_length": "clip_len", "i2vedit_overlap": "overlap",
-    "i2vedit_skip_interval": "skip_interval", "i2vedit_output_fps": "output_fps",
+    "i2vedit_output_fps": "output_fps", "i2vedit_recipe": "recipe", "i2vedit_invert_dtype": "invert_dtype",
     "i2vedit_decode_chunk": "decode_chunk", "i2vedit_seed": "seed",
 }
 
@@ -208,12 +289,16 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--i2vedit-store", choices=["recompute", "stored"],
                        help="source attention: recompute at every edit step (default) or keep what editing reads")
     group.add_argument("--i2vedit-no-matching", action="store_true", help="edit without attention matching")
-    group.add_argument("--i2vedit-clip-length", type=integer(1, 100_000), help=f"frames per clip (default {d.clip_len})")
-    group.add_argument("--i2vedit-overlap", type=integer(0, 100_000), help=f"frames shared by consecutive clips (default {d.overlap})")
-    group.add_argument("--i2vedit-skip-interval", action="store_true",
-                       default=None, help="skip-interval cross-attention to clip 0's temporal K/V (off by default)")
-    group.add_argument("--i2vedit-output-fps", type=FPS, help=f"fps the video is conditioned on; fps id = this - 1 "
-                                                                 f"(default {d.output_fps})")
+    add_recipe_arguments(group)
+    group.add_argument("--i2vedit-skip-interval", choices=["on", "off"],
+                       help="skip-interval cross-attention of clips >= 1 to clip 0's temporal K/V (default: the recipe's, "
+                            "on for clips >= 1 with the authors' recipe)")
+    group.add_argument("--i2vedit-output-fps", type=FPS, help="fps the video is conditioned on, every clip; fps id = this - 1 "
+                                                              "(default: the recipe's, 5 for clip 0 and 7 after)")
+    group.add_argument("--i2vedit-invert-dtype", choices=["fp32", "edit"],
+                       help="inversion and recomputed source attention in fp32 (default, as the authors; the weights are "
+                            "loaded in fp32 and the edit's UNet runs in --dtype under autocast) or in the edit's --dtype "
+                            "(the weights are then loaded in --dtype: half the memory)")
     group.add_argument("--i2vedit-decode-chunk", type=CHUNK, help=f"frames decoded at a time (default {d.decode_chunk})")
     group.add_argument("--i2vedit-seed", type=SEED, help=f"seed of the per-clip generators (default {d.seed})")
 
@@ -230,6 +315,9 @@ def _config(args: argparse.Namespace):
         kw["mask_thr"] = tuple(args.i2vedit_mask_thr)
     if getattr(args, "i2vedit_no_matching", False):
         kw["matching"] = False
+    if getattr(args, "i2vedit_skip_interval", None):
+        kw["skip_interval"] = args.i2vedit_skip_interval == "on"
+    kw["edit_dtype"] = DTYPES[getattr(args, "dtype", "fp32") or "fp32"]
     return I2VEditConfig(**kw)
 
 
@@ -273,7 +361,7 @@ def _lora_for_clip(args: argparse.Namespace, svd, ranges):
 def _read_inputs(args: argparse.Namespace):
     """(video [T, 3, H, W], first frame [3, H, W], notes): errors before any compute."""
     from minivid.methods.i2vedit.edit import resize_frames
-    from minivid.video import read_image, read_video
+    from minivid.video import read_image
 
     if not args.first_frame:
         raise ValueError("--method i2vedit needs --first-frame EDITED.png: the source's first frame, edited with "
@@ -284,7 +372,7 @@ def _read_inputs(args: argparse.Namespace):
     if args.lora and not Path(args.lora).is_dir():
         raise FileNotFoundError(f"--lora {args.lora}: no such folder (expected the job folder of `minivid tune "
                                 f"--method i2vedit`, with one LoRA per clip in clip_<k>/)")
-    video = read_video(args.video, num_frames=args.frames, stride=args.stride)
+    video, plan, fps = _read_video(args)
     first = read_image(first_path)
     notes = []
     if tuple(first.shape[-2:]) != tuple(video.shape[-2:]):
@@ -294,7 +382,9 @@ def _read_inputs(args: argparse.Namespace):
         print(f"note: {msg}")
         notes.append(msg)
         first = resize_frames(first, tuple(video.shape[-2:]))
-    return video, first, notes
+    if plan.mode == "frames" and args.stride == 1 and (args.sample_fps is None):
+        notes.append(f"{args.video}: no frame rate known: consecutive frames read (--sample-fps needs a video file)")
+    return video, first, notes, plan, fps
 
 
 def _check(svd, cfg, video, work):
@@ -306,7 +396,7 @@ def _check(svd, cfg, video, work):
         raise ValueError(f"--i2vedit-size {work[0]}x{work[1]} is not a multiple of {m} (the VAE's downsampling)")
     check_size(svd, *work)
     try:
-        return clip_ranges(video.shape[0], cfg.clip_len, cfg.overlap)
+        return cfg.ranges(video.shape[0])
     except ValueError as e:
         raise ValueError(f"{e} (read {video.shape[0]} frames: --frames N reads more)") from None
 
@@ -336,14 +426,30 @@ def _outputs(job: Job, source, result, fps: float) -> dict:
     return info
 
 
+def _clip_records(result, plan=None, loras=None) -> list[dict]:
+    """What ran, per clip: frame range and source frames, recipe, skip-interval, LoRA, dtypes."""
+    out = []
+    for k, c in enumerate(result.clips):
+        s, e = result.ranges[k]
+        entry = {"clip": k, "frames": [s, e], **{key: v for key, v in c.info.items() if key not in ("clip", "frames")}}
+        if plan is not None:
+            entry["source_frames"] = plan.indices[s:e]
+            entry["sample_fps"] = plan.sample_fps[k] if k < len(plan.sample_fps) else None
+        if loras:
+            entry["lora"] = loras[k]["path"] if k < len(loras) else None
+        out.append(entry)
+    return out
+
+
 def _results(svd, cfg, result, video, work, notes, seconds) -> dict:
     from minivid.methods.i2vedit import store_bytes
+    from minivid.methods.i2vedit.edit import DTYPE_NAMES
 
     m = svd.config.vae.downsample_factor
     frames0 = result.ranges[0][1] - result.ranges[0][0]
     est = store_bytes(svd.config.unet, (work[0] // m, work[1] // m), frames0, cfg.steps, cfg.matching_config())
     return {
-        "config": {k: v for k, v in cfg.__dict__.items()},
+        "config": {k: (DTYPE_NAMES.get(v, str(v)) if isinstance(v, torch.dtype) else v) for k, v in cfg.__dict__.items()},
         "clips": [list(r) for r in result.ranges], "source_size": list(video.shape[-2:]), "work_size": list(work),
         "frames": int(result.frames.shape[0]),
         "store_bytes_clip0_measured": result.store_bytes,
@@ -357,16 +463,23 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     """`minivid edit --method i2vedit`."""
     from minivid.methods.i2vedit import edit_video
 
+    from minivid.methods.i2vedit.edit import DTYPE_NAMES, check_store_budget
+
     cfg = _config(args)
-    video, first, notes = _read_inputs(args)
-    with job.timed("load"):
-        svd = _load_svd(args)
+    video, first, notes, plan, fps = _read_inputs(args)
     work = _parse_size(args.i2vedit_size, TINY_SIZE if args.tiny else FULL_SIZE)
+    # the authors' precision split: fp32 weights, inversion and source attention in fp32, the edit's UNet
+    # in --dtype under autocast; --i2vedit-invert-dtype edit loads the weights in --dtype
+    with job.timed("load"):
+        svd = _load_svd(args, dtype=torch.float32 if cfg.invert_dtype == "fp32" else None)
     ranges = _check(svd, cfg, video, work)
+    budget = check_store_budget(svd, cfg, work, ranges)
     lora_for_clip, loras = _lora_for_clip(args, svd, ranges)
-    print(f"I2VEdit: {video.shape[0]} frames {video.shape[-2]}x{video.shape[-1]} in clips {ranges}, edited at "
-          f"{work[0]}x{work[1]}, {cfg.steps} steps, preset {cfg.preset} {cfg.beta or ''}, store {cfg.store}"
-          f"{', no LoRA' if lora_for_clip is None else ''}")
+    inv_dtype, edit_dtype = cfg.dtypes(svd.dtype)
+    print(f"I2VEdit: {video.shape[0]} frames {video.shape[-2]}x{video.shape[-1]} in clips {ranges} (recipe {cfg.recipe}, "
+          f"source frames sampled {'over time' if plan.mode == 'time' else 'by index'}), edited at "
+          f"{work[0]}x{work[1]}, {cfg.steps} steps, preset {cfg.preset} {cfg.beta or ''}, store {cfg.store}, inversion "
+          f"{DTYPE_NAMES[inv_dtype]}, edit {DTYPE_NAMES[edit_dtype]}{', no LoRA' if lora_for_clip is None else ''}")
     t0 = time.perf_counter()
     with job.timed("edit"):
         result = edit_video(svd, video.to(svd.device), first.to(svd.device), cfg, work_size=work,
@@ -376,6 +489,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     with job.timed("store estimate"):
         results = _results(svd, cfg, result, video, work, notes, seconds)
     return {**results, **info,
+            "clips_run": _clip_records(result, plan, loras), "sampling": _sampling_record(plan, fps),
+            "stored_budget": budget,
             "model": svd.load_info.get("detected", "tiny (random)"), "lora": args.lora, "loras": loras}
 
 
@@ -412,9 +527,11 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
 
     --frames frames (default 8) at --size × 1.5·--size pixels (default 32×48), cut into clips of 5
     overlapping by 1 (clips [0, 5) and [4, 8)), --steps EDM steps (the demo parser's default 20; the
-    paper 25) of inversion and of editing with attention matching (preset local). The edited first frame
-    is the source's with the red disc recoloured green. No motion LoRA (tuning is `minivid tune --method
-    i2vedit`). A random model makes no real edits: the outputs show every stage running.
+    paper 25) of inversion and of editing with attention matching (preset local), the authors' recipe
+    (clip 1 with the subsequent-clip settings: skip-interval attention, fps id 6). --dtype is the edit's
+    compute dtype (fp32 weights, the inversion in fp32, the edit's UNet under autocast). The edited first
+    frame is the source's with the red disc recoloured green. No motion LoRA (tuning is `minivid tune
+    --method i2vedit`). A random model makes no real edits: the outputs show every stage running.
     """
     from minivid.methods.i2vedit import I2VEditConfig, edit_video
 
@@ -423,13 +540,15 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     height, width = args.size, args.size * 3 // 2
     width -= width % 16
     clip_len = min(5, args.frames)
-    cfg = I2VEditConfig(steps=args.steps, clip_len=clip_len, overlap=1)
+    cfg = I2VEditConfig(steps=args.steps, clip_len=clip_len, overlap=1,
+                        edit_dtype=DTYPES[getattr(args, "dtype", None) or "fp32"])
     print("minivid demo --method i2vedit: a tiny SVD with RANDOM weights, a synthetic clip (moving shapes) and its "
           "first frame recoloured (red disc -> green).\nA random model makes no real edits (expect coloured noise); "
           f"the demo runs every I2VEdit stage: SARP, EDM inversion, attention matching (spatial mask, temporal "
           f"selector {cfg.preset} {cfg.matching_config().beta}) with the source attention recomputed at each "
-          f"of {cfg.steps} edit steps, auto-regressive clips of {clip_len} frames.")
-    job.ran(model="tiny SVD (random weights)", frames=args.frames, size=[height, width], dtype="fp32",
+          f"of {cfg.steps} edit steps, auto-regressive clips of {clip_len} frames (clip 1 with skip-interval "
+          f"attention to clip 0), the edit's UNet in {getattr(args, 'dtype', None) or 'fp32'}.")
+    job.ran(model="tiny SVD (random weights)", frames=args.frames, size=[height, width], dtype=getattr(args, "dtype", None) or "fp32",
             device=str(args.device), seeds={"model_weights": args.seed, "sampling_noise": cfg.seed})
     with job.timed("build"):
         torch.manual_seed(args.seed)
@@ -448,7 +567,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     info = _outputs(job, video, result, 8)
     with job.timed("store estimate"):
         results = _results(svd, cfg, result, video, (height, width), [], seconds)
-    out = {**results, **info, "note": "random weights: the edit is not meaningful"}
+    out = {**results, **info, "clips_run": _clip_records(result), "note": "random weights: the edit is not meaningful"}
     print(f"edited {result.frames.shape[0]} frames in clips {result.ranges} in {seconds:.1f} s; source-attention "
           f"store of clip 0: {result.store_bytes['recompute']} bytes kept (recompute) vs "
           f"{out['store_bytes_per_clip_estimate']['official']} for the authors' store")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -38,7 +39,7 @@ from minivid.pipelines.svd import check_size, video_denoiser
 from minivid.samplers import edm_init_noise, euler_sample, karras_sigmas
 from minivid.svd import StableVideoDiffusion
 
-from .clips import clip_ranges
+from .clips import RECIPES, ClipRecipe, clip_ranges, recipe_for
 from .conditioning import edit_condition
 from .invert import Inversion, invert_clip, inversion_denoiser, lora_off
 from .matching import PRESETS, MatchingConfig, MatchingController, StopForward, install, keep_for, temporal_names
@@ -50,9 +51,23 @@ log = logging.getLogger(__name__)
 STORES = ("recompute", "stored")
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+INVERT_DTYPES = ("fp32", "edit")
+
+
 @dataclass(frozen=True)
 class I2VEditConfig:
-    """Every default is the authors' code's (docs/i2vedit.md gives the source of each)."""
+    """Every default is the authors' code's (docs/i2vedit.md gives the source of each).
+
+    `recipe` "authors": clip 0 with the first config's settings (11 frames, fps id 4, skip-interval off),
+    clips k ≥ 1 with the subsequent-clip config's (16 frames, fps id 6, skip-interval on) — clips.FIRST,
+    clips.SUBSEQUENT; "uniform": every clip with the first config's. `clip_len`, `output_fps` and
+    `skip_interval` override the recipe for every clip when set.
+
+    Precision (the authors invert in fp32 and edit in fp16 under autocast with fp32 latents): the model
+    holds fp32 weights; `edit_dtype` (None: the model's dtype) is the compute dtype of the edit's UNet
+    calls (autocast when it differs from the model's); `invert_dtype` "fp32" runs the inversion and the
+    recomputed source attention in fp32, "edit" in `edit_dtype`. The sampler state stays fp32."""
 
     steps: int = 25
     preset: str = "local"                          # (β₁, β₂): local (0.5, 0.8), global (0.8, 0.9), shape (0.4, 0.5)
@@ -62,18 +77,22 @@ class I2VEditConfig:
     compare: str = ">="                            # M = 1 where D ≥ thr (code); ">" is the paper's Eq. 8
     matching: bool = True
     store: str = "recompute"                       # "recompute" | "stored"
-    clip_len: int = 11
+    recipe: str = "authors"                        # "authors" | "uniform" (clips.py)
+    clip_len: Optional[int] = None                 # None: the recipe's (11 for clip 0, 16 after)
     overlap: int = 1
-    skip_interval: bool = False
+    skip_interval: Optional[bool] = None           # None: the recipe's (off for clip 0, on after)
     min_guidance: float = 1.0
     max_guidance: float = 2.0
-    output_fps: float = 5                          # fps id = output_fps − 1
+    output_fps: Optional[float] = None             # None: the recipe's (5, then 7); fps id = output_fps − 1
     sarp: bool = True
     sarp_noise: float = 0.005
     sarp_threshold: float = 0.001
     decode_chunk: int = 8
     seed: int = 23                                 # a CPU generator seeded per clip
     record_masks: bool = True
+    edit_dtype: Optional[torch.dtype] = None       # None: the model's dtype
+    invert_dtype: str = "fp32"                     # "fp32" | "edit"
+    store_budget: Optional[int] = None             # stored mode: host bytes allowed (None: 80 % of MemAvailable)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -82,11 +101,32 @@ class I2VEditConfig:
             raise ValueError(f"I2VEditConfig: store must be one of {STORES}, got {self.store!r}")
         if self.steps < 2:
             raise ValueError(f"I2VEditConfig: steps must be at least 2, got {self.steps}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"I2VEditConfig: recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.invert_dtype not in INVERT_DTYPES:
+            raise ValueError(f"I2VEditConfig: invert_dtype must be one of {INVERT_DTYPES}, got {self.invert_dtype!r}")
+        if self.edit_dtype is not None and self.edit_dtype not in DTYPE_NAMES:
+            raise ValueError(f"I2VEditConfig: edit_dtype must be one of {list(DTYPE_NAMES.values())}, got {self.edit_dtype}")
         self.matching_config()                     # validates beta, layer_set, compare
 
     def matching_config(self) -> MatchingConfig:
         return MatchingConfig(steps=self.steps, beta=tuple(self.beta or PRESETS[self.preset]), layer_set=self.layer_set,
                               mask_thr=tuple(self.mask_thr), compare=self.compare, record_masks=self.record_masks)
+
+    def clip_settings(self, k: int) -> ClipRecipe:
+        """The settings clip k runs with: the recipe's, with this config's overrides."""
+        r = recipe_for(k, self.recipe)
+        return replace(r, clip_len=self.clip_len or r.clip_len,
+                       output_fps=r.output_fps if self.output_fps is None else self.output_fps,
+                       skip_interval=r.skip_interval if self.skip_interval is None else self.skip_interval)
+
+    def ranges(self, num_frames: int) -> list[tuple[int, int]]:
+        return clip_ranges(num_frames, self.clip_settings(0).clip_len, self.overlap, self.clip_settings(1).clip_len)
+
+    def dtypes(self, model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        """(inversion dtype, edit dtype) for a model holding `model_dtype` weights."""
+        edit = self.edit_dtype or model_dtype
+        return (torch.float32 if self.invert_dtype == "fp32" else edit), edit
 
 
 @dataclass
@@ -98,6 +138,7 @@ class ClipEdit:
     layer_hw: dict[str, tuple[int, int]] = field(default_factory=dict)
     copied: dict[int, list[str]] = field(default_factory=dict)           # step -> temporal layers copied
     edit_kv: dict[int, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)   # skip-interval
+    info: dict = field(default_factory=dict)         # what ran: recipe, skip-interval, LoRA, dtypes (the record)
 
 
 @dataclass
@@ -148,6 +189,14 @@ def source_attention(svd: StableVideoDiffusion, inv: Inversion, ctl: MatchingCon
     return captured
 
 
+def compute_dtype(svd: StableVideoDiffusion, dtype: torch.dtype):
+    """Autocast to `dtype` when it differs from the model's weights; explicitly no autocast otherwise
+    (so an fp32 computation inside an autocast region stays fp32)."""
+    if dtype == svd.dtype:
+        return torch.autocast(svd.device.type, enabled=False)
+    return torch.autocast(svd.device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def edit_clip(
     svd: StableVideoDiffusion,
@@ -159,47 +208,61 @@ def edit_clip(
     clip0: ClipEdit | None = None,
     is_first: bool = True,
     progress: bool = True,
+    settings: ClipRecipe | None = None,
+    record_kv: bool | None = None,
 ) -> ClipEdit:
     """Edit one clip [F, 3, H, W] (working size, [-1, 1]) given its first frame's edit [3, H, W] (clip k ≥ 1:
     the previous clip's decoded last frame, with `previous_latent` [1, 4, h, w] its last scaled latent).
     `lora`: an attached motion LoRA (its `.disabled()` turns it off for inversion and recomputation) or None.
-    `clip0`: clip 0's result, for skip-interval attention in clips k ≥ 1."""
+    `settings`: this clip's recipe (default `cfg.clip_settings(0 if is_first else 1)`); `clip0`: clip 0's
+    result, for skip-interval attention in clips k ≥ 1; `record_kv`: clip 0 keeps its temporal K/V for
+    them (default: when clip 1's settings use skip-interval)."""
     if clip.ndim != 4 or clip.shape[1] != 3:
         raise ValueError(f"edit_clip: clip must be [F, 3, H, W], got shape {tuple(clip.shape)}")
     if first_frame.shape[-3:] != clip.shape[-3:]:
         raise ValueError(f"edit_clip: first frame {tuple(first_frame.shape[-3:])} and clip frames "
                          f"{tuple(clip.shape[-3:])} differ in size")
     check_size(svd, *clip.shape[-2:])
+    settings = settings or cfg.clip_settings(0 if is_first else 1)
+    inv_dtype, edit_dtype = cfg.dtypes(svd.dtype)
+    if inv_dtype == torch.float32 and svd.dtype != torch.float32:
+        raise ValueError(f"edit_clip: the model holds {DTYPE_NAMES.get(svd.dtype, svd.dtype)} weights, so the inversion "
+                         f"cannot run in fp32; load it in fp32 and set edit_dtype (the edit then runs under autocast, "
+                         f"as the authors' code), or invert in the edit dtype (invert_dtype='edit')")
     Fr, N = clip.shape[0], cfg.steps
     m = svd.config.vae.downsample_factor
     latent_hw = (clip.shape[-2] // m, clip.shape[-1] // m)
-    skip = cfg.skip_interval
-    use_kv = skip and not is_first
+    use_kv = settings.skip_interval and not is_first
+    if record_kv is None:
+        record_kv = is_first and cfg.clip_settings(1).skip_interval
     if use_kv and (clip0 is None or not clip0.inversion.kv):
         raise ValueError("edit_clip: skip-interval attention for a clip k >= 1 needs clip 0's result with its K/V")
-    need_ctl = cfg.matching or skip
+    need_ctl = cfg.matching or use_kv or record_kv
     mcfg = cfg.matching_config()
     if not cfg.matching:
         mcfg = replace(mcfg, spatial=False, temporal=False)
     ctl = MatchingController(mcfg, latent_hw, Fr, temporal_names(svd.unet))
     stored = cfg.matching and cfg.store == "stored"
+    if stored and svd.device.type != "cpu":
+        ctl.record_to = torch.device("cpu")        # the stored records live on the host (docs: "The store")
 
     scope = install(svd.unet, ctl) if need_ctl else contextlib.nullcontext()
     with scope:
         # 1. inversion (its own generator, as the authors' global RNG is separate from the edit's)
         inv_gen = torch.Generator().manual_seed(cfg.seed)
         keep = (lambda i: keep_for(N - 1 - i, ctl)) if stored else None
-        inv = invert_clip(svd, clip, N, inv_gen, cfg.sarp, cfg.sarp_noise, cfg.sarp_threshold,
-                          controller=ctl if need_ctl else None, keep=keep,
-                          kv_source=clip0.inversion.kv if use_kv else None, record_kv=skip and is_first,
-                          lora=lora, progress=progress)
+        with compute_dtype(svd, inv_dtype):
+            inv = invert_clip(svd, clip, N, inv_gen, cfg.sarp, cfg.sarp_noise, cfg.sarp_threshold,
+                              controller=ctl if need_ctl else None, keep=keep,
+                              kv_source=clip0.inversion.kv if use_kv else None, record_kv=record_kv,
+                              lora=lora, progress=progress)
 
         # 2. conditioning of the edit
         gen = torch.Generator().manual_seed(cfg.seed)
-        cond = edit_condition(svd, first_frame[None], gen, fps_id=cfg.output_fps - 1, previous_latent=previous_latent)
+        cond = edit_condition(svd, first_frame[None], gen, fps_id=settings.output_fps - 1, previous_latent=previous_latent)
         base = video_denoiser(svd, cond, Fr, cfg.min_guidance, cfg.max_guidance)
 
-        # 3. sampling with attention matching
+        # 3. sampling with attention matching; the UNet in the edit dtype, the latents in fp32
         count = [0]
         edit_kv: dict[int, dict] = {}
 
@@ -207,30 +270,69 @@ def edit_clip(
             j = count[0]
             count[0] += 1
             if not need_ctl:
-                return base(x, sigma)
+                with compute_dtype(svd, edit_dtype):
+                    return base(x, sigma)
             if cfg.matching:
                 if stored:
                     ctl.source = inv.records.get(N - 1 - j, {})
                 else:
-                    ctl.source = source_attention(svd, inv, ctl, j, lora,
-                                                  clip0.inversion.kv[N - 1 - j] if use_kv else None)
+                    with compute_dtype(svd, inv_dtype):
+                        ctl.source = source_attention(svd, inv, ctl, j, lora,
+                                                      clip0.inversion.kv[N - 1 - j] if use_kv else None)
             ctl.phase, ctl.step = "match", j
             ctl.kv_source = clip0.edit_kv[j] if use_kv else None
-            ctl.kv_record = {} if skip and is_first else None
+            ctl.kv_record = {} if record_kv else None
             try:
-                return base(x, sigma)
+                with compute_dtype(svd, edit_dtype):
+                    return base(x, sigma)
             finally:
-                if skip and is_first:
+                if record_kv:
                     edit_kv[j] = ctl.kv_record
                 ctl.phase, ctl.source, ctl.kv_source, ctl.kv_record = "off", {}, None, None
 
         sigmas = karras_sigmas(N)
-        x = edm_init_noise(inv.noise.to(svd.device), sigmas).to(svd.dtype)
+        x = edm_init_noise(inv.noise.to(svd.device, torch.float32), sigmas)     # the sampler state stays fp32
         x = euler_sample(step_clock(svd.unet, denoise), x, sigmas, progress=progress)
 
     # 4. decode in chunks
-    frames = svd.decode_latents(x, cfg.decode_chunk).float()[0]
-    return ClipEdit(x, frames, inv, dict(ctl.masks), dict(ctl.hw), dict(ctl.copied), edit_kv)
+    frames = svd.decode_latents(x.to(svd.dtype), cfg.decode_chunk).float()[0]
+    info = {"recipe": settings.name, "clip_len": settings.clip_len, "output_fps": settings.output_fps,
+            "fps_id": settings.output_fps - 1, "skip_interval": bool(use_kv), "records_kv_for_later_clips": bool(record_kv),
+            "lora": lora is not None, "inversion_dtype": DTYPE_NAMES[inv_dtype], "edit_dtype": DTYPE_NAMES[edit_dtype],
+            "weights_dtype": DTYPE_NAMES.get(svd.dtype, str(svd.dtype)), "sampler_dtype": "fp32", "store": cfg.store}
+    return ClipEdit(x, frames, inv, dict(ctl.masks), dict(ctl.hw), dict(ctl.copied), edit_kv, info)
+
+
+def host_budget() -> int:
+    """80 % of the host memory available now (MemAvailable), the stored mode's default budget."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(0.8 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return int(0.8 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_store_budget(svd: StableVideoDiffusion, cfg: I2VEditConfig, work: tuple[int, int],
+                       ranges: list[tuple[int, int]]) -> dict[str, int] | None:
+    """The stored mode keeps one clip's records on the host: refuse, before any compute, a clip whose
+    records exceed `cfg.store_budget` (default `host_budget()`). Returns {"bytes", "budget"} or None."""
+    if not (cfg.matching and cfg.store == "stored"):
+        return None
+    from .matching import store_bytes
+
+    m = svd.config.vae.downsample_factor
+    frames = max(e - s for s, e in ranges)
+    need = int(store_bytes(svd.config.unet, (work[0] // m, work[1] // m), frames, cfg.steps,
+                           cfg.matching_config())["stored"]["per_clip"])
+    budget = cfg.store_budget if cfg.store_budget is not None else host_budget()
+    if need > budget:
+        raise MemoryError(f"--i2vedit-store stored keeps {need / 1e9:.2f} GB of source attention per {frames}-frame clip "
+                          f"at {work[0]}x{work[1]} on the host, over the budget of {budget / 1e9:.2f} GB; use the "
+                          f"default recompute store (kept: the inversion trajectory only) or raise the budget")
+    return {"bytes": need, "budget": budget}
 
 
 def edit_video(
@@ -244,8 +346,9 @@ def edit_video(
     keep_clips: bool = False,
 ) -> EditResult:
     """Edit video [T, 3, H, W] in [-1, 1] from its edited first frame [3, H', W'] (resized to H×W when it
-    differs; the caller says so). Clips of `cfg.clip_len` frames overlapping by `cfg.overlap`; each clip is
-    edited at `work_size` (default: the source size) and the result resized back to H×W.
+    differs; the caller says so). Clips as `cfg.ranges` (the recipe's lengths, overlapping by `cfg.overlap`),
+    clip k with `cfg.clip_settings(k)`; each clip is edited at `work_size` (default: the source size) and
+    the result resized back to H×W. The stored mode's host budget is checked before any compute.
 
     `lora_for_clip(k)` attaches clip k's motion LoRA and returns its handle (detached after the clip), or
     returns None. `keep_clips=False` drops each clip's inversion once it is used (except clip 0's K/V with
@@ -257,7 +360,9 @@ def edit_video(
     size = tuple(video.shape[-2:])
     work = tuple(work_size or size)
     check_size(svd, *work)
-    ranges = clip_ranges(video.shape[0], cfg.clip_len, cfg.overlap)     # raises on a video shorter than a clip
+    ranges = cfg.ranges(video.shape[0])                                  # raises on a video shorter than a clip
+    check_store_budget(svd, cfg, work, ranges)
+    record_kv = len(ranges) > 1 and any(cfg.clip_settings(k).skip_interval for k in range(1, len(ranges)))
     if tuple(first_frame.shape[-2:]) != size:
         log.warning("edit_video: the edited first frame is %dx%d, the video %dx%d: resized to the video's size",
                     *first_frame.shape[-2:], *size)
@@ -271,10 +376,12 @@ def edit_video(
         clip = resize_frames(video[s:e].float(), work)
         handle = lora_for_clip(k) if lora_for_clip is not None else None
         try:
-            res = edit_clip(svd, clip, prev_frame, cfg, handle, prev_latent, clip0, is_first=(k == 0), progress=progress)
+            res = edit_clip(svd, clip, prev_frame, cfg, handle, prev_latent, clip0, is_first=(k == 0), progress=progress,
+                            settings=cfg.clip_settings(k), record_kv=(k == 0 and record_kv))
         finally:
             if handle is not None and lora_for_clip is not None and hasattr(handle, "detach"):
                 handle.detach()
+        res.info.update(clip=k, frames=[s, e])
         if k == 0:
             store = {"recompute": res.inversion.nbytes(), "stored": res.inversion.records_nbytes()}
             clip0 = res

@@ -232,7 +232,8 @@ class _Spatial:
         thr = ctl.thresholds()
         for f in range(Fr):
             i = first_cond + f
-            out, m = spatial_match(q[i], k[i], v[i], src["q"][f], src["k"][f], ctx.scale, thr[f], ctl.cfg.compare)
+            out, m = spatial_match(q[i], k[i], v[i], src["q"][f].to(q.device), src["k"][f].to(q.device), ctx.scale,
+                                   thr[f], ctl.cfg.compare)
             outs.append(out)
             masks.append(m)
         if ctl.cfg.record_masks:

@@ -42,7 +42,7 @@ from minivid.methods.i2vedit.clips import clip_ranges
 from minivid.methods.i2vedit.lora import (
     DEFAULT_DROPOUT, DEFAULT_RANK, DEFAULT_TARGETS, LoRAError, MotionLoRA, attach_motion_lora, read_lora_file,
 )
-from minivid.samplers import edm_loss_weight, edm_precondition
+from minivid.samplers import edm_loss_weight, edm_precondition, karras_sigmas
 from minivid.tuning import TuneConfig, TuneResult
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
     "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_CHECKPOINT_EVERY", "DEFAULT_USE_STEP", "CHECKPOINTED_BLOCKS",
     "MotionTuneConfig", "ClipData", "check_clip", "stratified_uniform", "logsnr_cosine_interpolated", "sample_sigmas",
     "default_tune_config", "training_time_ids", "prepare_clip", "motion_loss", "tune_motion_lora",
-    "lora_checkpoint", "load_motion_lora", "tune_clips",
+    "lora_checkpoint", "load_motion_lora", "tune_clips", "record_for_sigma", "skip_interval_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -201,13 +201,52 @@ def prepare_clip(svd, frames: torch.Tensor, config: MotionTuneConfig | None = No
                     {"frames": int(frames.shape[0]), "size": list(frames.shape[-2:])})
 
 
+def record_for_sigma(sigma: float, steps: int = 25) -> int:
+    """The inversion record a training step at σ reads for skip-interval attention, as the authors' code
+    picks it: train.py 1049–1057 sets timestep = N − searchsorted([0, σ_{N−1}, …, σ_0], σ) clamped to
+    [0, N − 1], and ConsistencyAttentionControl (use_inversion_attention) reads record N − 1 − timestep."""
+    asc = karras_sigmas(steps).float().flip(0)                        # [0, σ_min, …, σ_max]
+    i = int(torch.searchsorted(asc, torch.tensor([float(sigma)], dtype=torch.float32), right=False))
+    timestep = min(max(steps - i, 0), steps - 1)
+    return steps - 1 - timestep
+
+
+def skip_interval_source(svd, clip0: torch.Tensor, steps: int = 25, seed: int = 23):
+    """Clip 0's inversion at the training size (motion LoRA off), whose temporal attn1 K/V a clip k ≥ 1
+    attends to while its LoRA trains (main.py 267–312: `inverse_video` at `train_data` height/width into
+    `consistency_train_controller`). Only the trajectory is kept; a training step recomputes the K/V of
+    the record it reads (one batch-1 UNet call without gradients), bitwise what the inversion computed."""
+    from minivid.methods.i2vedit.invert import invert_clip
+
+    return invert_clip(svd, clip0, steps, torch.Generator().manual_seed(seed), progress=False)
+
+
+def _clip0_kv(svd, lora: MotionLoRA, ctl, inv, record: int) -> dict:
+    """Clip 0's temporal attn1 K/V of inversion record `record`, recomputed in fp32 with the LoRA off."""
+    from minivid.methods.i2vedit.invert import inversion_denoiser
+
+    ctl.kv_source, ctl.kv_record = None, {}
+    with torch.no_grad(), torch.autocast(svd.device.type, enabled=False), lora.disabled():
+        inversion_denoiser(svd, inv.cond, inv.frames)(inv.trajectory[record], inv.levels[record])
+    kv, ctl.kv_record = ctl.kv_record, None
+    return kv
+
+
 def motion_loss(svd, lora: MotionLoRA, data: ClipData, config: MotionTuneConfig | None = None,
+                skip_interval: Any = None, controller: Any = None,
                 ) -> Callable[[int, torch.Generator], torch.Tensor]:
     """loss_fn(step, generator) for `minivid.tuning.tune`: Eq. 4 as the authors' code computes it.
 
     Draws, in the code's order, ε [1, F, 4, h, w], ε' (its frame 0 augments the conditioning latent),
-    u (→ σ), then the seed of the LoRA's dropout masks, all from `generator` (CPU)."""
+    u (→ σ), then the seed of the LoRA's dropout masks, all from `generator` (CPU).
+
+    `skip_interval` (clips k ≥ 1 of the authors' recipe): clip 0's training-size inversion
+    (`skip_interval_source`); every temporal attn1 then attends to [K_clip0; K], [V_clip0; V] with clip 0's
+    K/V of the record `record_for_sigma(σ)` — `controller` is the MatchingController installed on the UNet
+    (matching off) that does the concatenation."""
     config = config or MotionTuneConfig()
+    if skip_interval is not None and controller is None:
+        raise ValueError("motion_loss: skip-interval training needs the installed MatchingController")
     unet = svd.unet
     z0 = data.latents
     device = z0.device
@@ -224,6 +263,9 @@ def motion_loss(svd, lora: MotionLoRA, data: ClipData, config: MotionTuneConfig 
         noisy = z0 + noise * s                                                           # z_σ
         c_skip, c_out, _, c_noise = edm_precondition(s)
         x = torch.cat([noisy / (s**2 + 1) ** 0.5, cond[:, None].expand(-1, F, -1, -1, -1)], dim=2)   # [B, F, 8, h, w]
+        if skip_interval is not None:       # kept set until the next step: gradient checkpointing replays it
+            controller.kv_source = _clip0_kv(svd, lora, controller, skip_interval,
+                                             record_for_sigma(float(sigma[0]), skip_interval.steps))
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(dropout_seed)              # dropout masks: reproducible, recomputed alike
@@ -248,12 +290,15 @@ def tune_motion_lora(
     meta: dict[str, Any] | None = None,
     lora: MotionLoRA | None = None,
     vae_chunk: int | None = None,
+    skip_interval: Any = None,
 ) -> tuple[MotionLoRA, TuneResult]:
     """Attach a motion LoRA to `svd.unet` (or take `lora`, attached to it) and tune it on one clip
     [F, 3, H, W] in [-1, 1]. Checkpoints `out_dir/tuned-<step>.safetensors` (every 50 steps by default)
     hold the LoRA under its documented names, with AdamW's moments beside them; with `resume` the
     newest one there is continued. The frozen SVD may be in any dtype (bf16 weights halve its memory);
     the LoRA is float32 either way, and `cfg.autocast` runs the forward in mixed precision.
+    `skip_interval`: clip 0's training-size inversion (`skip_interval_source`) for a clip k ≥ 1 of the
+    authors' recipe: skip-interval cross-attention while training (see `motion_loss`).
     Returns the LoRA (eval mode, still attached) and the engine's result."""
     config = config or MotionTuneConfig()
     cfg = cfg or default_tune_config(svd.device)
@@ -265,7 +310,16 @@ def tune_motion_lora(
     for p in svd.parameters():
         p.requires_grad_(False)
     data = prepare_clip(svd, frames, config, seed=cfg.seed, vae_chunk=vae_chunk)
-    loss_fn = motion_loss(svd, lora, data, config)
+    ctl = None
+    if skip_interval is not None:
+        from minivid.methods.i2vedit.matching import MatchingConfig, MatchingController, install, temporal_names
+
+        if tuple(skip_interval.trajectory[0].shape[-2:]) != tuple(data.latents.shape[-2:]):
+            raise ValueError(f"tune_motion_lora: clip 0's inversion has latents {tuple(skip_interval.trajectory[0].shape[-2:])}, "
+                             f"this clip {tuple(data.latents.shape[-2:])}: skip-interval needs both at the training size")
+        ctl = MatchingController(MatchingConfig(steps=skip_interval.steps, spatial=False, temporal=False),
+                                 tuple(data.latents.shape[-2:]), int(data.latents.shape[1]), temporal_names(svd.unet))
+    loss_fn = motion_loss(svd, lora, data, config, skip_interval, ctl)
     info = {
         "method": METHOD, "i2vedit": config.to_dict(), "lora": lora.describe(), **data.extra,
         "unet": {"model_channels": svd.config.unet.model_channels, "context_dim": svd.config.unet.context_dim},
@@ -278,6 +332,9 @@ def tune_motion_lora(
         if gradient_checkpointing:
             for pattern in CHECKPOINTED_BLOCKS:
                 stack.enter_context(tuning.gradient_checkpointing(svd.unet, pattern))
+        if ctl is not None:
+            stack.enter_context(install(svd.unet, ctl))
+            info["skip_interval"] = {"clip0_inversion_steps": skip_interval.steps}
         result = tuning.tune(lora, trainable, loss_fn, cfg, out_dir, resume, info)
     for p in lora.parameters():
         p.requires_grad_(False)
@@ -333,21 +390,38 @@ def load_motion_lora(svd, path: str | os.PathLike, step: int | None = DEFAULT_US
 
 # ---------------------------------------------------------------- per clip
 
-def tune_clips(svd, video: torch.Tensor, out_dir: str | os.PathLike, clip_length: int = 11, overlap: int = 1,
-               config: MotionTuneConfig | None = None, cfg: TuneConfig | None = None, **kwargs: Any,
+def tune_clips(svd, video: torch.Tensor, out_dir: str | os.PathLike, clip_length: int | None = None, overlap: int = 1,
+               config: MotionTuneConfig | None = None, cfg: TuneConfig | None = None, recipe: str = "authors",
+               skip_interval: bool | None = None, inversion_steps: int = 25, seed: int = 23, **kwargs: Any,
                ) -> list[dict[str, Any]]:
-    """One motion LoRA per clip of `video` [N, 3, H, W] (clips as `clips.clip_ranges`, the edit's):
-    `out_dir/clip_<k>/tuned-<step>.safetensors`.
-    The LoRA of each clip is detached after its tuning, so the UNet is left as it came."""
-    ranges = clip_ranges(video.shape[0], clip_length, overlap)
+    """One motion LoRA per clip of `video` [N, 3, H, W] (at the training size; clips as the edit's,
+    `clips.clip_ranges` with the recipe's lengths): `out_dir/clip_<k>/tuned-<step>.safetensors`.
+    The "authors" recipe tunes clip 0 for 300 steps and clips k ≥ 1 for 250 with skip-interval attention to
+    clip 0's training-size inversion (`inversion_steps`, seeded `seed`), unless `cfg` fixes the steps or
+    `skip_interval` is given. The LoRA of each clip is detached after its tuning, so the UNet is left as it came."""
+    from minivid.methods.i2vedit.clips import recipe_for
+
+    def setting(k):
+        r = recipe_for(k, recipe)
+        return r.clip_len if clip_length is None else clip_length, r
+
+    ranges = clip_ranges(video.shape[0], setting(0)[0], overlap, setting(1)[0])
     if any(e - s < 2 for s, e in ranges):
         raise ValueError(f"{video.shape[0]} frames split into clips {ranges}: a clip of one frame has no motion; "
                          f"read one frame more or less")
     meta = kwargs.pop("meta", None) or {}
-    results = []
+    results, source = [], None
     for k, (s, e) in enumerate(ranges):
-        lora, result = tune_motion_lora(svd, video[s:e], pathlib.Path(out_dir) / f"clip_{k}", config, cfg,
-                                        meta={**meta, "clip": k, "clip_range": [s, e]}, **kwargs)
+        r = setting(k)[1]
+        skip = r.skip_interval if skip_interval is None else skip_interval
+        ck = cfg or default_tune_config(svd.device, steps=r.tune_steps, checkpoint_every=r.checkpoint_every)
+        if skip and k > 0 and source is None:
+            source = skip_interval_source(svd, video[ranges[0][0]:ranges[0][1]], inversion_steps, seed)
+        lora, result = tune_motion_lora(svd, video[s:e], pathlib.Path(out_dir) / f"clip_{k}", config, ck,
+                                        meta={**meta, "clip": k, "clip_range": [s, e], "recipe": r.name,
+                                              "skip_interval": bool(skip and k > 0)},
+                                        skip_interval=source if (skip and k > 0) else None, **kwargs)
         lora.detach()
-        results.append({"clip": k, "range": [s, e], "dir": str(pathlib.Path(out_dir) / f"clip_{k}"), "result": result})
+        results.append({"clip": k, "range": [s, e], "dir": str(pathlib.Path(out_dir) / f"clip_{k}"), "result": result,
+                        "recipe": r.name, "skip_interval": bool(skip and k > 0), "steps": ck.steps})
     return results
