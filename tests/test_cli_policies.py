@@ -98,7 +98,7 @@ def test_help_texts(capsys):
     assert main(["edit", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     defaults = {n: getattr(m, "DEFAULT_FRAMES", 8) for n, m in available_clis().items()}
-    assert defaults["i2vedit"] == 21 and "I2VEdit 21" in out and "COVE 8" in out
+    assert defaults["i2vedit"] == 26 and "I2VEdit 26" in out and "COVE 8" in out
     assert main(["demo", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert all(name in out for name in METHODS)

@@ -6,21 +6,24 @@ Tuning:
     minivid tune --method i2vedit --weights svd.safetensors --video in.mp4 --out loras/
     minivid tune --method i2vedit --tiny --video in.mp4 --frames 5 --i2vedit-clip-length 3 --steps 4
 
-The video (--frames frames, default 21 for I2VEdit, every --stride-th) is resized to --i2vedit-size
-(default 512x896, the authors' training resolution; plain bilinear resize, no crop, as their
-ResolutionControl) and split into clips of --i2vedit-clip-length frames overlapping by
---i2vedit-overlap (default 11 and 1, the authors' loader). One motion LoRA is tuned per clip into
-`<out>/clip_<k>/tuned-<step>.safetensors` (every 50 steps, 300 steps; the edit uses step 250), with
-AdamW's moments beside each checkpoint so a rerun with the same --out resumes. The job also writes
-source_grid.png and record.json (losses, seconds per step, the clip ranges).
+The source is sampled over time as the authors' loader does (data.py: np.linspace over the video's
+frames): with the default recipe "authors", clip 0 takes 11 frames at 2.5 fps and every later clip 16
+frames at 7 fps, continuing from the frame the previous clip ended on (--frames in all, default 26: two
+clips). --sample-fps F samples every clip at F fps; --sample-fps 0 (or --stride N) reads consecutive
+(every N-th) frames. The frames are resized to --i2vedit-size (default 512x896, the authors' training
+resolution; plain bilinear resize, no crop, as their ResolutionControl). One motion LoRA is tuned per clip
+into `<out>/clip_<k>/tuned-<step>.safetensors` (clip 0: 300 steps; clips >= 1: 250 steps with
+skip-interval attention to clip 0's inversion at the training size; checkpoints every 50; the edit uses
+step 250), with AdamW's moments beside each checkpoint so a rerun with the same --out resumes. The job
+also writes source_grid.png and record.json (losses, seconds per step, the clip ranges, the source frames).
 
 Editing:
 
     minivid edit --method i2vedit --weights weights/svd.safetensors --video in.mp4 --first-frame edited.png \
         [--lora DIR] [--preset local|global|shape]
 
-The source video is read at its own size (--frames frames every --stride, 21 by default for I2VEdit:
-two clips of --i2vedit-clip-length 11 overlapping by 1, as the authors' 2.5 fps over 8.4 s), edited clip by clip at
+The source video is read at its own size, sampled as for tuning (default: clip 0 at 2.5 fps, 11 frames;
+clips >= 1 at 7 fps, 16 frames, with skip-interval attention to clip 0; 26 frames), edited clip by clip at
 --i2vedit-size (576x1024, SVD's; --tiny: 32x48) and written back at the source size: edited.mp4,
 grid.png (source row over edited row), side_by_side.mp4, matching_mask.png (the spatial matching
 mask M of clip 0 per layer — rows — and step — columns — over its middle frame) and record.json
