@@ -1,9 +1,15 @@
 """I2VEdit: the source-attention store (bytes, edit-step time) and one motion-LoRA tuning step (time, peak memory).
 
-`--sections store,lora` (default both). "store" is benchmarks/i2vedit_store.py (the official fp32 disk
+`--sections store,lora` (default both; `precision` on request). "store" is benchmarks/i2vedit_store.py (the official fp32 disk
 store, the stored mode and the recompute mode in bytes per step and per clip, and one edit step's time
 with matching off / recompute / stored; `--store-bytes-only` skips its full-size timing). "lora" is the
-tuning step below, in fp32, bf16 autocast, bf16 weights and with gradient checkpointing.
+tuning step below, in fp32, bf16 autocast, bf16 weights and with gradient checkpointing. "precision"
+(`--sections precision`) edits one clip on the tiny SVD (random weights, every layer randomised so the
+temporal and output layers act) with each precision split and reports the drift of the final latents and
+decoded frames from the all-fp32 edit (issue 19.2): the authors' split (fp32 weights, fp32 inversion and
+source attention, the edit's UNet in bf16/fp16 under autocast, fp32 sampler state), inversion in the edit
+dtype too, and half-precision weights throughout; once with the matching threshold 0.35 (the mask jumps
+from D to 1 there) and once with a continuous mask (threshold above 1: M = D everywhere).
 
 The step is the one `minivid.methods.i2vedit.tune.tune_motion_lora` runs through the shared engine:
 the loss of `motion_loss` (EDM denoised-output MSE, σ from the cosine-interpolated log-SNR sampler)
@@ -34,7 +40,7 @@ MODES = ("fp32", "bf16", "fp32+checkpointing", "bf16+checkpointing", "bf16-weigh
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sections", default="store,lora", help="store, lora or both (default store,lora)")
+    p.add_argument("--sections", default="store,lora", help="store, lora, precision (default store,lora)")
     p.add_argument("--store-bytes-only", action="store_true", help="store section: only the byte arithmetic")
     p.add_argument("--store-latent", default="8x12", help="store section: latent HxW of the edit-step timing (default 8x12)")
     p.add_argument("--store-frames", type=int, default=14, help="store section: frames of the edit-step timing (default 14)")
@@ -176,10 +182,55 @@ def store_section(args: argparse.Namespace) -> int:
     return i2vedit_store.run(store_args)
 
 
+def precision_section(args: argparse.Namespace) -> str:
+    """The edit's drift from all-fp32 per precision split, on the tiny SVD (one clip, 25 steps)."""
+    from minivid.methods.i2vedit import I2VEditConfig, edit_clip
+    from minivid.svd import StableVideoDiffusion
+
+    torch.manual_seed(0)
+    ref_model = random_weights_(StableVideoDiffusion.from_config("tiny"), seed=0).eval()
+    F_, steps = 8, 25
+    g = torch.Generator().manual_seed(1)
+    y = torch.linspace(-1, 1, 32)[:, None]
+    x = torch.linspace(-1, 1, 48)[None]
+    clip = torch.stack([torch.stack([torch.sin(3 * x + 0.4 * f) * torch.cos(2 * y), torch.cos(2 * x - y + 0.3 * f), x * y])
+                        for f in range(F_)]) * 0.8 + 0.05 * torch.randn(F_, 3, 32, 48, generator=g)
+    clip = clip.clamp(-1, 1)
+    first = (clip[0] + 0.3 * torch.randn(3, 32, 48, generator=g)).clamp(-1, 1)
+    splits = [("all fp32 (reference)", torch.float32, None, "fp32"),
+              ("authors' split, edit bf16", torch.float32, torch.bfloat16, "fp32"),
+              ("authors' split, edit fp16", torch.float32, torch.float16, "fp32"),
+              ("inversion in the edit dtype, bf16", torch.float32, torch.bfloat16, "edit"),
+              ("inversion in the edit dtype, fp16", torch.float32, torch.float16, "edit"),
+              ("bf16 weights throughout", torch.bfloat16, None, "edit"),
+              ("fp16 weights throughout", torch.float16, None, "edit")]
+    rows = []
+    for thr_name, thr in (("0.35", (0.35, 0.35)), ("continuous", (1.5, 1.5))):
+        ref = None
+        for name, weights, edit_dtype, inv in splits:
+            model = ref_model if weights == torch.float32 else \
+                random_weights_(StableVideoDiffusion.from_config("tiny"), seed=0).eval().to(weights)
+            cfg = I2VEditConfig(steps=steps, clip_len=F_, recipe="uniform", mask_thr=thr, edit_dtype=edit_dtype,
+                                invert_dtype=inv, record_masks=False)
+            t0 = time.perf_counter()
+            res = edit_clip(model, clip, first, cfg, progress=False)
+            sec = time.perf_counter() - t0
+            if ref is None:
+                ref = res
+            dl = float((res.latents - ref.latents).abs().max() / ref.latents.abs().max())
+            df = float((res.frames - ref.frames).abs().max())
+            inv_d = float((res.inversion.noise - ref.inversion.noise).abs().max() / ref.inversion.noise.abs().max())
+            rows.append([thr_name, name, f"{inv_d:.2e}", f"{dl:.2e}", f"{df:.2e}", round(sec, 1)])
+    body = table(["threshold", "split", "inverted noise, max rel. diff", "edited latents, max rel. diff",
+                  "decoded frames, max abs. diff ([-1, 1])", "s"], rows)
+    return (body + f"\n\nTiny SVD (random weights), one clip of {F_} frames at 32×48, {steps} steps, preset local, "
+            f"recompute store, CPU autocast for the half-precision edit. Command: `minivid bench i2vedit --sections precision`.")
+
+
 def run(args: argparse.Namespace) -> int:
     sections = [s for s in args.sections.split(",") if s]
-    if not sections or any(s not in ("store", "lora") for s in sections):
-        raise ValueError(f"--sections must list store and/or lora, got {args.sections!r}")
+    if not sections or any(s not in ("store", "lora", "precision") for s in sections):
+        raise ValueError(f"--sections must list store, lora and/or precision, got {args.sections!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if "store" in sections:
@@ -189,4 +240,9 @@ def run(args: argparse.Namespace) -> int:
         print(body)
         if args.write:
             write_section("I2VEdit motion-LoRA tuning step", body)
+    if "precision" in sections:
+        body = precision_section(args)
+        print(body)
+        if args.write:
+            write_section("I2VEdit precision splits", body)
     return 0

@@ -138,14 +138,20 @@ def frame_indices(total: int, num_frames: Optional[int] = None, stride: int = 1,
     return list(range(start, total, stride))[: num_frames or available]
 
 
-def time_grid(start: int, end: int, fps: float, sample_fps: float) -> list[int]:
-    """Frame indices sampled at `sample_fps` from a video at `fps`, over frames [start, end): the I2VEdit
-    authors' np.linspace(start, end, int((end − start)/fps · sample_fps), endpoint=False).astype(int)
-    (Vicky0522/I2VEdit i2vedit/data.py `read_video_iter`, with the times in frames)."""
+def time_grid(fps: float, sample_fps: float, start_t: float = 0.0, end_t: Optional[float] = None,
+              total: Optional[int] = None) -> list[int]:
+    """Frame indices of a video at `fps` sampled at `sample_fps` over [start_t, end_t) seconds, as the I2VEdit
+    authors' loader (Vicky0522/I2VEdit i2vedit/data.py `read_video_iter`, lines 176–186): end_t is capped at
+    (or, when None, set to) the duration total/fps; np.linspace(int(start_t·fps), int(end_t·fps),
+    int((end_t − start_t)·sample_fps), endpoint=False).astype(int)."""
     if fps <= 0 or sample_fps <= 0:
         raise ValueError(f"time_grid: fps and sample_fps must be positive, got {fps} and {sample_fps}")
-    n = int((end - start) / fps * sample_fps + 1e-9)
-    return [int(start + i * (end - start) / n) for i in range(n)] if n > 0 else []
+    if total is not None:
+        end_t = total / fps if end_t is None else min(total / fps, end_t)
+    if end_t is None or not 0 <= start_t < end_t:
+        raise ValueError(f"time_grid: need 0 <= start_t < end_t, got {start_t} and {end_t}")
+    s, e, n = int(start_t * fps), int(end_t * fps), int((end_t - start_t) * sample_fps)
+    return np.linspace(s, e, n, endpoint=False).astype(int).tolist() if n > 0 else []
 
 
 def sample_frames(frames: Tensor, num_frames: Optional[int] = None, stride: int = 1, start: int = 0) -> Tensor:

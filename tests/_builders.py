@@ -40,3 +40,15 @@ def diffusers_kwargs(cfg: VideoUNetConfig) -> dict:
         transformer_layers_per_block=cfg.transformer_depth, num_attention_heads=tuple(cfg.heads(c)[0] for c in channels),
         num_frames=cfg.num_frames,
     )
+
+
+def svd_shaped_tiny_config():
+    """A tiny SVD whose UNet has SVD's layout: 4 levels, attention at downscales 1, 2, 4 (none at 8), so
+    6 down / 1 middle / 9 up temporal transformer blocks (16, as at full size: the same layer names,
+    input_blocks.7/.8 at positions ≥ 4 of the down path) and 192 motion-LoRA Linears; narrow channels."""
+    import dataclasses
+
+    from minivid.svd import SVD_PRESETS
+
+    unet = VideoUNetConfig.preset("tiny", channel_mult=(1, 2, 2, 2), attention_resolutions=(1, 2, 4))
+    return dataclasses.replace(SVD_PRESETS["tiny"], unet=unet)

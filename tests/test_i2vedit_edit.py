@@ -121,7 +121,7 @@ class _OfficialRecorder:
 
 
 @torch.no_grad()
-def _official_inversion(svd, clip, steps, seed, recorder=None):
+def _official_inversion(svd, clip, steps, seed, recorder=None, consistency=None):
     """euler_utils.inverse_video / init_image / euler_loop, restated (SARP first, then the VAE sample,
     then init_image's ε, from one generator)."""
     g = torch.Generator().manual_seed(seed)
@@ -152,6 +152,8 @@ def _official_inversion(svd, clip, steps, seed, recorder=None):
     if recorder is not None:
         scope.enter_context(wrap_processors(svd.unet, SPATIAL, recorder.spatial))
         scope.enter_context(wrap_processors(svd.unet, TEMPORAL, recorder.temporal))
+    if consistency is not None:        # ConsistencyAttentionControl: K/V concatenated before the controller
+        scope.enter_context(wrap_processors(svd.unet, TEMPORAL, consistency.temporal))
     with scope, torch.no_grad():
         for i in range(steps):
             t = timesteps[len(timesteps) - i - 1]
@@ -261,7 +263,7 @@ class _OfficialEditProcessors:
 
 
 def _official_edit(svd, inv_noise, store, edited, steps, seed, beta, thr, output_fps=5, max_guidance=2.0,
-                   previous_latent=None):
+                   previous_latent=None, consistency=None):
     """model_utils.P2PStableVideoDiffusionPipeline.__call__ with the edit controller, restated."""
     Fr = inv_noise.shape[1]
     g = torch.Generator().manual_seed(seed)
@@ -279,7 +281,11 @@ def _official_edit(svd, inv_noise, store, edited, steps, seed, beta, thr, output
         latents = inv_noise * ((sigmas[0] ** 2 + 1) ** 0.5)
         gs = torch.linspace(1.0, max_guidance, Fr)[None].reshape(1, Fr, 1, 1, 1)
         ctl = _OfficialEditProcessors(store, steps, beta, thr, Fr)
-        with wrap_processors(svd.unet, SPATIAL, ctl.spatial), wrap_processors(svd.unet, TEMPORAL, ctl.temporal):
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(wrap_processors(svd.unet, SPATIAL, ctl.spatial))
+            scope.enter_context(wrap_processors(svd.unet, TEMPORAL, ctl.temporal))
+            if consistency is not None:    # pushed last: outermost, K/V concatenated before the controller
+                scope.enter_context(wrap_processors(svd.unet, TEMPORAL, consistency.temporal))
             for i, t in enumerate(timesteps):
                 sigma, sigma_next = sigmas[i], sigmas[i + 1]
                 inp = torch.cat([latents] * 2) / ((sigma**2 + 1) ** 0.5)

@@ -11,7 +11,7 @@ the clips are written back, every clip after the first drops its first `overlap`
 frame is written once.
 
 The recipe (`RECIPES`). The authors run two configs: `config/customize_train.yaml` edits clip 0 only
-(`begin_clip_id: 0`, `end_clip_id: 1`) with 11-frame clips sampled at 2.5 fps, output_fps 5 (fps id 4),
+(`begin_clip_id: 0`, `end_clip_id: 1`, lines 45–46) with 11-frame clips sampled at 2.5 fps, output_fps 5 (fps id 4),
 300 LoRA steps, skip-interval attention off; their README ("Reuse data for subsequent clips", lines
 150–157) sends every later clip to `config/customize_subsequent_edit.yaml`: 16-frame clips sampled at
 7 fps, output_fps 7 (fps id 6), 250 LoRA steps (`max_train_steps: 250`) and
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from minivid.video import time_grid as _grid
+from minivid.video import time_grid
 
 __all__ = ["clip_ranges", "ClipRecipe", "FIRST", "SUBSEQUENT", "RECIPES", "recipe_for", "plan_frames", "FramePlan"]
 
@@ -49,11 +49,11 @@ class ClipRecipe:
         return asdict(self)
 
 
-# config/customize_train.yaml: chunk_size 11 (l. 41), sample_fps 2.5 (l. 40), output_fps 5 (l. 44),
-# use_consistency_attention_control false (l. 23), max_train_steps 300 (l. 67), checkpointing_steps 50 (l. 69)
+# config/customize_train.yaml: chunk_size 11 (l. 38), sample_fps 2.5 (l. 37), output_fps 5 (l. 41),
+# use_consistency_attention_control false (l. 20), max_train_steps 300 (l. 64), checkpointing_steps 50 (l. 66)
 FIRST = ClipRecipe("first", 11, 2.5, 5, False, 300, 50)
-# config/customize_subsequent_edit.yaml: chunk_size 16 (l. 50), sample_fps 7 (l. 49), output_fps 7 (l. 53),
-# use_consistency_attention_control true (l. 23), max_train_steps 250 (l. 76), checkpointing_steps 250 (l. 78)
+# config/customize_subsequent_edit.yaml: chunk_size 16 (l. 45), sample_fps 7 (l. 44), output_fps 7 (l. 48),
+# use_consistency_attention_control true (l. 20), max_train_steps 250 (l. 71), checkpointing_steps 250 (l. 73)
 SUBSEQUENT = ClipRecipe("subsequent", 16, 7.0, 7, True, 250, 250)
 RECIPES = ("authors", "uniform")
 
@@ -87,6 +87,13 @@ def clip_ranges(num_frames: int, clip_len: int = 11, overlap: int = 1,
     return ranges
 
 
+def _continue(start: int, end: int, fps: float, sample_fps: float) -> list[int]:
+    """The time grid from source frame `start` to `end` (frames): the authors' linspace with the times in
+    frames, so it starts exactly on `start` (clip k ≥ 1 continues from clip k − 1's last frame)."""
+    n = int((end - start) / fps * sample_fps + 1e-9)
+    return [int(start + i * (end - start) / n) for i in range(n)] if n > 0 else []
+
+
 @dataclass
 class FramePlan:
     """Which source frames are read, in output order, and how they split into clips."""
@@ -117,8 +124,8 @@ def plan_frames(total: int, fps: float | None, num_frames: int, recipe: str = "a
         ranges = clip_ranges(len(idx), len0, overlap, len1)
         return FramePlan(idx, ranges, [None] * len(ranges), "frames")
     fps0 = sample_fps or recipe_for(0, recipe).sample_fps
-    end0 = total if first_end_t is None else min(total, int(first_end_t * fps))
-    grid0 = _grid(0, end0, fps, fps0)
+    grid0 = time_grid(fps, fps0, 0.0, first_end_t, total)
+    end0 = min(total / fps, first_end_t or total / fps) * fps
     idx = grid0[:min(len0, num_frames)]
     if len(idx) < min(len0, num_frames):
         raise ValueError(f"at {fps0:g} fps the first {end0 / fps:.2f} s of the video give {len(grid0)} frames, fewer "
@@ -129,7 +136,7 @@ def plan_frames(total: int, fps: float | None, num_frames: int, recipe: str = "a
     while len(idx) < num_frames and idx and idx[-1] < total - 1:
         fk = sample_fps or recipe_for(k, recipe).sample_fps
         start = idx[-overlap] if overlap else idx[-1]
-        grid = [i for i in _grid(start, total, fps, fk) if i > idx[-1]]
+        grid = [i for i in _continue(start, total, fps, fk) if i > idx[-1]]
         if not grid:
             break
         new = grid[:len1 - overlap][:num_frames - len(idx)]

@@ -52,6 +52,7 @@ __all__ = [
     "needed", "keep_for", "temporal_names", "captured_bytes",
 ]
 
+AUTHORS_TOKEN_CAP = 8 * 9 * 8 * 16     # attention_store.py: tensors with shape[-2] above it are not stored
 SPATIAL = "*.transformer_blocks.*.attn1"
 TEMPORAL = "*.time_stack.*.attn1"
 # (β₁, β₂) of the paper's §5.1 (implementation details)
@@ -336,8 +337,8 @@ def store_bytes(unet_cfg, latent_hw: tuple[int, int], frames: int, steps: int = 
                 matching: MatchingConfig | None = None, bytes_per_value: int = 4) -> dict[str, dict[str, float]]:
     """Bytes of the source-attention store per step and per clip, for
     - "official": the authors' disk store, every record's spatial attn1 Q and K ([F, heads, N, d]) and
-      temporal attn1 probabilities ([N, heads, F, F]) in fp32 (their 9216-token cap never binds up to
-      576×1024);
+      temporal attn1 probabilities ([N, heads, F, F]) in fp32, except spatial layers over 9216 tokens
+      (their cap; it binds only above 576×1024);
     - "stored": only what the editing reads (all spatial Q/K; the temporal maps of the records the
       selector copies, for the layers it copies);
     - "recompute": the inversion trajectory (steps + 1 latents) and the conditioning (the CLIP embedding,
@@ -358,7 +359,10 @@ def store_bytes(unet_cfg, latent_hw: tuple[int, int], frames: int, steps: int = 
     def tmaps(s):
         return s.hw[0] * s.hw[1] * s.heads * frames * frames * b
 
-    official_step = sum(spatial(s) if s.kind == "spatial" else tmaps(s) for s in shapes)
+    # the authors keep a tensor only when its shape[-2] <= 8·9·8·16 = 9216 (attention_store.py
+    # AttentionStore.forward): spatial q/k [F, h, N, d] of a layer over 9216 tokens are not stored
+    official_step = sum((spatial(s) if s.hw[0] * s.hw[1] <= AUTHORS_TOKEN_CAP else 0) if s.kind == "spatial" else tmaps(s)
+                        for s in shapes)
     stored_clip = 0
     for j in range(steps):
         for s in shapes:
