@@ -9,7 +9,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["inspect", "generate", "invert", "animate", "tune", "edit", "bench", "demo", "eval", "batch", "parity"]
+SUBCOMMANDS = ["inspect", "generate", "invert", "animate", "tune", "edit", "bench", "demo", "eval", "batch", "benchmark", "parity"]
 
 
 def _module_help(name: str) -> str | None:

@@ -175,6 +175,41 @@ def _write_json(path: Path, data: Any) -> None:
 
 # ---------------------------------------------------------------- the batch
 
+def run_items(items: list[dict[str, Any]], out: Path, progress: bool = True, desc: str = "batch",
+              quiet_items: bool = False) -> list[dict[str, Any]]:
+    """Run the items shared over torchrun's processes (rank r takes items r, r+W, ...) into out/<id>/;
+    every rank returns every item's entry, in the items' order. Rank 0 shows one bar over all items;
+    `quiet_items`: rank 0's items print nothing either (the others' never do)."""
+    from minivid import distributed
+    from minivid.cli import common
+
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = distributed.shard(items, rank, world)
+    others = len(items) - len(distributed.shard(items, 0, world))
+    bar = tqdm(total=len(items), desc=f"{desc} ({world} process{'es' if world > 1 else ''})", unit="item",
+               disable=not progress or rank != 0)
+    counter = distributed.DoneCounter(others, lambda src: bar.update(1))
+    common.MODEL_CACHE = {}
+    results = []
+    try:
+        for item in mine:
+            # the other ranks' items print nothing and show no bars (their records hold what they did;
+            # warnings and errors still reach the log)
+            with _quiet(rank != 0 or quiet_items):
+                results.append(run_item(item, out, rank))
+            if rank == 0:
+                bar.update(1)
+            else:
+                counter.report()
+    finally:
+        common.MODEL_CACHE = None
+    gathered = distributed.all_gather_object(results)
+    counter.close()
+    bar.close()
+    order = {it["id"]: i for i, it in enumerate(items)}
+    return sorted((e for res in gathered for e in res), key=lambda e: order[e["id"]])
+
+
 def run(args: argparse.Namespace) -> int:
     from minivid import distributed
     from minivid.cli import common
@@ -184,42 +219,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = distributed.rank(), distributed.world_size()
-    mine = distributed.shard(items, rank, world)
-    others = len(items) - len(distributed.shard(items, 0, world))
-    bar = tqdm(total=len(items), desc=f"batch ({world} process{'es' if world > 1 else ''})", unit="item",
-               disable=not common.show_progress(args) or rank != 0)
-    counter = distributed.DoneCounter(others, lambda src: bar.update(1))
     if rank != 0:
         logging.getLogger("minivid").setLevel(logging.WARNING)
-    common.MODEL_CACHE = {}
     loads_before = common.MODEL_LOADS["count"]
     t0 = time.perf_counter()
-    results = []
-    try:
-        for item in mine:
-            # the other ranks' items print nothing and show no bars (their records hold what they did;
-            # warnings and errors still reach the log)
-            with _quiet(rank != 0):
-                results.append(run_item(item, out, rank))
-            if rank == 0:
-                bar.update(1)
-            else:
-                counter.report()
-    finally:
-        common.MODEL_CACHE = None
-    per_rank = {"rank": rank, "items": len(mine), "seconds": round(time.perf_counter() - t0, 3),
+    entries = run_items(items, out, progress=common.show_progress(args))
+    per_rank = {"rank": rank, "items": sum(e["rank"] == rank for e in entries),
+                "seconds": round(time.perf_counter() - t0, 3),
                 "model_loads": common.MODEL_LOADS["count"] - loads_before, "device": str(ctx.device)}
-    gathered = distributed.all_gather_object((results, per_rank))
-    counter.close()
-    bar.close()
-    order = {it["id"]: i for i, it in enumerate(items)}
-    entries = sorted((e for res, _ in gathered for e in res), key=lambda e: order[e["id"]])
+    ranks = distributed.all_gather_object(per_rank)
     failed = [e["id"] for e in entries if e["status"] == "failed"]
     if rank == 0:
         counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "skipped", "failed")}
         _write_json(out / "batch.json", {
             "plan": str(Path(args.plan).resolve()), "world_size": world, "items": entries, "counts": counts,
-            "ranks": [r for _, r in gathered],
+            "ranks": ranks,
         })
         print(f"batch: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
               f"over {world} process(es); {out / 'batch.json'}"

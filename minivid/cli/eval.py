@@ -167,10 +167,10 @@ def format_table(results: dict[str, Any], source: dict[str, Any] | None = None) 
         value = f"{r['value']:.4f}"
         src = f"{source[name]['value']:.4f}" if source and name in source else ""
         if name == "clip_frame_consistency":     # the pair definition each line uses (papers differ)
-            rows.append((f"{name} (consecutive pairs)", value, src, "EI² (\"pairs\")"))
+            rows.append((f"{name} (consecutive pairs)", value, src, "(none of the four papers)"))
             rows.append((f"{name} (all pairs)", f"{r['all_pairs']:.4f}",
                          f"{source[name]['all_pairs']:.4f}" if source and name in source else "",
-                         "TCVE, I2VEdit, LOVEU-TGVE"))
+                         "EI² (x100), TCVE, I2VEdit, LOVEU-TGVE"))
             continue
         rows.append((name, value, src, papers))
         if name == "clip_text_alignment":
