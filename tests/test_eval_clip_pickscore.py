@@ -147,3 +147,16 @@ def test_default_metrics_are_those_whose_weights_are_present(tmp_path, tiny_file
     res = json.loads((tmp_path / "p.json").read_text())
     assert res["metrics"]["pickscore"]["encoder"].startswith("tiny-pickscore")
     assert res["metrics"]["clip_frame_consistency"]["encoder"].startswith("tiny-pickscore")
+
+
+def test_full_size_pickscore_matches_its_manifest():
+    """The manifest of PickScore_v1's model.safetensors (weights/manifests/pickscore-v1.json): every name and shape."""
+    from pathlib import Path
+
+    from minivid.eval import build_clip
+
+    manifest = json.loads((Path(__file__).resolve().parents[1] / "weights" / "manifests" / "pickscore-v1.json").read_text())
+    with torch.device("meta"):
+        ours = build_clip("transformers_vit_h14").model
+    assert shapes(ours) == {k: v[0] for k, v in manifest["tensors"].items()}
+    assert manifest["info"]["total_elements"] == sum(p.numel() for p in ours.parameters()) 
