@@ -31,8 +31,8 @@ a stack of *wrappers* (what `wrap_processors`, hence `capture`, `inject`,
 first, down to the processor in place at that moment, so the tools nest in any order:
 a processor installed inside a capture scope is captured, a capture entered inside a
 `processors` scope captures the processor of that scope. `image_model(model)` runs the
-plain image model (default processors, no wrappers, no forward hooks, mixed-in video
-blocks as their image base class) for the duration of a block.
+plain image model (default processors, no wrappers, no forward hooks inside it, mixed-in
+video blocks as their image base class) for the duration of a block.
 """
 from __future__ import annotations
 
@@ -640,7 +640,8 @@ def record_attention(
 def image_model(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` as the plain image model it was built from, for the duration of the block:
     every Attention with the default processor (`sdpa`) and no wrappers, no forward (pre-)hooks
-    on any submodule, and every block made by mixing into an image block's class (a class with a
+    on its submodules (such hooks change the inner computation, as TCVE's temporal branch does;
+    hooks on `model` itself stay: they see the call from outside, as its caller does), and every block made by mixing into an image block's class (a class with a
     `base` attribute naming the class it extends: EI²'s STAM blocks, Tune-A-Video's temporal
     blocks) run as that base class. Weights are the model's own (tuned ones included); nothing is
     copied. Everything comes back on exit."""
@@ -652,7 +653,8 @@ def image_model(model: nn.Module) -> Iterator[nn.Module]:
         base = getattr(type(m), "base", None)
         if isinstance(base, type) and type(m) is not base and isinstance(m, base):
             saved_class.append((m, type(m)))
-        saved_hooks.append((m, m._forward_hooks, m._forward_pre_hooks))
+        if m is not model:
+            saved_hooks.append((m, m._forward_hooks, m._forward_pre_hooks))
     try:
         for m in layers:
             m.processor, m.wrappers = sdpa, []

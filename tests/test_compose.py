@@ -180,7 +180,8 @@ def test_cove_features_run_the_plain_image_model_on_an_inflated_tuned_unet():
                     p.add_(torch.randn_like(p) * 0.1)
         with call_state(sd.unet, frames=1):
             assert (run(sd.unet, x, t, c) - image_out).abs().max() > 1e-3    # the video model differs ...
-        with A.capture(sd.unet, SPATIAL_SELF, kinds=("q",)) as store:
+        with A.capture(sd.unet, SPATIAL_SELF, kinds=("q",)) as store, \
+                A.replace_outputs(sd.unet, "middle_block", lambda name, out: out + 1):   # as TCVE's branch hooks
             feats = diffusion_features(sd, z, generator=torch.Generator().manual_seed(5))
         with A.image_model(sd.unet):
             assert torch.equal(run(sd.unet, x, t, c), image_out)             # ... its image model does not
