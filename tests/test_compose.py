@@ -254,6 +254,19 @@ def test_sd_pipelines_put_step_and_t_in_the_call_state(tiny_sd):
     assert "step" not in next(iter(A.attention_layers(sd.unet).values())).state      # restored
 
 
+def test_cove_puts_step_and_t_in_the_call_state():
+    from minivid.cli.cove import moving_shapes
+    from minivid.methods.cove.pipeline import COVEConfig, edit_video, inversion_unet_timesteps
+
+    sd = StableDiffusion.from_config("tiny_sd2", seed=0)
+    scope, seen = clock(sd.unet, SPATIAL_SELF)
+    with scope:
+        edit_video(sd, moving_shapes(3, 32), "a bear", "a man", COVEConfig(inversion_steps=4, steps=2, inject_steps=1),
+                   progress=False, decode=False)
+    inversion, sampling = inversion_unet_timesteps(4), ddim_timesteps(2).tolist()
+    assert seen == list(enumerate(inversion)) + list(enumerate(sampling))     # (the feature pass runs no wrapper)
+
+
 def test_svd_pipeline_puts_step_and_sigma_in_the_call_state():
     from minivid.pipelines.svd import image_to_video
     from minivid.svd import StableVideoDiffusion
