@@ -354,7 +354,7 @@ def test_manifests_and_compare():
     assert rep.missing == ["first_stage_model.quant_conv.bias"] and rep.unexpected == ["something.else"]
     assert rep.shapes == [("model.diffusion_model.out.2.weight", (4, 320, 1, 1), (4, 320, 3, 3))]
     assert rep.extra_harmless == ["model_ema.diffusion_modelinput_blocks00weight"]
-    with pytest.raises(WeightsError, match=r"no such manifest. Available: sd-v1-4, sd-v2-1, svd, svd_xt"):
+    with pytest.raises(WeightsError, match=r"no such manifest. Available: amt-s, musiq-spaq, pickscore-v1, sd-v1-4, sd-v2-1, svd, svd_xt"):
         W.load_manifest("sdxl")
 
 
