@@ -152,3 +152,96 @@ def test_cove_demo_records_what_ran(tmp_path):
     assert record["settings"]["model"] == record["ran"]["model"] == "tiny_sd2"
     stages = {k: v for k, v in record["timings_s"].items() if k != "total"}
     assert sum(stages.values()) == pytest.approx(record["timings_s"]["total"], abs=0.01)     # the stages add up
+
+
+def test_a_warning_is_printed_once_per_run(monkeypatch, caplog):
+    """The same message from a repeated step (a LoRA checked, then loaded) appears once; a new run starts afresh."""
+    import logging
+
+    parser = build_parser("inspect")
+    real_parse = parser.parse_args
+
+    def run(args):
+        for _ in range(3):
+            logging.getLogger("minivid.test").warning("no checkpoint of step 250; using tuned-000004")
+        logging.getLogger("minivid.test").warning("another message")
+        return 0
+
+    def parse(a):
+        args = real_parse(a)
+        args._run = run
+        return args
+
+    monkeypatch.setattr(parser, "parse_args", parse)
+    monkeypatch.setattr("minivid.cli.build_parser", lambda command=None: parser)
+    with caplog.at_level(logging.WARNING):
+        assert main(["inspect", "x"]) == 0
+        assert [r.getMessage() for r in caplog.records] == ["no checkpoint of step 250; using tuned-000004",
+                                                            "another message"]
+        assert main(["inspect", "x"]) == 0
+        assert len(caplog.records) == 4
+
+
+def test_no_info_lines_by_default(tmp_path, capfd):
+    """A run prints warnings and errors, not the loaders' info lines (-v shows them)."""
+    code = ("import logging, sys\nfrom minivid.cli import main\n"
+            "main(['inspect', '--write-tiny', sys.argv[1], '--like', 'sd-v1-4'])\n"
+            "logging.getLogger('minivid.x').info('an info line')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "INFO" not in out.stderr and "wrote" in out.stdout
+
+
+# ---------------------------------------------------------------- every printed hint runs
+
+HINT_MODULES = ["demo", "cove", "ei2", "tcve", "i2vedit"]
+# what each job needs to finish in seconds on a tiny checkpoint (appended: the last value of an option wins)
+FAST = {"generate": ["--steps", "1", "--height", "32", "--width", "32"],
+        "invert": ["--steps", "1", "--size", "32", "--frames", "2"],
+        "tune": ["--steps", "1", "--size", "32", "--frames", "2"],
+        "edit": ["--steps", "1", "--size", "32", "--frames", "2"],
+        # EI²'s FFAM needs r = 2 ≤ the deepest feature map: 128 px on the official 4-level layout
+        "tune ei2": ["--steps", "1", "--size", "128", "--frames", "2"],
+        "edit ei2": ["--steps", "1", "--size", "128", "--frames", "2"],
+        "edit i2vedit": ["--steps", "2", "--frames", "5", "--i2vedit-clip-length", "5", "--i2vedit-size", "32x48"]}
+
+
+@pytest.fixture(scope="module")
+def hint_files(tmp_path_factory):
+    from minivid.cli.cove import moving_shapes
+    from minivid.cli.i2vedit import recolour
+    from minivid.video import save_grid, write_video
+    from minivid.weights.tiny import write_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("hints")
+    clip = moving_shapes(6, 32)
+    write_video(d / "clip.mp4", clip, fps=8)
+    save_grid(d / "edited.png", recolour(clip[0])[None], cols=1)
+    sd1 = write_tiny_checkpoint(d, like="sd-v1-4")
+    return {"PATH": sd1, "sd-v1-4.ckpt": sd1, "v2-1_512-ema-pruned.safetensors": write_tiny_checkpoint(d, like="sd-v2-1"),
+            "svd.safetensors": write_tiny_checkpoint(d, like="svd"), "CLIP": d / "clip.mp4",
+            "EDITED.png": d / "edited.png", "...": "a red disc"}
+
+
+@pytest.mark.parametrize("module", HINT_MODULES)
+def test_every_printed_hint_runs(module, hint_files, tmp_path, capsys):
+    """The commands a demo prints for official weights run as printed, with tiny checkpoints in place of the
+    official files (and options appended that make them fast): no required option is missing."""
+    import importlib
+    import shlex
+
+    hints = importlib.import_module(f"minivid.cli.{module}").DEMO_HINTS
+    from minivid.cli.common import print_hints
+
+    print_hints(hints)
+    printed = capsys.readouterr().out
+    names = {**hint_files, "TUNED": tmp_path / "tuned"}
+    for n, hint in enumerate(hints):
+        assert hint in printed
+        words = shlex.split(hint)
+        assert words[0] == "minivid"
+        argv = [str(names.get(w, w)) for w in words[1:]]
+        method = argv[argv.index("--method") + 1] if "--method" in argv else ""
+        argv += FAST.get(f"{argv[0]} {method}", FAST[argv[0]]) + ["--quiet"]
+        if "--out" not in argv:
+            argv += ["--out", str(tmp_path / f"job{n}")]
+        assert main(argv) == 0, (hint, capsys.readouterr().err)

@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:                       # usage errors (exit 2) and --help (exit 0)
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    # warnings and errors by default; -v adds info and debug messages
+    # warnings and errors by default; -v adds info and debug messages; each message once per run
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _print_each_message_once()
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -177,6 +178,30 @@ def main(argv: list[str] | None = None) -> int:
               f"Please report it to {REPORT} with the command line, this message and the record.",
               file=sys.stderr)
         return 70
+
+
+class _Once(logging.Filter):
+    """Drops a log message already printed in this run: the same warning from a step that is repeated
+    (a LoRA checked, then loaded, per clip; a file read twice) says nothing new the second time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _print_each_message_once() -> None:
+    """A fresh `_Once` filter on every handler of the root logger (one per handler, reset per run)."""
+    for handler in logging.getLogger().handlers:
+        for f in [f for f in handler.filters if isinstance(f, _Once)]:
+            handler.removeFilter(f)
+        handler.addFilter(_Once())
 
 
 def _quiet_stdout() -> None:

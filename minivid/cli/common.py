@@ -497,6 +497,15 @@ def tuning_summary(label: str, result, frames: torch.Tensor) -> dict:
 
 # ---------------------------------------------------------------- the tuning methods' demos
 
+def print_hints(hints: list[str]) -> None:
+    """What a demo prints last: the commands that run the same job on official weights, one per line, as
+    they can be pasted (placeholders in capitals: CLIP, EDITED.png, PATH; a test runs every one of them
+    on tiny checkpoints, tests/test_cli_policies.py)."""
+    print("With official weights (weights/README.md tells where to get them):")
+    for hint in hints:
+        print(f"  {hint}")
+
+
 def check_demo_arguments(args: argparse.Namespace, model: str | None = None) -> None:
     """A tuning demo needs at least one sampling step, two frames and a size the tiny models take, and
     its tensors must fit in memory (`model`: the tiny preset it builds, default --model)."""

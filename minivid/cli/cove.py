@@ -18,7 +18,7 @@ import math
 import torch
 
 from minivid.cli.common import (
-    DTYPES, STEPS, check_demo_arguments, integer, load_sd, number, read_source, relative_point, write_edit,
+    DTYPES, STEPS, check_demo_arguments, integer, load_sd, number, read_source, relative_point, write_edit, print_hints,
 )
 from minivid.jobs import Job
 
@@ -126,6 +126,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
 
 DEMO_MODELS = ("tiny_sd2",)     # COVE is an SD 2 method: its demo runs on the SD 2-style tiny model only
 DEMO_SIZE = 48                  # a 12x12 correspondence grid (minivid demo's --size default for COVE)
+DEMO_HINTS = ["minivid edit --method cove --weights v2-1_512-ema-pruned.safetensors --video CLIP "
+              "--source-prompt ... --prompt ..."]
 DEMO_SOURCE = "a red disc and a blue square moving"
 DEMO_PROMPT = "a green disc and a yellow square moving"
 
@@ -183,7 +185,6 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     print(f"correspondence on a {out.correspondence.hw[0]}x{out.correspondence.hw[1]} feature grid (d="
           f"{out.stats['feature_dim']}), mean top-1 cosine {results['correspondence']['mean_top1_score']:.3f}; "
           f"feature bank {results['bank_megabytes']:.2f} MB; stages (s): {out.stats['seconds']}")
-    print("With official weights: minivid edit --method cove --weights v2-1_512-ema-pruned.safetensors "
-          "--video CLIP --source-prompt ... --prompt ...")
+    print_hints(DEMO_HINTS)
     return {"model": model, "source_prompt": DEMO_SOURCE, "prompt": DEMO_PROMPT, **results,
             "note": "random weights: the edit is not meaningful"}

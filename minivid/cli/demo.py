@@ -20,7 +20,9 @@ import argparse
 import math
 from typing import TYPE_CHECKING
 
-from minivid.cli.common import DTYPES, FRAMES, STEPS, add_run_arguments, check_job_memory_config, integer, run_method
+from minivid.cli.common import (
+    DTYPES, FRAMES, STEPS, add_run_arguments, check_job_memory_config, integer, print_hints, run_method,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +33,8 @@ description = (__doc__.split("\n\n")[1] + " With --method NAME ("
                + ", ".join(METHOD_NAMES) + "), that method's demo on a synthetic clip instead.")
 TINY_MODELS = ("tiny", "tiny_sd2")
 DEFAULT_MODEL, DEFAULT_SIZE = "tiny", 32
+DEMO_HINTS = ["minivid generate --weights PATH --prompt ...",
+              "minivid invert --weights PATH --video CLIP --prompt ..."]
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 CLIP_PROMPT = "a boat on a lake"
@@ -118,8 +122,7 @@ def run_tiny(args: argparse.Namespace) -> int:
     print(f"DDIM inversion round trip of the {args.frames}-frame clip ({args.steps} steps): reconstruction PSNR "
           f"{float(quality.mean()):.2f} dB, latent RMSE {latent_err:.4f} of the latents' std")
     print(f"wrote {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
-    print("With official weights: minivid generate --weights PATH --prompt ...; "
-          "minivid invert --weights PATH --video CLIP (see weights/README.md).")
+    print_hints(DEMO_HINTS)
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 
 from minivid.cli.common import (
     DTYPES, check_demo_arguments, integer, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
-    tuning_summary, write_edit,
+    tuning_summary, write_edit, print_hints,
 )
 from minivid.jobs import Job
 from minivid.methods.ei2.model import ORDERS, EI2Config
@@ -134,6 +134,8 @@ def moving_squares(frames: int, size: int) -> torch.Tensor:
 
 DEMO_TUNE_STEPS = 6
 DEMO_LR = 1e-3
+DEMO_HINTS = ["minivid tune --method ei2 --weights sd-v1-4.ckpt --video CLIP --prompt ... --out TUNED",
+              "minivid edit --method ei2 --weights sd-v1-4.ckpt --tuned TUNED --video CLIP --prompt ..."]
 DEMO_SOURCE = "a red square and a blue square moving"
 DEMO_PROMPT = "a green circle and a yellow star moving"
 
@@ -174,6 +176,5 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     write_edit(job, clip, out.images)
     print(f"tuning loss on a fixed batch: {before:.4f} before, {after:.4f} after {DEMO_TUNE_STEPS} steps "
           f"(lr {DEMO_LR:g}); edit: {args.steps} DDIM steps, CFG 7.5, '{DEMO_SOURCE}' -> '{DEMO_PROMPT}'")
-    print("With official weights: minivid tune --method ei2 --weights sd-v1-4.ckpt --video CLIP --prompt ...; "
-          "then minivid edit --method ei2 --tuned <tune folder> --video CLIP --prompt ...")
+    print_hints(DEMO_HINTS)
     return tuning_demo_results(before, after, result)

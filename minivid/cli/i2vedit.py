@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from minivid.cli.common import CHUNK, DTYPES, FPS, SEED, integer, number, require_weights, write_edit
+from minivid.cli.common import CHUNK, DTYPES, FPS, SEED, integer, number, print_hints, require_weights, write_edit
 from minivid.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ DEFAULT_FRAMES = 26                       # the authors' recipe: clip 0 (11 fram
 DEFAULT_CHECKPOINT_EVERY = 50             # the authors' (minivid.methods.i2vedit.tune)
 TAKES_PROMPT = False                      # guided by an edited first frame, not a prompt
 DEMO_MODELS = ()                          # `minivid demo --method i2vedit` builds a tiny SVD: --model does not apply
+DEMO_HINTS = ["minivid edit --method i2vedit --weights svd.safetensors --video CLIP --first-frame EDITED.png --frames 21"]
 DEFAULT_SIZE = {"full": (512, 896), "tiny": (32, 48)}
 
 
@@ -381,8 +382,7 @@ def _read_inputs(args: argparse.Namespace):
     if tuple(first.shape[-2:]) != tuple(video.shape[-2:]):
         msg = (f"the edited first frame is {first.shape[-2]}x{first.shape[-1]}, the video "
                f"{video.shape[-2]}x{video.shape[-1]}: resized to the video's size")
-        log.warning(msg)
-        print(f"note: {msg}")
+        print(f"note: {msg}")                 # once (not also as a log warning)
         notes.append(msg)
         first = resize_frames(first, tuple(video.shape[-2:]))
     if plan.mode == "frames" and args.stride == 1 and (args.sample_fps is None):
@@ -574,6 +574,5 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     print(f"edited {result.frames.shape[0]} frames in clips {result.ranges} in {seconds:.1f} s; source-attention "
           f"store of clip 0: {result.store_bytes['recompute']} bytes kept (recompute) vs "
           f"{out['store_bytes_per_clip_estimate']['official']} for the authors' store")
-    print("With official weights: minivid edit --method i2vedit --weights svd.safetensors --video CLIP "
-          "--first-frame EDITED.png --frames 21")
+    print_hints(DEMO_HINTS)
     return out

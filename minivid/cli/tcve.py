@@ -22,7 +22,7 @@ import torch
 
 from minivid.cli.common import (
     DTYPES, check_demo_arguments, integer, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
-    tuning_summary, write_edit,
+    tuning_summary, write_edit, print_hints,
 )
 from minivid.jobs import Job
 from minivid.methods.tcve.stu import ABLATIONS
@@ -131,6 +131,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
 
 DEMO_TUNE_STEPS = 4
 DEMO_LR = 1e-3
+DEMO_HINTS = ["minivid tune --method tcve --weights sd-v1-4.ckpt --video CLIP --prompt ... --out TUNED",
+              "minivid edit --method tcve --tuned TUNED --weights sd-v1-4.ckpt --video CLIP --prompt ..."]
 DEMO_SOURCE = "a white ball rolling over a sunset"
 DEMO_PROMPT = "an orange planet drifting across a night sky"
 
@@ -186,6 +188,5 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     write_edit(job, clip, out.images)
     print(f"tuning loss on a fixed batch: {before:.4f} before, {after:.4f} after {DEMO_TUNE_STEPS} steps "
           f"(lr {DEMO_LR:g}); edit: {args.steps} DDIM steps, CFG {EDIT_GUIDANCE}, '{DEMO_SOURCE}' -> '{DEMO_PROMPT}'")
-    print("With official weights: minivid tune --method tcve --weights sd-v1-4.ckpt --video CLIP --prompt ...; "
-          "then minivid edit --method tcve --tuned <tune folder> --weights sd-v1-4.ckpt --video CLIP --prompt ...")
+    print_hints(DEMO_HINTS)
     return tuning_demo_results(before, after, result)
