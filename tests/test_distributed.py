@@ -251,11 +251,44 @@ def test_batch_plan_errors_before_anything_runs(tmp_path, capsys, line, message)
     assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-def torchrun_batch(plan, out):
+def torchrun_batch(plan, out, tty: bool = False):
+    """Run the batch under torchrun; tty=True: its stderr is a pseudo-terminal (progress bars on), read whole."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minivid",
            "batch", str(plan), "--out", str(out), "--threads", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if not tty:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    else:
+        import fcntl
+        import pty
+        import struct
+        import termios
+        import threading
+
+        master, slave = pty.openpty()
+        # a terminal of 30 x 120 characters (a new pty has size 0 x 0, where tqdm draws an empty bar)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        chunks: list[bytes] = []
+
+        def drain():
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:                   # EIO: every writer closed the terminal
+                    return
+                if not data:
+                    return
+                chunks.append(data)
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=TIMEOUT_S)
+        finally:
+            os.close(slave)
+            reader.join(timeout=30)
+            os.close(master)
+        proc.stderr = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -270,7 +303,7 @@ def test_batch_under_torchrun_splits_runs_once_and_skips_on_rerun(tmp_path, batc
                                                         "frames": 2, "steps": 1, "prompt": "a clip"}}
     plan = write_plan(tmp_path / "plan.jsonl", items)
     out = tmp_path / "out"
-    proc = torchrun_batch(plan, out)
+    proc = torchrun_batch(plan, out, tty=True)
     report = json.loads((out / "batch.json").read_text())
     assert report["world_size"] == 2
     assert [(e["id"], e["rank"], e["status"]) for e in report["items"]] == [
@@ -284,9 +317,10 @@ def test_batch_under_torchrun_splits_runs_once_and_skips_on_rerun(tmp_path, batc
     assert proc.stdout.count("batch: 5 done") == 1                       # rank 0 reports, once
     assert "batch (2 processes)" not in proc.stderr and "tuning" not in proc.stderr   # stderr is no terminal: no bars
     stamps = {e["id"]: (out / e["id"] / "record.json").stat().st_mtime_ns for e in report["items"]}
-    torchrun_batch(plan, out)
+    proc = torchrun_batch(plan, out)
     report = json.loads((out / "batch.json").read_text())
     assert [e["status"] for e in report["items"]] == ["skipped"] * 5
+    assert "5/5" not in proc.stderr                                      # stderr not a terminal: no bar
     assert {e["id"]: (out / e["id"] / "record.json").stat().st_mtime_ns for e in report["items"]} == stamps
 
 
