@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         band_eq = all(torch.equal(x, y) for x, y in zip(window_topk_band(a, b, l, K), fwd))
         pair_eq = all(torch.equal(x, y) for x, y in zip(window_topk_pair(a, b, l, K), (*fwd, *bwd)))
         del fwd, bwd
-        memory = {name: peak_memory(fns[name]) for name in
+        memory = {name: peak_memory_1(fns[name]) for name in
                   ("per-pair full matrix", "reference (8×8 tiles)", "band (one direction)", "pair (both, one pass)")}
         extra_rows = []
         if args.full:
@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
                 fn = lambda lw=lw: window_topk_band(a, b, lw, K)  # noqa: E731
                 fn()
                 t = interleaved_clocks({"w": fn}, repeats=args.repeats, warmup=0)["w"][0]
-                extra_rows.append((f"band l={lw}", lw, t, peak_memory(fn)))
+                extra_rows.append((f"band l={lw}", lw, t, peak_memory_1(fn)))
             row_t = interleaved_clocks({"row": lambda: all_pairs_block_row(feats, K)}, 1, 1)["row"][0]
-            extra_rows.append(("all-pairs (Eq. 5), one block row × N", None, N * row_t, peak_memory(lambda: all_pairs_block_row(feats, K))))
+            extra_rows.append(("all-pairs (Eq. 5), one block row × N", None, N * row_t, peak_memory_1(lambda: all_pairs_block_row(feats, K))))
 
         phases = []
         for loaded in ([False] if args.no_load else [False, True]):
@@ -185,9 +185,8 @@ def run(args: argparse.Namespace) -> int:
         f"on the number of frames. Bitwise on these features: band = reference {band_eq}, pair = two "
         f"reference searches {pair_eq}. 'concurrent job': a second process multiplying 2048×2048 fp32 "
         "matrices on 2 threads throughout the phase (on top of whatever else runs on the shared machine). "
-        f"Peak memory measured at {threads[0]} thread(s); with more threads each worker thread holds its "
-        "own buffers (the profiler does not see worker threads): add the peak minus the outputs per extra "
-        "worker. 'executed / exact': executed multiply-adds over the exact windowed count of the same "
+        "Peak memory measured at 1 thread (the profiler does not see worker threads); with more threads each "
+        "worker thread holds its own buffers: add the peak minus the outputs per extra worker. 'executed / exact': executed multiply-adds over the exact windowed count of the same "
         "directions (for the per-pair path: its whole-frame products over the window's). Clocks: 'wall' "
         "is elapsed time, 'CPU' the process CPU time of the same runs (all its threads, BLAS spin-waits "
         "included; time other jobs hold the cores not counted): on a loaded machine the CPU-time ratios are "
@@ -214,6 +213,17 @@ def peak_memory(fn) -> int:
         cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak
+
+
+def peak_memory_1(fn) -> int:
+    """`peak_memory` at 1 torch thread (restored after): the band paths then run in this thread,
+    whose allocations the profiler sees (a worker thread's it does not)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return peak_memory(fn)
+    finally:
+        torch.set_num_threads(before)
 
 
 _LOAD_CODE = (                                                # stops by itself if the benchmark dies
