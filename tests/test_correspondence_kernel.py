@@ -79,7 +79,8 @@ BAND_SHAPES = SHAPES + [
 @pytest.mark.parametrize("shape", BAND_SHAPES, ids=str)
 def test_band_and_pair_equal_reference_with_ties(shape):
     """Integer features (many exact ties): the band path equals the reference bitwise, for
-    several tile widths, and the both-directions pass equals two separate searches."""
+    several tile shapes, and the both-directions pass (its border regions grown so that one pass
+    serves both) equals two separate searches."""
     B, H, W, D, window, k = shape
     src, dst = integer_features(B, H, W, D), integer_features(B, H, W, D)
     fwd = window_topk_reference(src, dst, window, k)
@@ -92,6 +93,8 @@ def test_band_and_pair_equal_reference_with_ties(shape):
     for tile in ((4, 4), (2, 8), (1, 16), (3, 5), (5, 1), (40, 2)):  # rows x columns tiles, incl. ragged and wider than the frame
         out = window_topk_band(src, dst, window, k, tile=tile)
         assert torch.equal(out[0], fwd[0]) and torch.equal(out[1], fwd[1]), f"tile={tile}"
+        both = window_topk_pair(src, dst, window, k, tile=tile)
+        assert all(torch.equal(x, y) for x, y in zip(both, (*fwd, *bwd))), f"tile={tile}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -359,3 +362,26 @@ def test_importing_and_cpu_dispatch_do_not_import_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("size, window, tile", [(64, 9, 4), (19, 9, 4), (23, 9, 3), (7, 9, 2), (12, 5, 5), (1, 3, 1), (30, 15, 4)])
+def test_tile_regions_hold_the_windows_and_for_the_pair_the_reverse(size, window, tile):
+    """Along an axis, every tile's key region holds the window of each of its positions p, and with
+    both=True (window_topk_pair) also every position q whose window holds p, inside the axis: what
+    lets one pass serve both directions. The one-direction regions have one length, at most T+L-1."""
+    from minivid.kernels.correspondence import _axis_tiles
+
+    starts = window_starts(size, window).tolist()
+    L = min(window, size)
+    for both in (False, True):
+        _, T, first, region, extent, _, owner, slot = _axis_tiles(size, window, tile, both)
+        assert all(0 <= g and g + e <= size for g, e in zip(region, extent))
+        for p in range(size):
+            j = owner[p]
+            assert first[j] + slot[p] == p
+            inside = set(range(region[j], region[j] + extent[j]))
+            assert set(range(starts[p], starts[p] + L)) <= inside
+            if both:
+                assert {q for q in range(size) if starts[q] <= p < starts[q] + L} <= inside
+        if not both:
+            assert len(set(extent)) == 1 and extent[0] <= min(T + L - 1, size)
