@@ -308,3 +308,21 @@ class Job:
     def kept(self) -> list[str]:
         """What is left in the folder (after `abort`): file names, sorted."""
         return sorted(str(p.relative_to(self.dir)) for p in self.dir.rglob("*") if p.is_file()) if self.dir.is_dir() else []
+
+
+def jsonl_objects(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The JSON objects of a JSONL file, one per non-blank line not starting with '#', each with its
+    "file:line" (for messages); `error` (naming the file and line) for a line that is not a JSON object."""
+    path = pathlib.Path(path)
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: not a JSON object ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise error(f"{where}: not a JSON object, got {type(obj).__name__}: {line.strip()[:80]}")
+        yield where, obj
+

@@ -56,16 +56,12 @@ def read_plan(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"batch plan {path} does not exist")
     items, seen = [], {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        where = f"{path}:{n}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
-        if not isinstance(item, dict) or set(item) - {"id", "command", "args"}:
-            raise ValueError(f"{where}: expected {{\"id\", \"command\", \"args\"}}, got {line.strip()[:80]}")
+    from minivid.jobs import jsonl_objects
+
+    for where, item in jsonl_objects(path):
+        n = int(where.rsplit(":", 1)[1])
+        if set(item) - {"id", "command", "args"}:
+            raise ValueError(f"{where}: expected {{\"id\", \"command\", \"args\"}}, got {json.dumps(item)[:80]}")
         item_id, command, args = str(item.get("id", "")), item.get("command"), item.get("args", {})
         if not ID.match(item_id) or item_id in ("batch.json",):
             raise ValueError(f"{where}: id {item.get('id')!r} must be letters, digits, '.', '_' or '-' "

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from minivid.jobs import jsonl_objects
+
 __all__ = ["Pair", "DatasetError", "read_dataset", "COLUMNS", "summarize", "REPORTED", "format_table", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
@@ -130,16 +132,7 @@ def _read_csv(path: Path, root: Path) -> list[Pair]:
 def _read_jsonl(path: Path) -> list[Pair]:
     pairs = []
     allowed = {"id", "video", "prompt", "source_prompt", "kind", "first_frame"}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}: not a JSON object ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DatasetError(f"{where}: expected an object with video and prompt, got {type(obj).__name__}")
+    for where, obj in jsonl_objects(path, DatasetError):
         extra = set(obj) - allowed
         if extra:
             raise DatasetError(f"{where}: unknown keys {sorted(extra)}; allowed: {sorted(allowed)}")
