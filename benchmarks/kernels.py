@@ -233,7 +233,7 @@ def run_aot(args: argparse.Namespace) -> int:
                      f"{roof['kernel'] * 1e6:.4g}", f"{roof['reference'] * 1e6:.4g}",
                      f"{roof['ratio']:.3g}" + ("" if ok else " FAIL")])
     headers = ["GPU", "spec", "launch (tiles, warps, stages)", "shared B / limit", "registers", "spill stores / loads B",
-               "blocks per SM (limit)", "kernel G multiply-adds", "padding: all (head dim)", "kernel MB moved",
+               "blocks per SM (limit)", "kernel G multiply-adds", "wasted products: all (head dim)", "kernel MB moved",
                "kernel bound µs", "reference bound µs", "reference / kernel"]
     body = table(headers, rows)
     problems = "; ".join(
@@ -247,7 +247,10 @@ def run_aot(args: argparse.Namespace) -> int:
              "peaks (FP32 for fp32 products, FP16/BF16 tensor cores with FP32 accumulation for 16-bit ones; "
              "sources in kernels/aot.py); the reference is SDPA over the explicit fine + coarse keys (FFAM) and the "
              "per-pair H·W × H·W matmul + top-K (search). Occupancy: resident blocks per SM from registers, shared "
-             "memory (+1 KiB per block) and threads. (off): compiled, not launched by default.")
+             "memory (+1 KiB per block) and threads. Wasted products: the share of the kernel's multiply-adds "
+             "outside the useful ones (FFAM: partial tiles and head-dim padding; search: also the band columns "
+             "outside each query's window, 1 − l/BLOCK_R); in brackets the head-dim (feature-block) padding alone. "
+             "(off): compiled, not launched by default.")
     print(notes)
     print(body)
     if args.write:

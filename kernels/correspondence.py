@@ -629,15 +629,19 @@ def window_topk_launch_config(dtype: torch.dtype, dim: int, window: int, width: 
     shared memory per block (default: the architecture's, `minivid.kernels.aot.ARCHS`), for features
     of `dim` channels, an l = `window` search and frames `width` tokens wide: block_q (query segment),
     block_d (feature block), num_warps, num_stages. Compiled for sm_80/86/89/90 by `minivid bench
-    kernels --aot` (0 spill bytes, within shared memory; docs/benchmarks.md); why each: docs/cove.md."""
-    from .aot import arch_limits
-
-    arch_limits(capability, shared_optin)
-    block_q, block_d, warps, stages = 32, 64, 4, 1
-    if dtype == torch.float32 or dtype == torch.bfloat16:
-        # IEEE float32 products (bf16 converted in the kernel) run on the CUDA cores: a 32-wide
-        # feature block keeps the operand tiles in registers
-        block_d = 32
+    kernels --aot` (0 spill bytes, within shared memory; docs/benchmarks.md); why each: docs/cove.md.
+    The choice is the same on those four architectures (the kernel needs at most 12 KiB of shared
+    memory and 80 registers there); `capability` and `shared_optin` are taken for the launchers' one
+    interface."""
+    # Segments of 16 queries against 32-column key bands (16 + l - 1 <= 32 for l <= 17): a band row's
+    # dot then computes 16×32 products of which each query uses l (9/32 at l = 9), against 9/64 for
+    # 32-query segments, at the same key traffic (band columns per query 2 in both). 56-80 registers
+    # and 6-12 KiB of shared memory on sm_80/86/89/90 with a 64-wide feature block in every dtype (the
+    # former 32 × 64 segments at Triton's default 3 stages spilled 56-880 B per thread on sm_80); fp32
+    # and bf16 (converted in the kernel) multiply in IEEE fp32 on the CUDA cores, unpipelined; fp16 on
+    # the tensor cores, 2 stages.
+    block_q = 16 if window <= 17 else 32
+    block_d, warps, stages = 64, 4, 2 if dtype == torch.float16 else 1
     return dict(block_q=block_q, block_d=block_d, num_warps=warps, num_stages=stages)
 
 
