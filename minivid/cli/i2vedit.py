@@ -52,7 +52,7 @@ DEFAULT_FRAMES = 26                       # the authors' recipe: clip 0 (11 fram
 DEFAULT_CHECKPOINT_EVERY = 50             # the authors' (minivid.methods.i2vedit.tune)
 TAKES_PROMPT = False                      # guided by an edited first frame, not a prompt
 DEMO_MODELS = ()                          # `minivid demo --method i2vedit` builds a tiny SVD: --model does not apply
-DEMO_HINTS = ["minivid edit --method i2vedit --weights svd.safetensors --video CLIP --first-frame EDITED.png --frames 21"]
+DEMO_HINTS = ["minivid edit --method i2vedit --weights svd.safetensors --video CLIP --first-frame EDITED.png"]
 DEFAULT_SIZE = {"full": (512, 896), "tiny": (32, 48)}
 
 

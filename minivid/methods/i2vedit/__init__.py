@@ -12,8 +12,9 @@ its preliminaries):
      attention matching         matching: spatial attn1 masked by the attention difference (Eq. 7–9),
      (Eq. 7–9)                  the temporal attn1 selector (β₁, β₂), the source-attention store
      editing                    edit.edit_clip, with conditioning.edit_condition
-§4.1 long videos                clips.clip_ranges, edit.edit_video: auto-regressive clips, optional
-                                skip-interval cross-attention
+§4.1 long videos                clips.py (the authors' recipe: clip 0 with their first config, clips
+                                k ≥ 1 with their subsequent-clip config and skip-interval
+                                cross-attention; the time-based frame plan), edit.edit_video
 pictures                        visualize.mask_picture: the spatial matching mask M per layer and step
 
 docs/i2vedit.md lists every default and whether it comes from the paper or the authors' code.

@@ -17,10 +17,15 @@ Per clip (`edit_clip`), top to bottom:
 `edit_video` splits the video into clips (clips.py, 11 frames overlapping by 1), writes the overlap frame
 once, and returns the frames at the source's size.
 
-Skip-interval cross-attention (off by default, as in the authors' code): for clips k ≥ 1, temporal
-attn1 keys/values are [K_clip0; K] and [V_clip0; V], with clip 0's inversion K/V (same inversion step)
-during inversion and clip 0's editing K/V (same edit step) during editing. It keeps clip 0's temporal
-K/V of every step in memory.
+The authors' recipe (`I2VEditConfig.recipe="authors"`, clips.py): clip 0 with their first config
+(11 frames, fps id 4), clips k ≥ 1 with their subsequent-clip config (16 frames, fps id 6, skip-interval
+cross-attention): temporal attn1 keys/values [K_clip0; K] and [V_clip0; V], with clip 0's inversion K/V
+(same inversion step) during inversion and clip 0's editing K/V (same edit step) during editing. Clip 0
+keeps its temporal K/V of every step in memory when a later clip reads them.
+
+Precision (the authors': fp32 inversion, fp16 edit under autocast, fp32 latents): the model holds fp32
+weights, the inversion and the recomputed source attention run in fp32, the edit's UNet calls under
+autocast to `edit_dtype`, the sampler state stays fp32; `invert_dtype="edit"` inverts in the edit dtype.
 """
 from __future__ import annotations
 
@@ -209,14 +214,14 @@ def edit_clip(
     is_first: bool = True,
     progress: bool = True,
     settings: ClipRecipe | None = None,
-    record_kv: bool | None = None,
+    record_kv: bool = False,
 ) -> ClipEdit:
     """Edit one clip [F, 3, H, W] (working size, [-1, 1]) given its first frame's edit [3, H, W] (clip k ≥ 1:
     the previous clip's decoded last frame, with `previous_latent` [1, 4, h, w] its last scaled latent).
     `lora`: an attached motion LoRA (its `.disabled()` turns it off for inversion and recomputation) or None.
     `settings`: this clip's recipe (default `cfg.clip_settings(0 if is_first else 1)`); `clip0`: clip 0's
-    result, for skip-interval attention in clips k ≥ 1; `record_kv`: clip 0 keeps its temporal K/V for
-    them (default: when clip 1's settings use skip-interval)."""
+    result, for skip-interval attention in clips k ≥ 1; `record_kv`: clip 0 keeps its temporal K/V of
+    every step for them (`edit_video` asks for it when a later clip uses skip-interval)."""
     if clip.ndim != 4 or clip.shape[1] != 3:
         raise ValueError(f"edit_clip: clip must be [F, 3, H, W], got shape {tuple(clip.shape)}")
     if first_frame.shape[-3:] != clip.shape[-3:]:
@@ -233,10 +238,9 @@ def edit_clip(
     m = svd.config.vae.downsample_factor
     latent_hw = (clip.shape[-2] // m, clip.shape[-1] // m)
     use_kv = settings.skip_interval and not is_first
-    if record_kv is None:
-        record_kv = is_first and cfg.clip_settings(1).skip_interval
     if use_kv and (clip0 is None or not clip0.inversion.kv):
-        raise ValueError("edit_clip: skip-interval attention for a clip k >= 1 needs clip 0's result with its K/V")
+        raise ValueError("edit_clip: skip-interval attention for a clip k >= 1 needs clip 0's result with its K/V "
+                         "(edit clip 0 with record_kv=True, or use edit_video)")
     need_ctl = cfg.matching or use_kv or record_kv
     mcfg = cfg.matching_config()
     if not cfg.matching:
