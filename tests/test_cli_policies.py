@@ -246,3 +246,13 @@ def test_every_printed_hint_runs(module, hint_files, tmp_path, capsys):
         if "--out" not in argv:
             argv += ["--out", str(tmp_path / f"job{n}")]
         assert main(argv) == 0, (hint, capsys.readouterr().err)
+
+
+def test_i2vedit_edit_records_what_ran_with_labelled_seeds(hint_files, tmp_path):
+    out = tmp_path / "e"
+    assert main(["edit", "--method", "i2vedit", "--tiny", "--video", str(hint_files["CLIP"]), "--first-frame",
+                 str(hint_files["EDITED.png"]), "--frames", "5", "--i2vedit-clip-length", "5", "--steps", "2",
+                 "--i2vedit-size", "32x48", "--sample-fps", "0", "--seed", "3", "--out", str(out), "--quiet"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["ran"]["model"] == "tiny SVD (random weights)"
+    assert record["ran"]["seeds"] == {"tiny_model_weights": 3, "edit_sampling_noise": 23}

@@ -171,8 +171,22 @@ def _load_svd(args: argparse.Namespace, tiny_note: str = "its outputs are not me
     """The SVD of --weights (or a tiny random one with --tiny) in `dtype` (default --dtype) on --device."""
     from minivid.svd import StableVideoDiffusion
 
+    from minivid.cli.common import record_ran
+
     require_weights(args)
     dtype = dtype or DTYPES[args.dtype]
+    # what ran, in the job's record; the seeds labelled (--seed: the tiny model's weights and the tuning's
+    # draws; --i2vedit-seed: the edit's sampling noise, the authors' 23)
+    seeds = {"tiny_model_weights": None if args.weights else args.seed}
+    if getattr(args, "command", None) == "tune":
+        seeds["tuning"] = args.seed
+    else:
+        from minivid.methods.i2vedit import I2VEditConfig
+
+        given = getattr(args, "i2vedit_seed", None)
+        seeds["edit_sampling_noise"] = I2VEditConfig().seed if given is None else given
+    record_ran(model=args.weights or "tiny SVD (random weights)", weights_dtype=str(dtype).removeprefix("torch."),
+               device=str(args.device), seeds={k: v for k, v in seeds.items() if v is not None})
     if args.weights:
         return StableVideoDiffusion.load(args.weights, device=args.device, dtype=dtype,
                                          allow_nonfinite=getattr(args, "allow_nonfinite", False))
