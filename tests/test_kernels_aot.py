@@ -151,3 +151,10 @@ def test_compile_one_spec_per_kernel_dtype_and_head_dim_for_sm80_and_sm86():
 def test_aot_specs_rejects_a_bad_capability():
     with pytest.raises(ValueError, match="capability"):
         aot.aot_specs((8,))
+
+
+def test_ffam_pipelining_drops_to_one_stage_on_a_small_shared_memory():
+    # two stages of 64 keys × 64 dims of fp16 K and V buffers (32 KiB) fit sm_80's 163 KiB, not half of 48 KiB
+    assert fca.ffam_launch_config(torch.float16, 64, (8, 0))["num_stages"] == 2
+    assert fca.ffam_launch_config(torch.float16, 64, (7, 5), 49_152)["num_stages"] == 1
+    assert fca.ffam_launch_config(torch.float32, 64, (8, 6))["precision"] == "ieee"
