@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivid.attention import Attention, name_layers
-from minivid.layers import FeedForward, normalization, timestep_embedding, zero_module
+from minivid.layers import Conv2d, FeedForward, normalization, timestep_embedding, zero_module
 
 __all__ = [
     "UNetConfig", "UNet", "Cond", "TimestepEmbedSequential", "ResBlock", "SpatialTransformer",
@@ -158,7 +158,7 @@ class TimestepEmbedSequential(nn.ModuleList):
         return x
 
 
-class InputConv(nn.Conv2d):
+class InputConv(Conv2d):
     """The first 3×3 conv (`input_blocks.0.0`), with the block-layer signature."""
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -174,12 +174,12 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
         super().__init__()
         out = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), Conv2d(channels, out, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out))
         self.out_layers = nn.Sequential(
-            normalization(out), nn.SiLU(), nn.Dropout(0.0), zero_module(nn.Conv2d(out, out, 3, padding=1))
+            normalization(out), nn.SiLU(), nn.Dropout(0.0), zero_module(Conv2d(out, out, 3, padding=1))
         )
-        self.skip_connection = nn.Identity() if out == channels else nn.Conv2d(channels, out, 1)
+        self.skip_connection = nn.Identity() if out == channels else Conv2d(channels, out, 1)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         h = self.in_layers(x)
@@ -231,11 +231,11 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth)
         )
-        self.proj_out = zero_module(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
+        self.proj_out = zero_module(nn.Linear(inner, channels) if use_linear else Conv2d(inner, channels, 1))
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -262,7 +262,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.op(x)
@@ -278,7 +278,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         size = cond.upsample_to or (2 * x.shape[-2], 2 * x.shape[-1])
@@ -331,7 +331,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(C0, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(Conv2d(C0, cfg.out_channels, 3, padding=1)))
         name_layers(self)
 
     # factories: a subclass (e.g. a video UNet) overrides these to build its own blocks

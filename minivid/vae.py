@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivid.attention import AttnContext, Processor, sdpa
-from minivid.layers import normalization, zero_module
+from minivid.layers import Conv2d, normalization, zero_module
 
 __all__ = [
     "SD_LATENT_SCALE", "VAEConfig", "VAE_PRESETS", "DiagonalGaussian",
@@ -143,12 +143,12 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = Normalize(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(0.0)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, frames: int | None = None) -> torch.Tensor:
         # x: [B, C_in, H, W] -> [B, C_out, H, W]
@@ -171,10 +171,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = Normalize(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
         self.processor: Processor = sdpa
         self.name = ""   # dotted name, set by the autoencoder
 
@@ -194,7 +194,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
@@ -205,13 +205,13 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class FrameConv2d(nn.Conv2d):
+class FrameConv2d(Conv2d):
     """A Conv2d whose forward also takes the frame count (unused): the image decoder's `conv_out`,
     so that it and the video decoder's `TimeMixConv` are called alike."""
 
@@ -248,7 +248,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         c = cfg.ch
         for level, width in enumerate(widths):
@@ -262,7 +262,7 @@ class Encoder(nn.Module):
             self.down.append(stage)
         self.mid = _Mid(ResnetBlock, c)
         self.norm_out = Normalize(c)
-        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(c, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -287,7 +287,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         widths = [cfg.ch * m for m in cfg.ch_mult]
         c = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = _Mid(self._make_resblock, c)
         levels = []                                   # built in the order they run: lowest resolution first
         for level in reversed(range(len(widths))):
@@ -429,8 +429,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = self._make_decoder(cfg)
         if cfg.quant_conv:
-            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+            self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+            self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         for name, m in self.named_modules():
             if isinstance(m, AttnBlock):
                 m.name = name

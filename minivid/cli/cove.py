@@ -165,7 +165,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     model = args.model or DEMO_MODELS[0]
     check_demo_arguments(args, model)
     size = args.size
-    job.ran(model=model, frames=args.frames, size=[size, size], dtype="fp32", device=str(args.device))
+    job.ran(model=model, frames=args.frames, size=[size, size], dtype=args.dtype, device=str(args.device))
     config = COVEConfig(inversion_steps=args.steps, steps=args.steps, inject_steps=math.floor(0.8 * args.steps),
                         guidance=7.5)
     print("minivid demo --method cove: a tiny model with RANDOM weights and a synthetic clip (moving shapes).\n"
@@ -174,7 +174,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
           f"with {config.merge_ratio:.0%} token merging in {config.inversion_steps} inversion and {config.steps} "
           f"sampling steps, and feature injection in the first {config.inject_steps}.")
     with job.timed("build"):
-        sd = StableDiffusion.from_config(model, device=args.device, seed=args.seed)
+        sd = StableDiffusion.from_config(model, device=args.device, seed=args.seed, dtype=DTYPES[args.dtype])
         clip = moving_shapes(args.frames, size).to(sd.device)
     with job.timed("edit"):
         out = edit_video(sd, clip, DEMO_PROMPT, DEMO_SOURCE, config, seed=args.seed, progress=args.progress)

@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", metavar="NAME",
                    help="run a method's demo instead: " + ", ".join(METHOD_NAMES) + " (see `minivid edit --help`)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="compute dtype of a method's demo (--method i2vedit: the edit's UNet; default fp32)")
+                   help="weights and compute dtype (--method i2vedit: the edit's UNet; default fp32); stages the "
+                        "methods' authors keep in float32 stay there (docs/numerics.md)")
     add_run_arguments(p, device="cpu")
 
 
@@ -93,9 +94,9 @@ def run_tiny(args: argparse.Namespace) -> int:
           "it runs every stage: text encoding, DDIM sampling with guidance, VAE decoding, DDIM inversion and "
           "reconstruction.")
     job = Job("demo", args.out, vars(args))
-    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
+    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype=args.dtype, device=str(args.device))
     with job.timed("build"):
-        sd = StableDiffusion.from_config(args.model, device=args.device, seed=args.seed)
+        sd = StableDiffusion.from_config(args.model, device=args.device, seed=args.seed, dtype=DTYPES[args.dtype])
     with job.timed("generate"):
         images = text_to_image(sd, PROMPTS, steps=args.steps, guidance=7.5, height=args.size, width=args.size,
                                seed=args.seed, progress=args.progress).images

@@ -154,7 +154,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.tuning import TuneConfig
 
     check_demo_arguments(args)
-    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
+    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype=args.dtype, device=str(args.device))
     print("minivid demo --method ei2: a tiny model with RANDOM weights and a synthetic clip (moving squares).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every EI² stage: "
           f"inflation (FFAM + STAM), {DEMO_TUNE_STEPS} tuning steps, DDIM inversion and editing.")
@@ -170,6 +170,9 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
         _, result = tune_video(sd, clip, DEMO_SOURCE, job.path("tuning"), model=model,
                                cfg=TuneConfig(steps=DEMO_TUNE_STEPS, lr=DEMO_LR, seed=args.seed, progress=args.progress))
     after = fixed_batch_loss(fixed)
+    # tuning trains float32 tensors (as the authors' mixed-precision training keeps its master weights);
+    # --dtype then casts the tuned model for inversion and editing, as `minivid edit --dtype` loads it
+    sd.to(DTYPES[args.dtype]), model.to(DTYPES[args.dtype])
     with job.timed("edit"):
         out = ei2_edit(sd, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=args.progress)
     job.write_video("source.mp4", clip.cpu())

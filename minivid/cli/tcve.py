@@ -166,7 +166,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     from minivid.models import StableDiffusion
 
     check_demo_arguments(args)
-    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype="fp32", device=str(args.device))
+    job.ran(model=args.model, frames=args.frames, size=[args.size, args.size], dtype=args.dtype, device=str(args.device))
     print("minivid demo --method tcve: a tiny model with RANDOM weights and a synthetic clip (a rolling ball).\n"
           "A random model makes no real edits (expect coloured noise); the demo runs every TCVE stage: "
           f"Tune-A-Video inflation, temporal UNet + STUs, {DEMO_TUNE_STEPS} tuning steps, DDIM inversion and editing.")
@@ -182,6 +182,9 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
         result = tune_tcve(sd, model, clip, DEMO_SOURCE, tune_config(steps=DEMO_TUNE_STEPS, lr=DEMO_LR, seed=args.seed,
                                                                      progress=args.progress), job.path("tuning"))
     after = fixed_batch_loss(fixed)
+    # tuning trains float32 tensors (as the authors' mixed-precision training keeps its master weights);
+    # --dtype then casts the tuned model for inversion and editing, as `minivid edit --dtype` loads it
+    sd.to(DTYPES[args.dtype]), model.to(DTYPES[args.dtype])
     with job.timed("edit"):
         out = edit_tcve(sd, model, clip, DEMO_PROMPT, DEMO_SOURCE, steps=args.steps, progress=args.progress)
     job.write_video("source.mp4", clip.cpu())
