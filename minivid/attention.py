@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minivid.layers import HALF, Linear, cpu_has_native
+
 __all__ = [
     "Attention", "AttnContext", "Processor", "sdpa", "explicit", "attention_probs",
     "name_layers", "attention_layers", "select_layers", "set_processor", "processors",
@@ -95,8 +97,9 @@ class Processor(Protocol):
 def attention_probs(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale) over keys: (B, h, N, d), (B, h, M, d) -> (B, h, N, M), in q's dtype.
 
-    With `ctx.upcast` (or a float16/bfloat16 input and upcast requested) the product and
-    the softmax run in float32, as ldm does for SD 2.1-v.
+    With `ctx.upcast` the product and the softmax run in float32, as ldm does for SD 2.x
+    (`_ATTN_PRECISION = "fp32"`). The softmax of float16/bfloat16 inputs always runs in float32,
+    as under autocast and inside the fused kernels (docs/numerics.md, "Half precision").
     """
     dtype = q.dtype
     if ctx.upcast:
@@ -104,7 +107,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext) -> torch
     sim = torch.matmul(q, k.transpose(-1, -2)) * ctx.scale
     if ctx.mask is not None:
         sim = sim.masked_fill(~ctx.mask, torch.finfo(sim.dtype).min) if ctx.mask.dtype == torch.bool else sim + ctx.mask
-    return sim.softmax(dim=-1).to(dtype)
+    return sim.float().softmax(dim=-1).to(dtype)
 
 
 def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
@@ -121,7 +124,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) ->
     The fused kernel never materialises the probabilities; when a recorder listens, `Attention`
     reports softmax(Q·Kᵀ·scale) (`attention_probs`) on the q, k this processor receives, computed
     beside it, so the output is the fused one, bit for bit."""
-    if ctx.upcast and q.dtype in (torch.float16, torch.bfloat16):
+    if q.dtype in HALF and (ctx.upcast or (q.device.type == "cpu" and not cpu_has_native(q.dtype))):
+        # float32 as asked (SD 2.1-v), or on a CPU without half kernels (its half path is scalar code)
         return F.scaled_dot_product_attention(
             q.float(), k.float(), v.float(), attn_mask=ctx.mask, scale=ctx.scale
         ).to(q.dtype)
@@ -160,10 +164,10 @@ class Attention(nn.Module):
         self.scale = dim_head ** -0.5
         self.upcast = upcast
         self.is_cross = context_dim is not None
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, out_dim or query_dim), nn.Dropout(0.0))
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, out_dim or query_dim), nn.Dropout(0.0))
         self.processor: Processor = sdpa
         self.wrappers: list[Processor] = []  # pushed by `wrap_processors`, innermost first
         self.name = ""                      # set by `name_layers` on the model root

@@ -22,27 +22,89 @@ GEMM_MIN_CHANNELS = 1280
 GEMM_MAX_POSITIONS = 64           # output positions per image (height x width)
 
 
+HALF = (torch.float16, torch.bfloat16)
+_NATIVE: dict[torch.dtype, bool] = {}
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU has oneDNN kernels for `dtype` (bfloat16: AVX-512 BF16 or AMX; float16:
+    AVX-512 FP16 or AMX-FP16). Without them torch's CPU half convolutions and matmuls run scalar code."""
+    if dtype not in _NATIVE:
+        ops = torch.ops.mkldnn
+        check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+        try:
+            _NATIVE[dtype] = bool(getattr(ops, check)()) and torch.backends.mkldnn.is_available()
+        except (AttributeError, RuntimeError):
+            _NATIVE[dtype] = False
+    return _NATIVE[dtype]
+
+
+def cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU op on `x` computes in: x's, or CPU autocast's while it is on."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def _upcast(x, weight, bias):
+    """float16/bfloat16 without native CPU kernels: the inputs in float32, autocast off (it would
+    cast them back). The caller rounds the result to `dtype`."""
+    return x.float(), weight.float(), None if bias is None else bias.float()
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """`F.conv2d` with the CPU algorithm and memory layout chosen for speed; the result is the same
-    convolution (equal up to float rounding, same shape and NCHW layout).
+    convolution (same shape, dtype and NCHW layout; equal up to float rounding).
 
-    - float16 / bfloat16 on the CPU (the input's dtype, or CPU autocast's) run in channels_last layout: torch's NCHW half kernel is
-      `_slow_conv2d_forward` (tens of times slower; see docs/numerics.md), its channels_last one is
-      vectorised (oneDNN for bf16). The output is returned NCHW-contiguous as F.conv2d returns it.
-    - float32 on the CPU with >= GEMM_MIN_CHANNELS input channels and <= GEMM_MAX_POSITIONS output
-      positions per image runs as im2col (`F.unfold`) + one matmul per image, where that is faster
-      than oneDNN (the result differs from F.conv2d's by float rounding only: another summation order).
+    On the CPU (the dtype is the input's, or CPU autocast's):
+    - float16 / bfloat16 where the CPU has native kernels (`cpu_has_native`) run in channels_last
+      layout (oneDNN); torch's NCHW half kernel is `_slow_conv2d_forward`, tens of times slower.
+    - float16 / bfloat16 without native kernels compute in float32 and round the output once to the
+      half dtype (torch's half kernels also accumulate in float32; they are 5-20x slower).
+    - float32 with >= GEMM_MIN_CHANNELS input channels and <= GEMM_MAX_POSITIONS output positions per
+      image runs as im2col (`F.unfold`) + one matmul per image, where that is faster than oneDNN (the
+      result differs from F.conv2d's by float rounding only: another summation order).
     Everything else (CUDA, other dtypes and shapes) is `F.conv2d` unchanged.
     """
     if x.device.type == "cpu" and x.dim() == 4:
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding, dilation, groups)
-            return y.contiguous()
+        dtype = cpu_compute_dtype(x)
+        if dtype in HALF:
+            if cpu_has_native(dtype):
+                y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding,
+                             dilation, groups)
+                return y.contiguous()
+            with torch.autocast("cpu", enabled=False):
+                return F.conv2d(*_upcast(x, weight, bias), stride, padding, dilation, groups).to(dtype)
         if dtype == torch.float32 and groups == 1 and _gemm_is_faster(x, weight, stride, padding, dilation):
             return _conv2d_gemm(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation))
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """`F.conv3d` with `conv2d`'s CPU half-precision rule (channels_last_3d with native kernels, else
+    float32 compute rounded once); float32 and CUDA: `F.conv3d` unchanged."""
+    if x.device.type == "cpu" and x.dim() == 5:
+        dtype = cpu_compute_dtype(x)
+        if dtype in HALF:
+            if cpu_has_native(dtype):
+                y = F.conv3d(x.contiguous(memory_format=torch.channels_last_3d), weight, bias, stride, padding,
+                             dilation, groups)
+                return y.contiguous()
+            with torch.autocast("cpu", enabled=False):
+                return F.conv3d(*_upcast(x, weight, bias), stride, padding, dilation, groups).to(dtype)
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; on a CPU without native kernels for x's float16/bfloat16 (`cpu_has_native`), computed
+    in float32 and rounded once to the half dtype (torch's fallback half matmul is 2-6x slower than
+    float32 there)."""
+    if x.device.type == "cpu":
+        dtype = cpu_compute_dtype(x)
+        if dtype in HALF and not cpu_has_native(dtype):
+            with torch.autocast("cpu", enabled=False):
+                return F.linear(*_upcast(x, weight, bias)).to(dtype)
+    return F.linear(x, weight, bias)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -86,6 +148,22 @@ class Conv2d(nn.Conv2d):
         if self.padding_mode != "zeros":
             return super()._conv_forward(input, weight, bias)
         return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv3d(nn.Conv3d):
+    """`nn.Conv3d` (same parameters and keys) computed by `conv3d`."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(input, weight, bias)
+        return conv3d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same checkpoint keys) computed by `linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -132,7 +210,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -145,7 +223,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dim_out: int | None = None):
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim))
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), Linear(inner, dim_out or dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

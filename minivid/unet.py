@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivid.attention import Attention, name_layers
-from minivid.layers import Conv2d, FeedForward, normalization, timestep_embedding, zero_module
+from minivid.layers import Conv2d, FeedForward, Linear, normalization, timestep_embedding, zero_module
 
 __all__ = [
     "UNetConfig", "UNet", "Cond", "TimestepEmbedSequential", "ResBlock", "SpatialTransformer",
@@ -175,7 +175,7 @@ class ResBlock(nn.Module):
         super().__init__()
         out = out_channels or channels
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), Conv2d(channels, out, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out))
         self.out_layers = nn.Sequential(
             normalization(out), nn.SiLU(), nn.Dropout(0.0), zero_module(Conv2d(out, out, 3, padding=1))
         )
@@ -231,11 +231,11 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else Conv2d(channels, inner, 1)
+        self.proj_in = Linear(channels, inner) if use_linear else Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth)
         )
-        self.proj_out = zero_module(nn.Linear(inner, channels) if use_linear else Conv2d(inner, channels, 1))
+        self.proj_out = zero_module(Linear(inner, channels) if use_linear else Conv2d(inner, channels, 1))
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -298,7 +298,7 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         C0, emb = cfg.model_channels, 4 * cfg.model_channels
-        self.time_embed = nn.Sequential(nn.Linear(C0, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time_embed = nn.Sequential(Linear(C0, emb), nn.SiLU(), Linear(emb, emb))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([InputConv(cfg.in_channels, C0, 3, padding=1)])])
         skip_channels, ch, ds = [C0], C0, 1

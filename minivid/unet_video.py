@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minivid.layers import FeedForward, normalization, timestep_embedding, zero_module
+from minivid.layers import Conv3d, FeedForward, Linear, normalization, timestep_embedding, zero_module
 from minivid.unet import BasicTransformerBlock, Cond, ResBlock, SpatialTransformer, UNet, UNetConfig
 
 __all__ = [
@@ -166,12 +166,12 @@ class TemporalResBlock(nn.Module):
         super().__init__()
         padding = tuple(k // 2 for k in kernel_size)
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv3d(channels, channels, kernel_size, padding=padding)
+            normalization(channels), nn.SiLU(), Conv3d(channels, channels, kernel_size, padding=padding)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, channels))
         self.out_layers = nn.Sequential(
             normalization(channels), nn.SiLU(), nn.Dropout(0.0),
-            zero_module(nn.Conv3d(channels, channels, kernel_size, padding=padding)),
+            zero_module(Conv3d(channels, channels, kernel_size, padding=padding)),
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -246,7 +246,7 @@ class SpatialVideoTransformer(SpatialTransformer):
         self.time_stack = nn.ModuleList(
             VideoTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth)
         )
-        self.time_pos_embed = nn.Sequential(nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels))
+        self.time_pos_embed = nn.Sequential(Linear(channels, 4 * channels), nn.SiLU(), Linear(4 * channels, channels))
         self.time_mixer = AlphaBlender(merge_factor)
         self.channels = channels
 
@@ -299,7 +299,7 @@ class VideoUNet(UNet):
             raise TypeError(f"VideoUNet needs a VideoUNetConfig, got {type(cfg).__name__}")
         super().__init__(cfg)
         emb = 4 * cfg.model_channels
-        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
+        self.label_emb = nn.Sequential(nn.Sequential(Linear(cfg.adm_in_channels, emb), nn.SiLU(), Linear(emb, emb)))
 
     def make_resblock(self, channels: int, out_channels: int) -> nn.Module:
         cfg = self.cfg

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivid.attention import AttnContext, Processor, sdpa
-from minivid.layers import Conv2d, normalization, zero_module
+from minivid.layers import Conv2d, Conv3d, normalization, zero_module
 
 __all__ = [
     "SD_LATENT_SCALE", "VAEConfig", "VAE_PRESETS", "DiagonalGaussian",
@@ -344,11 +344,11 @@ class TemporalResBlock(nn.Module):
         super().__init__()
         padding = tuple(k // 2 for k in kernel_size)
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv3d(channels, channels, kernel_size, padding=padding),
+            normalization(channels), nn.SiLU(), Conv3d(channels, channels, kernel_size, padding=padding),
         )
         self.out_layers = nn.Sequential(
             normalization(channels), nn.SiLU(), nn.Dropout(0.0),
-            zero_module(nn.Conv3d(channels, channels, kernel_size, padding=padding)),
+            zero_module(Conv3d(channels, channels, kernel_size, padding=padding)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +382,7 @@ class TimeMixConv(FrameConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int] = (3, 1, 1)):
         super().__init__(in_channels, out_channels, 3, padding=1)
-        self.time_mix_conv = nn.Conv3d(
+        self.time_mix_conv = Conv3d(
             out_channels, out_channels, kernel_size, padding=tuple(k // 2 for k in kernel_size)
         )
 
