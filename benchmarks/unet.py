@@ -19,7 +19,9 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from minivid.unet import UNet, UNetConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import section_title, interleaved, load_note, peak_memory, random_weights_, sizes, table, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    interleaved_clocks, load_average, load_note, peak_memory, random_weights_, section_title, sizes, table, write_section,
+)
 
 # the ldm UNetModel parameters of v1-inference.yaml, as diffusers' config builder reads them
 SD14_LDM = dict(
@@ -32,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=None, help="latent sides to time, comma-separated (default 16; --full 32,64)")
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per model and size (default 3; --full 5)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--thread-list", default=None,
+                   help="thread counts, one pass each, e.g. 2,1 (default: --threads; --full 2,1)")
 
 
 def build() -> tuple[UNet, UNet2DConditionModel]:
@@ -51,40 +55,53 @@ def build() -> tuple[UNet, UNet2DConditionModel]:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes(args, dict(sizes="16", repeats=3), dict(sizes="32,64", repeats=5))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sizes(args, dict(sizes="16", repeats=3), dict(sizes="32,64", repeats=5, thread_list="2,1"))
+    threads = [int(t) for t in args.thread_list.split(",")] if args.thread_list else [args.threads or torch.get_num_threads()]
     unet, ref = build()
     rows = []
-    for side in (int(s) for s in args.sizes.split(",")):
-        x, context = torch.randn(1, 4, side, side), torch.randn(1, 77, 768)
-        fns = {
-            "minivid": lambda: unet(x, 500, context),
-            "diffusers": lambda: ref(x, 500, encoder_hidden_states=context).sample,
-        }
-        with torch.no_grad():
-            err = (fns["minivid"]() - fns["diffusers"]()).abs().max().item()
-            times = interleaved(fns, repeats=args.repeats, warmup=0)
-            mem = {k: peak_memory(f) / 2 ** 20 for k, f in fns.items()}
-        rows.append([
-            f"{side}×{side}", times["minivid"], times["diffusers"], times["minivid"] / times["diffusers"],
-            mem["minivid"], mem["diffusers"], mem["minivid"] / mem["diffusers"], f"{err:.1e}",
-        ])
-        print(f"{side}×{side}: minivid {times['minivid']:.3f} s, diffusers {times['diffusers']:.3f} s", flush=True)
+    for n in threads:
+        torch.set_num_threads(n)
+        for side in (int(s) for s in args.sizes.split(",")):
+            x, context = torch.randn(1, 4, side, side), torch.randn(1, 77, 768)
+            fns = {
+                "minivid": lambda: unet(x, 500, context),
+                "diffusers": lambda: ref(x, 500, encoder_hidden_states=context).sample,
+            }
+            with torch.no_grad():
+                a, b = fns["minivid"](), fns["diffusers"]()
+                err, scale = (a - b).abs().max().item(), b.abs().max().item()
+                load = load_average()
+                times = interleaved_clocks(fns, repeats=args.repeats, warmup=0)
+                mem = {k: peak_memory(f) / 2 ** 20 for k, f in fns.items()} if n == threads[0] else None
+            (mw, mc), (dw, dc) = times["minivid"], times["diffusers"]
+            rows.append([
+                f"{side}×{side}", n, mw, dw, mw / dw, mc, dc, mc / dc,
+                *((mem["minivid"], mem["diffusers"], mem["minivid"] / mem["diffusers"]) if mem else ("", "", "")),
+                f"{err:.1e} ({err / scale:.1e})", f"{load:.1f} → {load_average():.1f}",
+            ])
+            print(f"{side}×{side}, {n} thread(s): minivid {mw:.3f} s ({mc:.3f} s CPU), diffusers {dw:.3f} s ({dc:.3f} s CPU)",
+                  flush=True)
     body = table(
-        ["latent", "minivid s", "diffusers s", "time ratio", "minivid peak MiB", "diffusers peak MiB",
-         "memory ratio", "max abs diff"],
+        ["latent", "threads", "minivid s", "diffusers s", "time ratio", "minivid CPU s", "diffusers CPU s",
+         "CPU-time ratio", "minivid peak MiB", "diffusers peak MiB", "memory ratio", "max abs diff (relative)",
+         "load average"],
         rows,
     )
     body += (
         f"\n\nSD 1.4 UNet (`UNetConfig.preset('sd14')`), random weights shared with diffusers' "
         f"UNet2DConditionModel through `convert_ldm_unet_checkpoint`; batch 1, fp32, 77×768 context, "
-        f"median of {args.repeats} interleaved forwards after one untimed forward each. Peak memory: "
-        f"bytes allocated by torch during one forward (weights excluded). {load_note()}.\n\n"
+        f"median of {args.repeats} interleaved forwards after one untimed forward each; wall time and process CPU "
+        f"time (all threads of this process; on a loaded machine the steadier ratio). Peak memory: bytes allocated "
+        f"by torch during one forward (weights excluded). max abs diff: minivid − diffusers over the output "
+        f"(relative: over the output's max abs); minivid's wide convolutions on ≤ 8×8 grids sum in another order "
+        f"(docs/numerics.md, \"CPU convolutions\"). Load average: 1-minute, before → after each row. "
+        f"{load_note()}.\n\n"
         f"Command: `minivid bench unet{' --full' if args.full else ''} --sizes {args.sizes} --repeats {args.repeats}"
-        f"{f' --threads {args.threads}' if args.threads else ''} --write`"
+        f"{f' --thread-list {args.thread_list}' if args.thread_list else ''}"
+        f"{f' --threads {args.threads}' if args.threads and not args.thread_list else ''} --write`"
     )
     print(body)
     if getattr(args, "write", False):
-        write_section(section_title("UNet: minivid vs diffusers (SD 1.4, CPU fp32)", args), body)
+        write_section(section_title("UNet: minivid vs diffusers (SD 1.4, CPU fp32)", args), body,
+                      threads="/".join(map(str, threads)))
     return 0
