@@ -36,7 +36,6 @@ def tiny_sd():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "full: full-size numerics (slow); run with -m full")
     config.addinivalue_line("markers", "slow: slower end-to-end tests")
     config.addinivalue_line("markers", "distributed: starts several processes (torch.distributed, gloo on CPU); "
                                        "deselect with -m 'not distributed'")
