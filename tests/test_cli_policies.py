@@ -71,13 +71,28 @@ def test_help_imports_no_torch():
     code = ("import sys, contextlib, io\n"
             "from minivid.cli import main\n"
             "for argv in (['--help'], [], ['demo', '--help'], ['generate', '--help'], ['invert', '--help'],"
-            " ['inspect', '--help'], ['animate', '--help'], ['bench', '--help']):\n"
+            " ['inspect', '--help'], ['animate', '--help'], ['bench', '--help'], ['eval', '--help'],"
+            " ['benchmark', '--help'], ['parity', '--help'], ['batch', '--help']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
             "        main(argv)\n"
             "print(sorted(m for m in ('torch', 'minivid.jobs', 'minivid.models') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_help_lists_read_without_import_equal_the_modules():
+    """What `--help` reads from the sources (no torch) is what the modules hold."""
+    from minivid.cli import _module_help, source_constant
+    from minivid.eval import catalog, loading, metrics
+    from minivid.parity import TOLERANCES
+
+    assert source_constant("minivid.parity", "TOLERANCES") == TOLERANCES
+    assert source_constant("minivid.cli.eval", "no_such_name", default="x") == "x"
+    assert source_constant("minivid.no_such_module", "help") is None and _module_help("no_such_job") is None
+    assert metrics.METRICS is catalog.METRICS and metrics.NEEDS_PROMPT is catalog.NEEDS_PROMPT
+    assert {k: (str(f.path), f.what) for k, f in loading.DEFAULT_FILES.items()} == catalog.FILES
+    assert all(f.source for f in loading.DEFAULT_FILES.values())
 
 
 def test_top_level_help_lists_every_subcommand(capsys):

@@ -12,24 +12,34 @@ import sys
 SUBCOMMANDS = ["inspect", "generate", "invert", "animate", "tune", "edit", "bench", "demo", "eval", "batch", "benchmark", "parity"]
 
 
-def _module_help(name: str) -> str | None:
-    """The `help` string of subcommand module `name`, read from its source without importing it (the
-    modules import torch and the methods: `minivid --help` must not wait for them). None: no such module."""
+def source_constant(module: str, name: str, default=None):
+    """The literal value (str, number, tuple, dict, ...) that module `module` assigns to `name` at top level, read
+    from its source without importing it (`--help` must not wait for torch); imported when the source does not
+    state it as a literal (`default` when the module has no such name). None: no such module."""
     import ast
     import importlib.util
 
-    spec = importlib.util.find_spec(f"minivid.cli.{name}")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         return None
     try:
         tree = ast.parse(open(spec.origin, encoding="utf-8").read())
     except (OSError, SyntaxError):
-        return getattr(importlib.import_module(f"minivid.cli.{name}"), "help", "")
-    for node in tree.body:
-        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "help" for t in node.targets)
-                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
-            return node.value.value
-    return getattr(importlib.import_module(f"minivid.cli.{name}"), "help", "")
+        tree = None
+    for node in tree.body if tree else ():
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+            try:
+                return ast.literal_eval(node.value)
+            except ValueError:
+                break
+    return getattr(importlib.import_module(module), name, default)
+
+
+def _module_help(name: str) -> str | None:
+    """The `help` string of subcommand module `name`, read from its source without importing it (the
+    modules import torch and the methods: `minivid --help` must not wait for them). None: no such module."""
+    return source_constant(f"minivid.cli.{name}", "help", default="")
 
 
 def command_of(argv: list[str]) -> str | None:

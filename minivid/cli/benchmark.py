@@ -41,7 +41,7 @@ def _positive(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minivid.cli.eval import add_eval_weights_arguments
-    from minivid.eval.metrics import METRICS
+    from minivid.eval.catalog import METRICS
 
     p.add_argument("dataset", help="a LOVEU-TGVE-2023-style folder (videos + one CSV of prompts), a .csv or a .jsonl plan")
     p.add_argument("--out", required=True, help="the benchmark folder: DIR/<method>/<id>/ per item, DIR/benchmark.json")

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_eval_arguments(group) -> None:
     from minivid.cli.eval import add_eval_weights_arguments
-    from minivid.eval.metrics import METRICS
+    from minivid.eval.catalog import METRICS
 
     group.add_argument("--eval", action="store_true",
                        help="score edited.mp4 with `minivid eval`'s metrics (prompt = --prompt, source = --video) and "

@@ -17,40 +17,46 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 help = ("score a video with the papers' metrics (CLIP text alignment / frame consistency, subject consistency, "
-        "aesthetic quality, motion smoothness, imaging quality)")
+        "aesthetic quality, motion smoothness, imaging quality, PickScore)")
 
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+def default_device() -> str:
+    """cuda when torch sees a GPU, else cpu (asked only when a job runs: `--help` imports no torch)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_eval_weights_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """One option per encoder of minivid.eval.loading.DEFAULT_FILES (--clip, --dino, --aesthetic, --pickscore, ...;
     with `prefix`, e.g. "eval-" for `minivid edit --eval`)."""
-    from minivid.eval.loading import DEFAULT_FILES
+    from minivid.eval.catalog import FILES
 
     helps = {"amt": "AMT-S frame interpolation (amt-s.pth), for motion_smoothness",
              "musiq": "MUSIQ trained on SPAQ (musiq_spaq_ckpt-358bb6af.pth), for imaging_quality",
              "clip": "CLIP: a transformers CLIP folder (config.json + model.safetensors: any ViT, e.g. B/32, B/16, "
                      "L/14, L/14-336), transformers' ViT-L/14 model.safetensors, or OpenCLIP ViT-H/14"}
-    for key, default in DEFAULT_FILES.items():
+    for key, (path, what) in FILES.items():
         p.add_argument(f"--{prefix}{key}", metavar="WEIGHTS", dest=f"{prefix.replace('-', '_')}{key}",
-                       help=f"{helps.get(key, default.what)} (default {default.path})")
+                       help=f"{helps.get(key, what)} (default {path})")
 
 
 def weights_paths(args: argparse.Namespace, prefix: str = "") -> dict[str, str | None]:
     """The encoder files the options name (None: the default in weights/)."""
-    from minivid.eval.loading import DEFAULT_FILES
+    from minivid.eval.catalog import FILES
 
     key = prefix.replace("-", "_")
-    return {k: getattr(args, f"{key}{k}", None) for k in DEFAULT_FILES}
+    return {k: getattr(args, f"{key}{k}", None) for k in FILES}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minivid.eval.metrics import METRICS
+    from minivid.eval.catalog import METRICS
 
     p.add_argument("video", nargs="?", help="the video to score (mp4/gif/webm, or a folder of frames)")
     p.add_argument("--prompt", help="the edit prompt (for CLIP textual alignment)")
@@ -62,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, help="number of frames to read (default: all)")
     p.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    p.add_argument("--device", default=DEFAULT_DEVICE, help=f"torch device (default {DEFAULT_DEVICE})")
+    p.add_argument("--device", help="torch device (default cuda when there is a GPU, else cpu)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tiny", action="store_true",
@@ -74,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_metrics(text: str | None, prompt: str | None) -> tuple[str, ...]:
     """The metrics --metrics names (None: all), less those that need a prompt when there is none."""
-    from minivid.eval.metrics import METRICS, NEEDS_PROMPT
+    from minivid.eval.catalog import METRICS, NEEDS_PROMPT
 
     names = tuple(METRICS) if text is None else tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in names if m not in METRICS]
@@ -95,14 +101,14 @@ def choose_metrics(text: str | None, prompt: str | None, paths: dict[str, str | 
     missing). By default: every metric whose weights are present; the others are named with the
     missing file. With --tiny every metric runs (tiny random encoders)."""
     from minivid.eval.loading import available, check_files
-    from minivid.eval.metrics import METRICS, NEEDS_PROMPT
+    from minivid.eval.catalog import METRICS, NEEDS_PROMPT
 
     metrics = parse_metrics(text, prompt)
     skipped = {m: "needs --prompt" for m in METRICS if m in NEEDS_PROMPT and prompt is None
                and (text is None or m in text)}
     if tiny:
         if text is None:
-            from minivid.eval.metrics import RUN_WHEN_PRESENT
+            from minivid.eval.catalog import RUN_WHEN_PRESENT
 
             metrics = tuple(m for m in metrics if m not in RUN_WHEN_PRESENT)
         return metrics, skipped
@@ -157,7 +163,7 @@ def write_json(path: str | Path, data: dict, inputs: list[str | None]) -> Path:
 
 def format_table(results: dict[str, Any], source: dict[str, Any] | None = None) -> str:
     """One line per metric: value (and the source video's), the papers that report it."""
-    from minivid.eval.metrics import METRICS
+    from minivid.eval.catalog import METRICS
 
     rows = []
     for name, (_, papers) in METRICS.items():
@@ -201,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.video:
         raise ValueError("give the VIDEO to score (or --write-tiny DIR)")
+    if args.device is None:
+        args.device = default_device()
     paths = weights_paths(args)
     if args.json:
         _check_output(Path(args.json), [args.video, args.source, *paths.values()])

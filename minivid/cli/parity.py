@@ -38,7 +38,9 @@ def _numbers(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minivid.parity import TOLERANCES
+    from minivid.cli import source_constant
+
+    TOLERANCES = source_constant("minivid.parity", "TOLERANCES")     # read, not imported: minivid.parity imports torch
 
     p.add_argument("weights", help="an official single file (.safetensors/.ckpt) or a diffusers folder")
     p.add_argument("--components", help="comma-separated subset of unet,vae,text (SD) or unet,vae,image (SVD); "

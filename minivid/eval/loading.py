@@ -21,6 +21,7 @@ from minivid.eval.encoders import (
     clip_config_to_transformers, load_aesthetic, load_clip, load_dino, missing_message,
 )
 from minivid.eval.amt import AMT, AMT_SOURCE, load_amt
+from minivid.eval.catalog import FILES
 from minivid.eval.metrics import METRICS, RUN_WHEN_PRESENT, Evaluator
 from minivid.eval.musiq import MUSIQ, MUSIQ_SOURCE, load_musiq
 
@@ -35,16 +36,10 @@ class WeightsFile:
     source: str
 
 
-DEFAULT_FILES: dict[str, WeightsFile] = {
-    "clip": WeightsFile(Path("weights/clip-vit-large-patch14.safetensors"), "CLIP ViT-L/14", CLIP_SOURCE),
-    "dino": WeightsFile(Path("weights/dino_vitbase16_pretrain.pth"), "DINO ViT-B/16", DINO_SOURCE),
-    "aesthetic": WeightsFile(Path("weights/sa_0_4_vit_l_14_linear.pth"), "the LAION aesthetic predictor",
-                             AESTHETIC_SOURCE),
-    "amt": WeightsFile(Path("weights/amt-s.pth"), "AMT-S", AMT_SOURCE),
-    "musiq": WeightsFile(Path("weights/musiq_spaq_ckpt-358bb6af.pth"), "MUSIQ (SPAQ)", MUSIQ_SOURCE),
-    "pickscore": WeightsFile(Path("weights/PickScore_v1"), "PickScore_v1 (a transformers CLIP ViT-H/14 folder)",
-                             PICKSCORE_SOURCE),
-}
+_SOURCES = {"clip": CLIP_SOURCE, "dino": DINO_SOURCE, "aesthetic": AESTHETIC_SOURCE, "amt": AMT_SOURCE,
+            "musiq": MUSIQ_SOURCE, "pickscore": PICKSCORE_SOURCE}
+DEFAULT_FILES: dict[str, WeightsFile] = {key: WeightsFile(Path(path), what, _SOURCES[key])
+                                         for key, (path, what) in FILES.items()}
 TINY_FILES = {"clip": "tiny-clip.safetensors", "openclip": "tiny-openclip.safetensors", "dino": "tiny-dino.pth",
               "aesthetic": "tiny-aesthetic.pth", "amt": "tiny-amt.pth", "musiq": "tiny-musiq.pth",
               "pickscore": "tiny-pickscore"}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from minivid.eval.amt import (
     AMT, AMT_PRESETS, check_frame_size, correlation_bytes, interpolate_odd_frames, motion_smoothness_score,
 )
+from minivid.eval.catalog import METRICS, NEEDS_PROMPT, RUN_WHEN_PRESENT
 from minivid.eval.encoders import AestheticPredictor, CLIPEncoder, DINOViT
 from minivid.eval.musiq import MUSIQ, MUSIQ_PRESETS, imaging_quality, score_frames
 from minivid.eval.preprocess import clip_preprocess_hf, clip_preprocess_vbench, dino_preprocess_vbench, to_uint8
@@ -40,20 +41,6 @@ __all__ = [
 Pairs = Literal["consecutive", "all"]
 CLIP_SCORE_SCALE = 100.0     # CLIP's trained logit scale exp(logit_scale), capped at 100: LOVEU-TGVE's "CLIP score"
 
-# metric name -> (the encoders it needs: keys of minivid.eval.loading.DEFAULT_FILES, the papers that report it)
-METRICS: dict[str, tuple[tuple[str, ...], str]] = {
-    "clip_text_alignment": (("clip",), "EI², TCVE (LOVEU-TGVE's definition)"),
-    "clip_frame_consistency": (("clip",), "EI², TCVE, I2VEdit, LOVEU-TGVE"),
-    "subject_consistency": (("dino",), "COVE (VBench's definition)"),
-    "aesthetic_quality": (("clip", "aesthetic"), "COVE (VBench's definition)"),
-    "motion_smoothness": (("amt",), "COVE (VBench's definition)"),
-    "imaging_quality": (("musiq",), "COVE (VBench's definition)"),
-    "pickscore": (("pickscore",), "TCVE, LOVEU-TGVE (PickScore_v1)"),
-}
-# metrics that need the edit prompt
-NEEDS_PROMPT = ("clip_text_alignment", "pickscore")
-# with --tiny, metrics left out of the default set (the tiny AMT needs frames of 64 px and more): name them to run them
-RUN_WHEN_PRESENT = ("motion_smoothness", "imaging_quality")
 AMT_BATCH_BYTES = 2 * 1024 ** 3     # the Evaluator batches AMT pairs up to this much correlation memory
 
 
