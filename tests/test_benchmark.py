@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minivid.cli import main
-from minivid.eval.benchmark import DatasetError, read_dataset, summarize
+from minivid.eval.benchmark import DatasetError, format_table, read_dataset, summarize
 from minivid.video import save_grid, write_video
 
 HEADER = ("Video name,Our GT caption,Style Change Caption,Object Change Caption,Background Change Caption,"
@@ -96,6 +96,22 @@ def test_summarize_mean_std_n_and_the_papers_number():
     assert "all pairs" in t["frame_consistency_all_pairs"]["definition"]
     assert "consecutive" in t["frame_consistency_consecutive"]["definition"]
     assert "reported" not in summarize(records, "tcve")["subject_consistency"]
+    assert t["subject_consistency"]["reported"]["differs"] == ["pairs 3, the paper 115"]    # not COVE's 115 pairs
+
+
+def test_the_papers_number_is_comparable_only_in_the_papers_setting():
+    records = [{"metrics": {"subject_consistency": {"value": 0.9}}}] * 115
+    same = summarize(records, "cove", ran={"tiny": False, "frames": None, "size": None})
+    assert "differs" not in same["subject_consistency"]["reported"]
+    assert "0.9731 (COVE Table 1" in format_table({"cove": same}, {})
+    tiny = summarize(records[:2], "cove", ran={"tiny": True, "frames": 2, "size": None})
+    assert tiny["subject_consistency"]["reported"]["differs"] == ["pairs 2, the paper 115",
+                                                                 "tiny random models, not the official weights"]
+    table = format_table({"cove": tiny}, {})
+    assert "not comparable (pairs 2, the paper 115; tiny random models" in table and "0.9731" not in table
+    ei2 = [{"metrics": {"clip_frame_consistency": {"value": 0.9, "all_pairs": 0.9}}}] * 75
+    assert summarize(ei2, "ei2", ran={"tiny": False, "frames": 16, "size": 512})["frame_consistency_all_pairs"][
+        "reported"]["differs"] == ["frames 16, the paper 8"]
 
 
 def _run_benchmark(dataset, out, *extra, ranks=1):

@@ -12,7 +12,8 @@ machinery (minivid.cli.batch) in DIR/<method>/<id>/; EI² and TCVE first tune on
 torchrun's processes; a finished item is skipped on a rerun; a failing item is recorded and the others
 go on. DIR/benchmark.json holds the settings, every item's record and the table (mean ± std per metric
 and the number of pairs, each frame-consistency column naming its pair definition, the paper's number
-beside where it reports that metric); DIR/benchmark.md the table. Exit status 1 if an item failed.
+beside where it reports that metric, marked not comparable when the run's setting differs from the
+paper's); DIR/benchmark.md the table. Exit status 1 if an item failed.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter     # the description's example commands, one a line
     from minivid.cli.eval import add_eval_weights_arguments
     from minivid.eval.catalog import METRICS
 
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                 if ev is not None:
                     records.append(ev)
                 items.setdefault(method, []).append({**e, "eval": ev})
-            tables[method] = summarize(records, method)
+            tables[method] = summarize(records, method, ran={"tiny": args.tiny, "frames": args.frames, "size": args.size})
             counts[method] = {"scored": len(records), "failed": sum(e["status"] == "failed" for e in es)}
         table_md = format_table(tables, counts)
         _write_json(out / "benchmark.json", {

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from minivid.jobs import jsonl_objects
 
-__all__ = ["Pair", "DatasetError", "read_dataset", "COLUMNS", "summarize", "REPORTED", "format_table", "VIDEO_SUFFIXES"]
+__all__ = ["Pair", "DatasetError", "read_dataset", "COLUMNS", "summarize", "REPORTED", "REPORTED_SETTING", "setting_differences", "format_table", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -239,9 +239,40 @@ def _column_values(records: Iterable[dict[str, Any]]) -> dict[str, list[float]]:
     return values
 
 
-def summarize(records: list[dict[str, Any]], method: str | None = None) -> dict[str, dict[str, Any]]:
+# The part of each paper's setting a run can be checked against: pairs = the number of scored pairs of the
+# column, tiny = whether random tiny models ran (the papers ran the official weights), frames / size = what
+# --frames / --size asked (None, the method's default, is not checked: EI²'s defaults are its paper's 8 frames
+# at 512 px; COVE does not state its frame count).
+REPORTED_SETTING: dict[str, dict[str, Any]] = {
+    "cove": {"pairs": 115, "tiny": False},
+    "ei2": {"pairs": 75, "tiny": False, "frames": 8, "size": 512},
+}
+
+
+def setting_differences(method: str | None, ran: dict[str, Any], n: int) -> list[str]:
+    """How a run differs from the setting its paper's numbers were measured in ([] when it matches)."""
+    needs = REPORTED_SETTING.get(method or "", {})
+    got = {**ran, "pairs": n}
+    out = []
+    for key, want in needs.items():
+        have = got.get(key)
+        if have is None or have == want:
+            continue
+        if key == "tiny":
+            out.append("tiny random models, not the official weights")
+        else:
+            out.append(f"{key} {have}, the paper {want}")
+    return out
+
+
+def summarize(records: list[dict[str, Any]], method: str | None = None,
+              ran: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """column -> {"mean", "std" (sample, n - 1; 0 for one pair), "n", "pairs" (the definition), "reported"
-    (the paper's number and setting, for the method's own paper) } over the scored items' results.eval."""
+    (the paper's number and setting, for the method's own paper) } over the scored items' results.eval.
+
+    `ran`: what the run was ({"tiny", "frames", "size"}, see REPORTED_SETTING); when it, or the number of
+    pairs, differs from the paper's setting, "reported" also holds "differs" (a list of the differences) and
+    the table shows the paper's number only as not comparable."""
     out = {}
     for column, metric, _, note in COLUMNS_OF_METRICS:
         vals = _column_values(records)[column]
@@ -254,6 +285,9 @@ def summarize(records: list[dict[str, Any]], method: str | None = None) -> dict[
         rep = REPORTED.get(method or "", {}).get(column)
         if rep is not None:
             entry["reported"] = {"value": rep[0], "where": rep[1], "setting": rep[2]}
+            differs = setting_differences(method, ran or {}, n)
+            if differs:
+                entry["reported"]["differs"] = differs
         out[column] = entry
     return out
 
@@ -264,7 +298,8 @@ def format_table(tables: dict[str, dict[str, dict[str, Any]]], counts: dict[str,
     for method, table in tables.items():
         for column, e in table.items():
             rep = e.get("reported")
-            rep_text = f"{rep['value']} ({rep['where']}: {rep['setting']})" if rep else ""
+            rep_text = "" if not rep else (f"{rep['value']} ({rep['where']}: {rep['setting']})" if not rep.get("differs")
+                                           else f"not comparable ({'; '.join(rep['differs'])}): {rep['where']}")
             lines.append(f"| {method} | {column} | {e['mean']:.4f} ± {e['std']:.4f} | {e['n']} | {e['definition']} "
                          f"| {rep_text} |")
         c = counts.get(method, {})
