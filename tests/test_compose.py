@@ -326,3 +326,58 @@ def test_one_frame_count_helper():
             helper()
     with pytest.raises(ValueError, match="a batch of 7 is not a whole number of videos of 2 frames"):
         A.frame_count({"frames": 2}, 7)
+
+
+# ---------------------------------------------------------------- EI² and TCVE take their blocks as arguments
+
+def _counting_loop(calls):
+    def loop(*args, **kwargs):
+        calls.append(kwargs.get("progress"))
+        return P.edit_video(*args, **kwargs)
+    return loop
+
+
+def _counting(processor, seen):
+    def proc(q, k, v, ctx):
+        seen.add(ctx.name)
+        return processor(q, k, v, ctx)
+    return proc
+
+
+def test_ei2_edit_takes_its_attention_and_loop():
+    from minivid.cli.ei2 import moving_squares
+    from minivid.methods.ei2.edit import edit
+
+    sd = StableDiffusion.from_config("tiny", seed=0)
+    inflate(sd.unet, EI2Config(r=2))
+    clip = moving_squares(2, 32)
+    run = dict(steps=2, progress=False)
+    default = edit(sd, clip, "a red square", **run)
+    calls, seen = [], set()
+    same = edit(sd, clip, "a red square", **run, loop=_counting_loop(calls),
+                attention=_counting(FFAMProcessor(2), seen))               # the paper's block, passed explicitly
+    assert calls == [False] and torch.equal(same.latents, default.latents)
+    assert seen == set(A.select_layers(sd.unet, SPATIAL_SELF, "test"))    # installed on the layers asked for ...
+    assert all(isinstance(m.processor, FFAMProcessor) for m in A.select_layers(sd.unet, SPATIAL_SELF, "test").values())
+    per_frame = edit(sd, clip, "a red square", **run, attention=sdpa)     # ... and restored; another block differs
+    assert (per_frame.latents - default.latents).abs().max() > 1e-3
+
+
+def test_tcve_edit_takes_its_attention_and_loop():
+    from minivid.cli.tcve import rolling_ball
+    from minivid.methods.tcve.model import TCVEModel
+    from minivid.methods.tcve.edit import edit_tcve
+    from minivid.methods.tuneavideo import sparse_causal
+
+    sd = StableDiffusion.from_config("tiny", seed=0)
+    model = TCVEModel.build(sd.unet)
+    clip = rolling_ball(3, 32)
+    run = dict(steps=2, progress=False)
+    default = edit_tcve(sd, model, clip, "a red ball", **run)
+    calls, seen = [], set()
+    same = edit_tcve(sd, model, clip, "a red ball", **run, loop=_counting_loop(calls),
+                     attention=_counting(sparse_causal, seen))
+    assert calls == [False] and torch.equal(same.latents, default.latents)
+    assert seen == set(A.select_layers(sd.unet, SPATIAL_SELF, "test"))
+    per_frame = edit_tcve(sd, model, clip, "a red ball", **run, attention=sdpa)
+    assert (per_frame.latents - default.latents).abs().max() > 1e-3

@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--device", help="torch device (default cuda when there is a GPU, else cpu)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 with --tiny on the CPU, else torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tiny", action="store_true",
                    help="tiny RANDOM encoders instead of weights (tests and trying the command: the numbers mean nothing)")
