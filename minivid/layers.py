@@ -56,10 +56,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     convolution (same shape, dtype and NCHW layout; equal up to float rounding).
 
     On the CPU (the dtype is the input's, or CPU autocast's):
-    - float16 / bfloat16 where the CPU has native kernels (`cpu_has_native`) run in channels_last
-      layout (oneDNN); torch's NCHW half kernel is `_slow_conv2d_forward`, tens of times slower.
-    - float16 / bfloat16 without native kernels compute in float32 and round the output once to the
-      half dtype (torch's half kernels also accumulate in float32; they are 5-20x slower).
+    - float16 / bfloat16 without native oneDNN kernels on this CPU (`cpu_has_native`) compute in
+      float32 and round the output once to the half dtype: torch runs them as `_slow_conv2d_forward`
+      (scalar code, ~250x slower than this path for a 64-channel 3x3 conv at 128x128 in fp16 on a Zen 4;
+      4-7x slower even in channels_last layout). torch's half kernels also accumulate in float32 and
+      round once, so the result is the same up to the half dtype's rounding.
+    - float16 / bfloat16 with native kernels: `F.conv2d` (oneDNN, NCHW: faster here than channels_last
+      plus the layout copies).
     - float32 with >= GEMM_MIN_CHANNELS input channels and <= GEMM_MAX_POSITIONS output positions per
       image runs as im2col (`F.unfold`) + one matmul per image, where that is faster than oneDNN (the
       result differs from F.conv2d's by float rounding only: another summation order).
@@ -67,11 +70,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if x.device.type == "cpu" and x.dim() == 4:
         dtype = cpu_compute_dtype(x)
-        if dtype in HALF:
-            if cpu_has_native(dtype):
-                y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding,
-                             dilation, groups)
-                return y.contiguous()
+        if dtype in HALF and not cpu_has_native(dtype):
             with torch.autocast("cpu", enabled=False):
                 return F.conv2d(*_upcast(x, weight, bias), stride, padding, dilation, groups).to(dtype)
         if dtype == torch.float32 and groups == 1 and _gemm_is_faster(x, weight, stride, padding, dilation):
@@ -81,15 +80,11 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
-    """`F.conv3d` with `conv2d`'s CPU half-precision rule (channels_last_3d with native kernels, else
-    float32 compute rounded once); float32 and CUDA: `F.conv3d` unchanged."""
+    """`F.conv3d` with `conv2d`'s CPU half-precision rule (float32 compute rounded once where the CPU
+    has no native kernels for the dtype); otherwise `F.conv3d` unchanged."""
     if x.device.type == "cpu" and x.dim() == 5:
         dtype = cpu_compute_dtype(x)
-        if dtype in HALF:
-            if cpu_has_native(dtype):
-                y = F.conv3d(x.contiguous(memory_format=torch.channels_last_3d), weight, bias, stride, padding,
-                             dilation, groups)
-                return y.contiguous()
+        if dtype in HALF and not cpu_has_native(dtype):
             with torch.autocast("cpu", enabled=False):
                 return F.conv3d(*_upcast(x, weight, bias), stride, padding, dilation, groups).to(dtype)
     return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
