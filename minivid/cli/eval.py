@@ -116,8 +116,14 @@ def choose_metrics(text: str | None, prompt: str | None, paths: dict[str, str | 
         check_files(paths, metrics, option=option)
         return metrics, skipped
     present, missing = available(paths, metrics)
-    if not present:
-        check_files(paths, metrics, option=option)          # raises, listing every missing file
+    if not present:                                         # nothing can run: every missing file, with its source
+        try:
+            check_files(paths, metrics, option=option)
+        except FileNotFoundError as e:
+            files = str(e).split("\n", 1)[-1]
+            raise FileNotFoundError("no metric can run: the weights of every metric are missing (put them where "
+                                    "named, see weights/README.md; --tiny tries the machinery with random "
+                                    f"encoders):\n{files}") from None
     return present, {**missing, **skipped}
 
 
