@@ -495,7 +495,7 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     inv_dtype, edit_dtype = cfg.dtypes(svd.dtype)
     print(f"I2VEdit: {video.shape[0]} frames {video.shape[-2]}x{video.shape[-1]} in clips {ranges} (recipe {cfg.recipe}, "
           f"source frames sampled {'over time' if plan.mode == 'time' else 'by index'}), edited at "
-          f"{work[0]}x{work[1]}, {cfg.steps} steps, preset {cfg.preset} {cfg.beta or ''}, store {cfg.store}, inversion "
+          f"{work[0]}x{work[1]}, {cfg.steps} steps, preset {cfg.preset}{f' {cfg.beta}' if cfg.beta else ''}, store {cfg.store}, inversion "
           f"{DTYPE_NAMES[inv_dtype]}, edit {DTYPE_NAMES[edit_dtype]}{', no LoRA' if lora_for_clip is None else ''}")
     t0 = time.perf_counter()
     with job.timed("edit"):
