@@ -315,12 +315,13 @@ def test_batch_under_torchrun_splits_runs_once_and_skips_on_rerun(tmp_path, batc
         assert rec["outputs"] == e["outputs"] and e["outputs"]
     assert (out / "t3" / "tuned-000001.safetensors").is_file()           # its tuning ran alone on rank 1
     assert proc.stdout.count("batch: 5 done") == 1                       # rank 0 reports, once
-    assert "batch (2 processes)" not in proc.stderr and "tuning" not in proc.stderr   # stderr is no terminal: no bars
+    assert "5/5" in proc.stderr                                          # on a terminal, rank 0's bar counts rank 1's items
+    assert "tuning" not in proc.stderr                                   # rank 1 (the tune item) shows no bars
     stamps = {e["id"]: (out / e["id"] / "record.json").stat().st_mtime_ns for e in report["items"]}
     proc = torchrun_batch(plan, out)
     report = json.loads((out / "batch.json").read_text())
     assert [e["status"] for e in report["items"]] == ["skipped"] * 5
-    assert "5/5" not in proc.stderr                                      # stderr not a terminal: no bar
+    assert "batch (2 processes)" not in proc.stderr                      # stderr is no terminal: no bar
     assert {e["id"]: (out / e["id"] / "record.json").stat().st_mtime_ns for e in report["items"]} == stamps
 
 
