@@ -147,3 +147,23 @@ def test_matching_mask_picture_labels():
     assert row_label("input_blocks.4.1.transformer_blocks.0.attn1") == "IN 4"
     assert row_label("middle_block.1.transformer_blocks.0.attn1") == "MID"
     assert row_label("output_blocks.10.1.transformer_blocks.0.attn1") == "OUT 10"
+
+
+def test_eval_scores_the_source_frames_the_edit_used(tmp_path, monkeypatch):
+    """`--eval` compares the edit with the source frames I2VEdit sampled (over time), not consecutive ones."""
+    import minivid.cli.i2vedit as cli_i2v
+
+    video = moving_shapes(24, 40, 56)
+    write_video(tmp_path / "long.mp4", video, fps=8)
+    save_grid(tmp_path / "edited.png", recolour(video[0])[None], cols=1)
+    calls = []
+    real = cli_i2v._read_frames
+    monkeypatch.setattr(cli_i2v, "_read_frames", lambda path, idx: calls.append(list(idx)) or real(path, idx))
+    out = tmp_path / "job"
+    assert main(["edit", "--method", "i2vedit", "--tiny", "--video", str(tmp_path / "long.mp4"), "--frames", "6",
+                 "--sample-fps", "4", "--i2vedit-clip-length", "4", "--steps", "2", "--i2vedit-size", "32x48",
+                 "--first-frame", str(tmp_path / "edited.png"), "--i2vedit-no-matching", "--eval",
+                 "--eval-metrics", "subject_consistency", "--out", str(out)]) == 0
+    assert calls == [[0, 2, 4, 6, 8, 10], [0, 2, 4, 6, 8, 10]]             # the edit's read, then the eval's
+    ev = json.loads((out / "record.json").read_text())["results"]["eval"]
+    assert ev["frames"] == 6 and ev["source"]["frames"] == 6

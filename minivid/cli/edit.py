@@ -82,11 +82,17 @@ def append_eval(args: argparse.Namespace, metrics: tuple[str, ...]) -> None:
     t0 = time.perf_counter()
     evaluator = build_evaluator(args, metrics, prefix="eval-")
     edited = read_video(out / "edited.mp4")
-    source = read_video(args.video, num_frames=args.frames, stride=args.stride)
-    result = {"video": "edited.mp4", "source_video": args.video, "prompt": args.prompt, "tiny": bool(args.tiny),
-              **evaluate_videos(evaluator, edited, args.prompt, source)}
     path = out / "record.json"
     record = json.loads(path.read_text())
+    sampled = (record.get("results") or {}).get("sampling", {}).get("source_frames")
+    if sampled:                  # the method sampled the source itself (I2VEdit: over time): score those frames
+        from minivid.cli.i2vedit import _read_frames
+
+        source = _read_frames(Path(args.video), sampled)
+    else:
+        source = read_video(args.video, num_frames=args.frames, stride=args.stride)
+    result = {"video": "edited.mp4", "source_video": args.video, "prompt": args.prompt, "tiny": bool(args.tiny),
+              **evaluate_videos(evaluator, edited, args.prompt, source)}
     if getattr(args, "_eval_skipped", None):
         result["skipped"] = args._eval_skipped
     record["results"]["eval"] = result
