@@ -72,3 +72,57 @@ def parse_dtype(dtype: torch.dtype | str, what: str = "dtype") -> torch.dtype:
         return DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
     raise ValueError(f"{what} must be a torch dtype or one of fp32, fp16, bf16 (float32, float16, bfloat16), "
                      f"got {dtype!r}")
+
+
+def input_path(path, option: str = "", file_ok: bool = True, folder_ok: bool = True):
+    """`path` (a pathlib.Path) if it can be read as an input; else an error naming `option` and saying
+    what is wrong: missing (FileNotFoundError), a symlink loop, a FIFO, socket or device (minivid reads
+    regular files and folders), a folder where a file is needed or a file where a folder is (exit 1)."""
+    import errno
+    import os
+    import pathlib
+    import stat
+
+    from minivid.outputs import PathError
+
+    path = pathlib.Path(path)
+    name = f"{option} {path}" if option else str(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileNotFoundError(f"{name}: a symlink to a missing file ({os.readlink(path)})") from None
+        raise FileNotFoundError(f"{name}: no such file or folder") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PathError(e.errno, f"{name}: a symlink loop (a link that leads back to itself)") from None
+        raise PathError(e.errno, f"{name}: cannot be read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        if not folder_ok:
+            raise PathError(errno.EISDIR, f"{name}: is a folder; expected a file")
+    elif stat.S_ISREG(st.st_mode):
+        if not file_ok:
+            raise PathError(errno.ENOTDIR, f"{name}: is a file; expected a folder")
+    else:
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device")
+        raise PathError(errno.EINVAL, f"{name}: is {kind}, not a regular file; minivid reads files and folders "
+                                      f"(save the stream to a file first)")
+    if not os.access(path, os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)):
+        raise PermissionError(f"{name}: no permission to read it")
+    return path
+
+
+def json_object(text: str | bytes, source: str, error: type[Exception] = ValueError) -> dict:
+    """`text` parsed as a JSON object; otherwise `error` naming `source` (the file, and the part of it)
+    and what is wrong: not JSON (the parser's message with line and column) or JSON but not an object."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{source}: not valid JSON ({getattr(e, 'msg', e)}"
+                    + (f" at line {e.lineno} column {e.colno})" if hasattr(e, "lineno") else ")")) from None
+    if not isinstance(data, dict):
+        raise error(f"{source}: expected a JSON object ({{\"key\": value, ...}}), got a JSON {type(data).__name__}")
+    return data

@@ -347,7 +347,12 @@ def _read_metadata(path: Path) -> dict | None:
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+    if METADATA_KEY not in meta:
+        return None
+    from minivid.checks import json_object
+    from minivid.weights import WeightsError
+
+    return json_object(meta[METADATA_KEY], f"{path} (metadata {METADATA_KEY!r})", WeightsError)
 
 
 def _resolve_prediction(path: Path, kind: str, stated: tuple[str, str] | None, argument: Prediction | None) -> Prediction:
@@ -416,7 +421,7 @@ def _load_diffusers(cls, path: Path, device, dtype, prediction, config) -> Stabl
         raise weights.WeightsError(f"{path}: not a Stable Diffusion 1.x/2.x pipeline folder: {reason}")
     log.info("%s: %s (%s)", path, weights.MODELS[kind], reason)
     sched_path = path / "scheduler" / "scheduler_config.json"
-    sched = json.loads(sched_path.read_text()) if sched_path.is_file() else {}
+    sched = formats.read_json(sched_path) if sched_path.is_file() else {}
     ptype = sched.get("prediction_type")
     if ptype not in (None, "epsilon", "v_prediction"):
         raise weights.WeightsError(f"{sched_path}: prediction_type {ptype!r} is not supported "
@@ -473,15 +478,9 @@ def _save_original(model: StableDiffusion, path: Path, dtype: torch.dtype | None
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = _tensors(model.original_state_dict(), dtype)
     meta = {"format": "pt", METADATA_KEY: json.dumps(model.config.to_dict())}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    from minivid.outputs import write_file
+
+    return write_file(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
 
 
 def _save_diffusers(model: StableDiffusion, path: Path, dtype: torch.dtype | None) -> Path:
@@ -510,6 +509,9 @@ def _save_diffusers(model: StableDiffusion, path: Path, dtype: torch.dtype | Non
         save(_tensors(text, dtype), str(tmp / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
         formats.write_tokenizer(tmp / "tokenizer", cfg.pad, cfg.text.context_length)
         formats.write_json(tmp / "scheduler" / "scheduler_config.json", formats.scheduler_config(cfg.schedule, cfg.prediction))
+        from minivid.outputs import publish_tree
+
+        publish_tree(tmp)          # mkdtemp's 0700, safetensors' 0600 -> the umask's modes (readable by colleagues)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)

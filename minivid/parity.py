@@ -35,7 +35,6 @@ when its relative difference is at most TOLERANCES[dtype].
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -274,12 +273,11 @@ def render(report: ParityReport) -> str:
 
 def write_json(report: ParityReport, path: str | os.PathLike) -> Path:
     """The report as JSON, written to a temporary file and renamed into place."""
+    from minivid.outputs import write_json as write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report.to_json(), indent=1))
-    os.replace(tmp, path)
-    return path
+    return write(path, report.to_json(), indent=1)
 
 
 # ---------------------------------------------------------------- the run

@@ -166,9 +166,11 @@ def labelled_grid(frames: torch.Tensor | np.ndarray, rows: Sequence[str] | None 
 def save_labelled_grid(path: str | Path, frames: torch.Tensor | np.ndarray, rows: Sequence[str] | None = None,
                        cols: int | None = None, legend: Sequence[tuple[Color, str]] | None = None,
                        title: str | None = None, numbers: Sequence[str] | None = None, overwrite: bool = False,
-                       min_cell: int = MIN_CELL) -> Path:
-    """`labelled_grid` written as a PNG, atomically (a temporary file renamed into place)."""
-    from minivid.video import _atomic_write, encode_png
+                       min_cell: int = MIN_CELL, inputs: Sequence[str | Path] = ()) -> Path:
+    """`labelled_grid` written as a PNG through `minivid.outputs.write_bytes` (a fresh temporary file
+    renamed into place; never onto one of `inputs`)."""
+    from minivid.outputs import write_bytes
+    from minivid.video import encode_png
 
     data = encode_png(labelled_grid(frames, rows, cols, legend, title, numbers, min_cell))
-    return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite)
+    return write_bytes(path, data, overwrite=overwrite, inputs=inputs)

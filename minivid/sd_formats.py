@@ -121,12 +121,13 @@ _UNET_FIXED = {
 
 
 def read_json(path: Path) -> dict:
+    from minivid.checks import json_object
+
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         raise weights.WeightsError(f"{path}: missing; a diffusers Stable Diffusion folder has one per component") from None
-    except json.JSONDecodeError as e:
-        raise weights.WeightsError(f"{path}: not valid JSON ({e})") from None
+    return json_object(text, str(path), weights.WeightsError)
 
 
 def _uniform(value, levels: int, what: str, path: Path) -> int:

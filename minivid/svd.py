@@ -274,12 +274,17 @@ class StableVideoDiffusion(nn.Module):
 
         path = Path(path)
         if format == "original":
+            from minivid.outputs import write_file
+
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.original_state_dict().items()}
             path.parent.mkdir(parents=True, exist_ok=True)
-            safetensors.torch.save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: self.config.to_json()})
-            return path
+            meta = {CONFIG_METADATA_KEY: self.config.to_json()}
+            return write_file(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
         if format == "diffusers":
+            from minivid.outputs import publish_tree
+
             _save_diffusers(self, path)
+            publish_tree(path)
             return path
         raise ValueError(f"save: format must be 'original' or 'diffusers', got {format!r}")
 
@@ -294,6 +299,9 @@ def _file_config(path: Path, model_name: str) -> SVDConfig:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if CONFIG_METADATA_KEY in meta:
+            from minivid.checks import json_object
+
+            json_object(meta[CONFIG_METADATA_KEY], f"{path} (metadata {CONFIG_METADATA_KEY!r})", WeightsError)
             return SVDConfig.from_json(meta[CONFIG_METADATA_KEY])
     return SVDConfig.preset(model_name)
 
@@ -327,9 +335,11 @@ def _load_original(cls, path: Path, dtype: torch.dtype, config: SVDConfig | str 
 # ---------------------------------------------------------------- diffusers folders
 
 def _read_json(path: Path) -> dict:
+    from minivid.checks import json_object
+
     if not path.is_file():
         raise WeightsError(f"{path}: missing; a diffusers SVD folder has unet/, vae/ and image_encoder/ with config.json")
-    return json.loads(path.read_text())
+    return json_object(path.read_bytes(), str(path), WeightsError)
 
 
 def _unet_config_from_diffusers(c: dict, source: Path) -> VideoUNetConfig:

@@ -98,9 +98,12 @@ def freeze_all_but(model: nn.Module, trainable: dict[str, nn.Parameter]) -> None
 # ---------------------------------------------------------------- checkpoints
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: pathlib.Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """Through `minivid.outputs.write_file`: a fresh temporary file (never a fixed, guessable name),
+    renamed into place with the umask's mode."""
+    from minivid.outputs import write_file
+
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_file(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def save_trainable(
@@ -157,8 +160,16 @@ def load_trainable(
         for k, t in tensors.items():
             params[k].copy_(t.to(params[k].dtype))
     optim_path = path.with_name(path.stem + ".optim.safetensors")
+    if optimizer is not None and trainable is not None and not optim_path.is_file():
+        log.warning("%s: no optimizer moments beside it (%s is missing): the resumed run starts AdamW's moments "
+                    "afresh, so it will differ from an uninterrupted run", path, optim_path.name)
     if optimizer is not None and trainable is not None and optim_path.is_file():
-        moments = load_file(str(optim_path))
+        try:
+            moments = load_file(str(optim_path))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise TuningError(f"{optim_path}: not a readable safetensors file of optimizer moments ({e}); the "
+                              f"checkpoint {path.name} beside it can be resumed without it only by moving it "
+                              f"away (AdamW's moments then start afresh)") from e
         for name, p in trainable.items():
             st = {}
             for key in ("exp_avg", "exp_avg_sq", "step"):

@@ -7,8 +7,10 @@ Frames in minivid are float tensors [F, 3, H, W] with values in [-1, 1] (RGB), t
 - shape:  `fit` resizes/crops to a size the model accepts (short side, multiple of 64 or 8);
           `resize_center_crop` to an exact size; `side_by_side` for source|result videos.
 - write:  `write_video` (H.264 mp4, yuv420p), `write_gif`, `save_grid` (PNG, pure numpy + zlib).
-          Every writer writes a temporary file in the target directory and renames it into place, so a
-          reader never sees a half-written file, and refuses to replace an existing file unless asked.
+          Every writer goes through `minivid.outputs.write_file`: a temporary file with an unpredictable
+          name created exclusively beside the target, checked (videos must decode to the frames sent)
+          before it is renamed into place with the umask's mode; an existing file is replaced only
+          when asked, never an input.
 
 Errors name the file: a missing path raises FileNotFoundError; unreadable, corrupt or empty videos,
 folders without images and frames too small for the model raise VideoError.
@@ -22,7 +24,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Literal, NamedTuple, Optional, Union
+from typing import Callable, Iterator, Literal, NamedTuple, Optional, Sequence, Union
 
 import imageio_ffmpeg
 import numpy as np
@@ -36,7 +38,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 __all__ = [
     "VideoError", "VideoInfo", "IMAGE_EXTENSIONS", "probe_video", "read_video", "read_image", "frame_indices",
-    "sample_frames", "to_uint8", "from_uint8", "resize", "resize_center_crop", "fit", "side_by_side",
+    "sample_frames", "to_uint8", "from_uint8", "resize", "resize_center_crop", "fit", "fitted_size", "side_by_side",
     "write_video", "write_gif", "encode_png", "save_grid",
 ]
 
@@ -93,8 +95,9 @@ def _ffmpeg_error(path: Path, err: Exception) -> VideoError:
 
 def _decode(path: Path) -> tuple[dict, Iterator[np.ndarray]]:
     """Start ffmpeg on `path`; returns its metadata and an iterator of uint8 [H, W, 3] frames."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+    from minivid.checks import input_path
+
+    input_path(path, folder_ok=False)          # missing, a loop, a FIFO or a folder: said plainly, before ffmpeg
     gen = imageio_ffmpeg.read_frames(str(path))
     try:
         meta = next(gen)
@@ -182,7 +185,9 @@ def read_video(path: PathLike, num_frames: Optional[int] = None, stride: int = 1
     or a folder of images sorted naturally by name (frame_2 before frame_10; all the same size).
     Only the selected frames are kept (folders: only they are decoded).
     """
-    path = Path(path)
+    from minivid.checks import input_path
+
+    path = input_path(path)
     if path.is_dir():
         files = _list_images(path)
         chosen = [files[i] for i in frame_indices(len(files), num_frames, stride, start, source=str(path))]
@@ -238,6 +243,16 @@ def resize_center_crop(frames: Tensor, size: tuple[int, int]) -> Tensor:
     return _center_crop(resize(frames, new) if new != (H, W) else frames, h, w)
 
 
+def fitted_size(height: int, width: int, size: Optional[int], multiple: int) -> tuple[int, int]:
+    """The (H, W) `fit` gives frames of height×width: the short side resized to `size`, each side
+    cropped down to a multiple of `multiple`."""
+    H, W = height, width
+    if size is not None:
+        scale = size / min(H, W)
+        H, W = (size, max(size, round(W * scale))) if H <= W else (max(size, round(H * scale)), size)
+    return H // multiple * multiple, W // multiple * multiple
+
+
 def fit(frames: Tensor, size: Optional[int] = 512, multiple: int = 64, min_side: Optional[int] = None,
         source: str = "frames") -> Tensor:
     """Bring frames to a size the model accepts, keeping the aspect ratio.
@@ -276,23 +291,30 @@ def side_by_side(a: Tensor, b: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ writing
 
-def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool) -> Path:
-    """Run write(tmp) on a temporary file beside `path` (same extension, so ffmpeg picks the format),
-    then rename it onto `path`. Nothing is left behind on failure."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+def _atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool, inputs: Sequence[PathLike] = (),
+                  verify: Optional[Callable[[str], None]] = None) -> Path:
+    """write(tmp) through `minivid.outputs.write_file`: a fresh temporary file beside `path` (same
+    extension, so ffmpeg picks the format), checked (not empty; `verify`), renamed onto `path`.
+    Nothing is left behind on failure and what was at `path` stays as it was."""
+    from minivid.outputs import write_file
+
+    return write_file(path, write, inputs=inputs, overwrite=overwrite, verify=verify)
+
+
+def _verify_video(path: PathLike, frames: int, width: int, height: int) -> Callable[[str], None]:
+    """A check that the file ffmpeg wrote decodes to `frames` frames of width×height."""
+    from minivid.outputs import WriteError
+
+    def verify(tmp: str) -> None:
+        try:
+            meta, decoded = _decode(Path(tmp))
+            count = sum(1 for _ in decoded)
+        except (VideoError, OSError) as e:
+            raise WriteError(5, f"{path}: the encoded video does not decode ({e}); nothing was replaced") from None
+        if tuple(meta["size"]) != (width, height) or count != frames:
+            raise WriteError(5, f"{path}: the encoder wrote {count} frame(s) of {meta['size'][0]}x{meta['size'][1]}, "
+                                f"expected {frames} of {width}x{height}; nothing was replaced")
+    return verify
 
 
 def _even(frames: np.ndarray, odd: Literal["pad", "crop"]) -> np.ndarray:
@@ -319,26 +341,48 @@ def _encode(tmp: str, frames: np.ndarray, fps: float, **kwargs) -> None:
         writer.close()
 
 
+MAX_VIDEO_SIDE = 16384          # libx264 (and so the mp4s minivid writes) takes at most 16384 px a side
+MIN_FPS = 0.01                  # ffmpeg's frame-rate arithmetic fails far below this
+
+
+def check_video_size(path: PathLike, width: int, height: int, fps: float = 8) -> None:
+    """VideoError (before any encoding) for a video ffmpeg cannot write: a side above MAX_VIDEO_SIDE or a
+    frame rate outside [MIN_FPS, 1000]."""
+    if max(width, height) > MAX_VIDEO_SIDE:
+        raise VideoError(f"{path}: a {width}x{height} video cannot be encoded (H.264 takes at most "
+                         f"{MAX_VIDEO_SIDE} px a side); use a smaller --size or a less elongated source")
+    if not (MIN_FPS <= fps <= 1000):
+        raise VideoError(f"{path}: frame rate {fps:g} cannot be encoded; use --fps in [{MIN_FPS}, 1000]")
+
+
 def write_video(path: PathLike, frames: Tensor, fps: float = 8, crf: int = 18,
-                odd: Literal["pad", "crop"] = "pad", overwrite: bool = False) -> Path:
+                odd: Literal["pad", "crop"] = "pad", overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> Path:
     """Write [F, 3, H, W] in [-1, 1] as H.264 (libx264, yuv420p, CRF `crf`: 18 ≈ visually lossless).
 
     yuv420p requires even sizes: an odd side is padded by one repeated row/column (odd="pad") or cropped
-    by one (odd="crop"). Written atomically; an existing file is never replaced unless overwrite=True.
+    by one (odd="crop"). Written atomically and checked (the file must decode to the frames sent) before it
+    replaces anything; an existing file is replaced only with overwrite=True, never one of `inputs`.
     """
     _check_frames(frames, str(path))
     data = _even(to_uint8(frames), odd)
+    F, H, W, _ = data.shape
+    check_video_size(path, W, H, fps)
     return _atomic_write(path, lambda tmp: _encode(
-        tmp, data, fps, codec="libx264", pix_fmt_out="yuv420p", output_params=["-crf", str(crf)]), overwrite)
+        tmp, data, fps, codec="libx264", pix_fmt_out="yuv420p", output_params=["-crf", str(crf)]), overwrite,
+        inputs, verify=_verify_video(path, F, W, H))
 
 
-def write_gif(path: PathLike, frames: Tensor, fps: float = 8, overwrite: bool = False) -> Path:
+def write_gif(path: PathLike, frames: Tensor, fps: float = 8, overwrite: bool = False,
+              inputs: Sequence[PathLike] = ()) -> Path:
     """Write an animated GIF with one palette generated for the whole clip (ffmpeg palettegen/paletteuse)."""
     _check_frames(frames, str(path))
     data = to_uint8(frames)
+    F, H, W, _ = data.shape
+    check_video_size(path, W, H, fps)
     palette = ["-vf", "split[a][b];[a]palettegen[p];[b][p]paletteuse", "-loop", "0"]
     return _atomic_write(path, lambda tmp: _encode(
-        tmp, data, fps, codec="gif", pix_fmt_out="pal8", output_params=palette), overwrite)
+        tmp, data, fps, codec="gif", pix_fmt_out="pal8", output_params=palette), overwrite, inputs,
+        verify=_verify_video(path, F, W, H))
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -356,7 +400,8 @@ def encode_png(image: np.ndarray) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def save_grid(path: PathLike, frames: Tensor, cols: Optional[int] = None, overwrite: bool = False) -> Path:
+def save_grid(path: PathLike, frames: Tensor, cols: Optional[int] = None, overwrite: bool = False,
+              inputs: Sequence[PathLike] = ()) -> Path:
     """Tile [F, 3, H, W] row by row into one PNG (cols default ⌈√F⌉; empty cells black), atomically."""
     _check_frames(frames, str(path))
     images = to_uint8(frames)
@@ -367,6 +412,7 @@ def save_grid(path: PathLike, frames: Tensor, cols: Optional[int] = None, overwr
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * H: (r + 1) * H, c * W: (c + 1) * W] = im
-    data = encode_png(grid)
-    return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite)
+    from minivid.outputs import write_bytes
+
+    return write_bytes(path, encode_png(grid), overwrite=overwrite, inputs=inputs)
 

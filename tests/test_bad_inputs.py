@@ -46,6 +46,15 @@ def files(tmp_path_factory) -> pathlib.Path:
     with torch.no_grad():
         next(svd.unet.parameters()).view(-1)[0] = float("nan")
     svd.save(root / "svd_nan.safetensors")
+    # round two: paths that are not plain files, elongated sources, a batch plan
+    for name in ("loop.mp4", "loop.ckpt", "loop.png", "loopdir"):
+        os.symlink(root / name, root / name)                    # a symlink pointing at itself
+    os.mkfifo(root / "fifo.mp4")
+    (root / "adir").mkdir()
+    (root / "adir" / "keep.txt").write_text("a folder, not an image\n")
+    save_grid(root / "wide.png", torch.rand(1, 3, 16, 4000, generator=g) * 2 - 1)
+    write_video(root / "wide.mp4", torch.rand(2, 3, 8, 2200, generator=g) * 2 - 1)
+    (root / "plan.jsonl").write_text('{"id": "a", "command": "generate", "args": {"tiny": true, "prompt": "x"}}\n')
     return root
 
 
@@ -60,7 +69,7 @@ def _at_most_16_gib(monkeypatch):
 
 
 def _snapshot(root: pathlib.Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    return {str(p.relative_to(root)): (os.lstat(p).st_size, os.lstat(p).st_mtime_ns) for p in root.rglob("*")}
 
 
 T = ["--tiny", "--video", "{clip}"]
@@ -81,7 +90,7 @@ CASES = [
     ("invert-guidance-nan", INV + ["--guidance", "nan"], 2, ["--guidance", "finite number in [0, 100]"]),
     ("invert-guidance-inf", INV + ["--guidance", "inf"], 2, ["--guidance", "finite"]),
     ("invert-guidance-negative", INV + ["--guidance", "-1"], 2, ["--guidance", "in [0, 100]", "-1"]),
-    ("invert-fps-0", INV + ["--fps", "0"], 2, ["--fps", "(0, 1000]"]),
+    ("invert-fps-0", INV + ["--fps", "0"], 2, ["--fps", "[0.01, 1000]"]),
     ("invert-fps-nan", INV + ["--fps", "nan"], 2, ["--fps", "finite"]),
     ("invert-size-0", INV + ["--size", "0"], 2, ["--size", "integer in [8, "]),
     ("invert-size-text", INV + ["--size", "big"], 2, ["--size", "'big'"]),
@@ -119,7 +128,7 @@ CASES = [
     ("demo-size-not-16", ["demo", "--size", "20"], 1, ["--size a multiple of 16"]),
     ("demo-method-unknown", ["demo", "--method", "nope"], 1, ["unknown method 'nope'"]),
     ("demo-frames-huge", ["demo", "--frames", "100000"], 1, ["100000-frame clip", "needs at least", "GiB", "available of"]),
-    ("invert-size-huge", INV + ["--size", "100000"], 1, ["at 100000 px needs at least", "this machine has"]),
+    ("invert-size-huge", INV + ["--size", "100000"], 1, ["frame(s) of 120000x100000 (48x40 at --size 100000) needs at least", "this machine has"]),
     ("invert-frames-more-than-video", INV + ["--frames", "9"], 1, ["clip.mp4", "has 4 frames", "fewer than the 9"]),
     ("invert-no-model", ["invert", "--video", "{clip}"], 1, ["--weights", "--tiny"]),
     ("invert-video-missing", ["invert", "--tiny", "--video", "{root}/nothere.mp4"], 1, ["nothere.mp4", "no such file"]),
@@ -144,6 +153,49 @@ CASES = [
     ("edit-tuned-missing", EDIT + ["ei2", "--tuned", "{root}/no-tune"], 1, ["no-tune"]),
     ("tune-tcve-fp16", TUNE + ["--dtype", "fp16"], 1, ["TCVE tuning keeps the tuned tensors in float32"]),
     ("inspect-missing", ["inspect", "{root}/nothere.ckpt"], 1, ["nothere.ckpt", "no such file"]),
+    # ---- round two (issue 22), by family
+    # 2. exit 0 with an empty output: what ffmpeg cannot encode is refused up front
+    ("invert-fps-tiny", INV + ["--fps", "1e-300"], 2, ["--fps", "[0.01, 1000]"]),
+    ("invert-side-by-side-too-wide", ["invert", "--tiny", "--video", "{root}/wide.mp4", "--frames", "2"], 1,
+     ["wide.mp4", "2200x8", "side-by-side video", "16384 px"]),
+    # 6. tracebacks on plain input: symlink loops, options nobody checked
+    ("invert-video-symlink-loop", ["invert", "--tiny", "--video", "{root}/loop.mp4"], 1,
+     ["--video", "loop.mp4", "symlink loop"]),
+    ("invert-weights-symlink-loop", ["invert", "--weights", "{root}/loop.ckpt", "--video", "{clip}"], 1,
+     ["--weights", "loop.ckpt", "symlink loop"]),
+    ("invert-out-symlink-loop", INV + ["--out", "{root}/loopdir"], 1, ["--out", "loopdir", "symlink loop"]),
+    ("edit-i2vedit-first-frame-symlink-loop", EDIT + ["i2vedit", "--first-frame", "{root}/loop.png"], 1,
+     ["--first-frame", "loop.png", "symlink loop"]),
+    ("eval-stride-0", ["eval", "{clip}", "--tiny", "--stride", "0"], 2, ["--stride", "integer in [1, 10000]"]),
+    ("eval-frames-0", ["eval", "{clip}", "--tiny", "--frames", "0"], 2, ["--frames", "integer in [1, 100000]"]),
+    ("eval-frames-negative", ["eval", "{clip}", "--tiny", "--frames", "-1"], 2, ["--frames", "got -1"]),
+    ("eval-device-tpu", ["eval", "{clip}", "--tiny", "--device", "tpu"], 2, ["--device", "'tpu'"]),
+    ("eval-threads-negative", ["eval", "{clip}", "--tiny", "--threads", "-1"], 2, ["--threads", "[1, 4096]"]),
+    ("eval-threads-huge", ["eval", "{clip}", "--tiny", "--threads", str(2 ** 70)], 2, ["--threads", "[1, 4096]"]),
+    ("batch-threads-huge", ["batch", "{root}/plan.jsonl", "--threads", str(2 ** 70)], 2, ["--threads", "[1, 4096]"]),
+    ("edit-cove-store-device-tpu", EDIT + ["cove", "--cove-store-device", "tpu"], 2, ["--cove-store-device", "'tpu'"]),
+    ("bench-repeats-0", ["bench", "kernels", "--repeats", "0"], 2, ["--repeats", "integer in [1, 10000000]"]),
+    ("bench-threads-huge", ["bench", "cove", "--threads", str(2 ** 70)], 2, ["--threads", "[1, 4096]"]),
+    ("bench-seed-negative", ["bench", "kernels", "--seed", "-1"], 2, ["--seed", "[0, 2^63 - 1]"]),
+    # 7. the memory check sizes the job that will run
+    ("invert-elongated-source", ["invert", "--tiny", "--video", "{root}/wide.png", "--size", "256"], 1,
+     ["frame(s) of 64000x256 (4000x16 at --size 256) needs at least", "this machine has"]),
+    ("tune-i2vedit-size-huge", ["tune", "--method", "i2vedit", "--tiny", "--video", "{clip}", "--i2vedit-size",
+                                "100000x100000"], 1, ["--i2vedit-size 100000x100000 needs at least", "GiB"]),
+    # 8. mistakes accepted in silence
+    ("invert-tiny-and-weights", INV + ["--weights", "{root}/sd.safetensors"], 1, ["--tiny and --weights", "give one"]),
+    ("edit-cove-tuned", EDIT + ["cove", "--tuned", "{root}/sd.safetensors"], 1,
+     ["--method cove takes no --tuned", "would be ignored"]),
+    ("edit-i2vedit-tuned", EDIT + ["i2vedit", "--tuned", "{root}/sd.safetensors"], 1, ["given with --lora"]),
+    # 9. messages that say the wrong thing
+    ("invert-video-fifo", ["invert", "--tiny", "--video", "{root}/fifo.mp4"], 1,
+     ["--video", "fifo.mp4", "is a FIFO (named pipe), not a regular file"]),
+    ("edit-i2vedit-first-frame-folder", EDIT + ["i2vedit", "--first-frame", "{root}/adir"], 1,
+     ["--first-frame", "adir: is a folder; expected a file"]),
+    ("edit-i2vedit-first-frame-fifo", EDIT + ["i2vedit", "--first-frame", "{root}/fifo.mp4"], 1,
+     ["--first-frame", "is a FIFO"]),
+    ("batch-out-is-a-file", ["batch", "{root}/plan.jsonl", "--out", "{root}/notes.txt"], 1,
+     ["--out", "notes.txt is a file, not a folder"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(("invert-device-cuda-without-cuda", INV + ["--device", "cuda"], 2, ["--device", "no usable CUDA"]))
@@ -153,7 +205,7 @@ if not torch.cuda.is_available():
 def test_bad_input_through_the_cli(case, files, capsys):
     name, argv, code, fragments = case
     argv = [a.format(clip=files / "clip.mp4", root=files) for a in argv]
-    if "--out" not in argv and argv[0] != "inspect":
+    if "--out" not in argv and argv[0] not in ("inspect", "eval", "bench"):
         argv += ["--out", str(files / f"out-{name}")]
     before = _snapshot(files)
     assert main(argv) == code
@@ -166,7 +218,7 @@ def test_bad_input_through_the_cli(case, files, capsys):
 
 
 def test_the_table_has_at_least_40_cases_and_docs_list_them():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 90
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
     missing = [c[0] for c in CASES if f"`{c[0]}`" not in doc]
     assert not missing, f"docs/errors.md does not list {missing}"

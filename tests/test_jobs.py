@@ -22,16 +22,21 @@ def test_a_rerun_in_the_same_folder_replaces_the_jobs_own_files(tmp_path):
 
 
 def test_overwrite_false_refuses_existing_files(tmp_path):
-    Job("a", tmp_path, {}).write_grid("grid.png", FRAMES)
+    first = Job("a", tmp_path, {})
+    first.write_grid("grid.png", FRAMES)
+    first.finish()
     job = Job("b", tmp_path, {}, overwrite=False)
     with pytest.raises(FileExistsError, match="grid.png"):
         job.write_grid("grid.png", FRAMES)
     job.write_grid("other.png", FRAMES)
+    job.abort()
 
 
 def test_inputs_are_never_written_onto(tmp_path):
     video = tmp_path / "source.mp4"
-    Job("make", tmp_path, {}).write_video("source.mp4", FRAMES)
+    make = Job("make", tmp_path, {})
+    make.write_video("source.mp4", FRAMES)
+    make.finish()
     with pytest.raises(FileExistsError, match="holds the input --video"):     # the folder holds an input
         Job("edit", tmp_path, {"video": str(video)})
     frames_dir = tmp_path / "frames"

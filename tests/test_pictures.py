@@ -118,6 +118,7 @@ def test_edit_grid_written_by_a_job_is_labelled(tmp_path):
 
     job = Job("x", tmp_path / "job", {})
     write_edit(job, frames(3), frames(3, seed=1))
+    job.finish()
     from minivid.video import read_image, to_uint8
     got = to_uint8(read_image(job.path("grid.png"))[None])[0]
     assert np.array_equal(got, labelled_grid(torch.cat([frames(3), frames(3, seed=1)]), rows=["source", "edited"]))

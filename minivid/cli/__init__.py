@@ -121,27 +121,84 @@ def _abort_jobs(error: BaseException | None, keep_record: bool = False):
     return aborted, record
 
 
-def _interrupt_message(command: str, tb) -> str:
+SIGNAL_NAMES = {2: "Ctrl-C", 15: "SIGTERM"}
+
+
+def _interrupt_message(command: str, tb, signum: int = 2) -> str:
+    """What an interrupted run says, from what is on disk after the unfinished jobs are aborted: where it
+    stopped, this run's files that stay (checkpoints; the jobs that had finished), and how to go on."""
+    from minivid import jobs
+
     aborted, _ = _abort_jobs(KeyboardInterrupt())
-    where = _interrupted_at(tb)
-    kept = [f for job in aborted for f in job.kept()]
-    checkpoints = [f for f in kept if f.endswith(".safetensors") and not f.endswith(".optim.safetensors")]
+    how = "" if signum == 2 else f" by {SIGNAL_NAMES.get(signum, f'signal {signum}')}"
+    where = _interrupted_at(tb) if aborted or not jobs.FINISHED else "the end, after the job had finished"
+    kept = [(job, f) for job in aborted for f in job.left()]
+    finished = [job for job in jobs.FINISHED if job.dir.is_dir()]
+    checkpoints = [f for _, f in kept if f.endswith(".safetensors") and not f.endswith(".optim.safetensors")]
+    parts = []
     if checkpoints:
-        folder = aborted[-1].dir
-        what = f"kept {len(kept)} file(s) in {folder} (newest checkpoint {sorted(checkpoints)[-1]})"
+        folder = [job for job, _ in kept][-1].dir
+        parts.append(f"kept {len(kept)} file(s) in {folder} (newest checkpoint {sorted(checkpoints)[-1]})")
         resume = f"run the same command again (same --out {folder}) to resume from it"
     else:
-        what = "nothing was kept (partial outputs removed)" if aborted else "nothing was written"
         resume = f"run `minivid {command} ...` again to start over"
-    return f"minivid {command}: interrupted at {where}; {what}; {resume}"
+    if finished:
+        names = ", ".join(str(job.dir) for job in finished[:3]) + (" ..." if len(finished) > 3 else "")
+        parts.append(f"{len(finished)} finished job(s) kept their outputs ({names})")
+        if not aborted:
+            resume = "nothing to redo"
+        elif not checkpoints:
+            resume = f"run the same command again to do the rest"
+    if aborted and not checkpoints:
+        earlier = [job for job in aborted if not job.created and job.kept()]
+        removed = "partial outputs of the unfinished job removed"
+        if earlier:
+            parts.append(f"{removed}; the files already in {earlier[-1].dir} before this run are as they were")
+        elif not finished:
+            parts.append("nothing was kept (partial outputs removed)")
+        else:
+            parts.append(removed)
+    if not parts:
+        parts.append("nothing was written")
+    return f"minivid {command}: interrupted{how} at {where}; {'; '.join(parts)}; {resume}"
+
+
+def _allocation_failure(e: BaseException) -> str | None:
+    """A failed allocation as a known error: torch's message with the machine's memory, or None."""
+    text = str(e)
+    if not isinstance(e, (RuntimeError, MemoryError)) or not (
+            isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    from minivid.cli.common import available_memory, gib
+
+    free, total = available_memory("cpu")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return (f"out of memory: {first} (this machine has {gib(free)} available of {gib(total)}); "
+            f"use fewer --frames or a smaller --size")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; the exit code. The one error path of the command line: a known error prints one
-    line (exit 1; -v re-raises it with its traceback), a bad option argparse's message (exit 2), Ctrl-C
-    where it stopped, what was kept and how to resume (exit 130), a closed stdout ends quietly, and an
-    unexpected error a short traceback, the failed record and where to report it (exit 70)."""
+    line (exit 1; -v re-raises it with its traceback), a bad option argparse's message (exit 2), Ctrl-C or
+    SIGTERM where it stopped, what was kept and how to resume (exit 130 / 143; also while starting up),
+    a closed stdout ends quietly, and an unexpected error a short traceback, the failed record and where
+    to report it (exit 70)."""
+    from minivid import outputs
+
+    with outputs.handle_signals():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as e:         # while starting (imports, parsing): nothing was written yet
+            signum = getattr(e, "signum", 2)
+            print(f"minivid: interrupted{'' if signum == 2 else ' by ' + SIGNAL_NAMES.get(signum, str(signum))} "
+                  f"while starting; nothing was written", file=sys.stderr)
+            return 128 + signum
+
+
+def _main(argv: list[str] | None) -> int:
     import traceback
+
+    from minivid import outputs                   # the standard library only: --help stays fast
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(command_of(argv))
@@ -158,26 +215,40 @@ def main(argv: list[str] | None = None) -> int:
     from minivid import checks                    # torch and the job's modules load only for a job
 
     checks.reset()
+    from minivid import jobs
+
+    jobs.FINISHED.clear()
     from minivid.cli.common import show_progress, torch_threads
 
     args.progress = show_progress(args)        # what every job passes as progress= to the long loops
     try:
         with torch_threads(args):               # --threads, else 1 for a tiny model on the CPU
-            return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print(_interrupt_message(args.command, sys.exc_info()[2]), file=sys.stderr)
-        return 130
+            code = int(args._run(args) or 0)
+        if outputs.received():                 # a signal some library swallowed: say so, exit non-zero
+            raise outputs.Interrupted(outputs.received())
+        return code
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None) or outputs.received() or 2
+        with outputs.deferred_signals():
+            print(_interrupt_message(args.command, sys.exc_info()[2], signum), file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         _abort_jobs(None)
         _quiet_stdout()
         return 0
-    except _known() as e:
-        _abort_jobs(e)
-        if args.verbose:
-            raise
-        print(f"minivid {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:   # noqa: BLE001 - the last resort: a bug of minivid's
+    except Exception as e:   # noqa: BLE001 - known errors, then the last resort: a bug of minivid's
+        if outputs.received():                 # a failure caused by the signal (an encoder killed by it)
+            signum = outputs.received()
+            with outputs.deferred_signals():
+                print(_interrupt_message(args.command, e.__traceback__, signum), file=sys.stderr)
+            return 128 + signum
+        oom = _allocation_failure(e)
+        if isinstance(e, _known()) or oom:
+            _abort_jobs(e)
+            if args.verbose:
+                raise
+            print(f"minivid {args.command}: error: {oom or e}", file=sys.stderr)
+            return 1
         _, record = _abort_jobs(e, keep_record=True)
         if args.verbose:
             raise

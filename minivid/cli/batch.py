@@ -10,7 +10,8 @@ a list for several values); `--out` is the item's folder. Under `torchrun --npro
 takes items r, r+W, … (`minivid.distributed.shard`); each process loads a weights file once and gives
 every item its own copy. An item whose folder holds a finished record.json is skipped, so a rerun
 after a crash does only what is left (a tune item without a record resumes from its checkpoint). A
-failing item writes `error.json` into its folder and is marked failed in `DIR/batch.json`; the others
+item whose options changed since its finished run (compared with its record's settings) runs
+again. A failing item writes `error.json` into its folder and is marked failed in `DIR/batch.json`; the others
 go on. Rank 0 gathers `DIR/batch.json` (per item: rank, status, seconds, outputs, error) and shows a
 progress bar over all items. Exit status 1 if an item failed.
 """
@@ -44,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the batch folder: DIR/<id>/ per item and DIR/batch.json")
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
                    help="no progress bar (also off when stderr is not a terminal; --no-progress: the old spelling)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch in each process (default: torch's choice)")
+    from minivid.cli.common import THREADS
+
+    p.add_argument("--threads", type=THREADS, help="CPU threads for torch in each process, in [1, 4096] "
+                                                    "(default: torch's choice)")
 
 
 # ---------------------------------------------------------------- the plan
@@ -111,6 +115,22 @@ def finished(folder: Path) -> dict[str, Any] | None:
     return record
 
 
+# settings a record holds that are not the item's choice (set per run by minivid or batch)
+_NOT_COMPARED = {"out", "threads", "progress", "quiet", "no_progress", "verbose", "device"}
+
+
+def changed_settings(record: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The options whose value in the item's command line differs from the finished record's settings
+    (as tuning resume compares a checkpoint's run): such an item is run again, not skipped. Options
+    left unset (None: the method resolves them when it runs) are not compared."""
+    settings = record.get("settings")
+    if not isinstance(settings, dict):
+        return ["(the record has no settings)"]
+    now = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in _NOT_COMPARED and v is not None}
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples as lists, paths as text
+    return sorted(k for k in now if norm(now[k]) != norm(settings.get(k, False if now[k] is False else None)))
+
+
 # ---------------------------------------------------------------- one item
 
 def run_item(item: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
@@ -120,9 +140,6 @@ def run_item(item: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
 
     folder = out / item["id"]
     entry = {"id": item["id"], "command": item["command"], "rank": rank}
-    record = finished(folder)
-    if record is not None:
-        return {**entry, "status": "skipped", "seconds": 0.0, "outputs": record.get("outputs", [])}
     error_file = folder / "error.json"
     t0 = time.perf_counter()
     usage = io.StringIO()
@@ -132,6 +149,13 @@ def run_item(item: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
                 args = build_parser().parse_args(to_argv(item, folder))
             except SystemExit:
                 raise ValueError(usage.getvalue().strip().splitlines()[-1]) from None
+        record = finished(folder)
+        if record is not None:
+            changed = changed_settings(record, args)
+            if not changed:
+                return {**entry, "status": "skipped", "seconds": 0.0, "outputs": record.get("outputs", [])}
+            log.warning("batch item %s: its options changed since the finished run in %s (%s): running it again",
+                        item["id"], folder, ", ".join(changed))
         args.device = distributed.resolve_device(args.device)
         args.progress = False              # one bar over the items (rank 0), none inside them
         # an item is one process's job: its tuning does not all-reduce; a tiny item runs on one thread
@@ -147,9 +171,10 @@ def run_item(item: dict[str, Any], out: Path, rank: int) -> dict[str, Any]:
     except Exception as e:  # one item's failure is recorded, the batch goes on
         message = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)) else str(e)
         seconds = round(time.perf_counter() - t0, 3)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(error_file, {**entry, "status": "failed", "error": message, "seconds": seconds,
-                                 "traceback": traceback.format_exc()})
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_json(error_file, {**entry, "status": "failed", "error": message, "seconds": seconds,
+                                     "traceback": traceback.format_exc()})
         log.error("batch item %s (%s) failed: %s", item["id"], item["command"], message)
         return {**entry, "status": "failed", "seconds": seconds, "outputs": [], "error": message}
 
@@ -164,9 +189,9 @@ def _quiet(on: bool):
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    from minivid.outputs import write_json
+
+    write_json(path, data, default=str)
 
 
 # ---------------------------------------------------------------- the batch
@@ -178,8 +203,19 @@ def run_items(items: list[dict[str, Any]], out: Path, progress: bool = True, des
     `quiet_items`: rank 0's items print nothing either (the others' never do)."""
     from minivid import distributed
     from minivid.cli import common
+    from minivid.outputs import FolderLock
 
     rank, world = distributed.rank(), distributed.world_size()
+    # one batch per folder: rank r of a second batch into `out` meets rank r's lock (each item's job
+    # holds its own folder's lock too)
+    with FolderLock(out, "--out", name=f".minivid-batch-{rank}.lock"):
+        return _run_items(items, out, progress, desc, quiet_items, rank, world)
+
+
+def _run_items(items, out, progress, desc, quiet_items, rank, world) -> list[dict[str, Any]]:
+    from minivid import distributed
+    from minivid.cli import common
+
     mine = distributed.shard(items, rank, world)
     others = len(items) - len(distributed.shard(items, 0, world))
     bar = tqdm(total=len(items), desc=f"{desc} ({world} process{'es' if world > 1 else ''})", unit="item",
@@ -208,13 +244,16 @@ def run_items(items: list[dict[str, Any]], out: Path, progress: bool = True, des
 
 def run(args: argparse.Namespace) -> int:
     from minivid import distributed
-    from minivid.cli import common
+    from minivid.outputs import make_folder, resolve
 
     items = read_plan(args.plan)
     ctx = distributed.init()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resolve(out, "--out")
+    make_folder(out, "--out")
     rank, world = distributed.rank(), distributed.world_size()
+    from minivid.cli import common
+
     if rank != 0:
         logging.getLogger("minivid").setLevel(logging.WARNING)
     loads_before = common.MODEL_LOADS["count"]

@@ -17,7 +17,10 @@ import importlib.util
 import os
 import pathlib
 
-from minivid.cli.common import THREADS
+from minivid.cli.common import SEED, THREADS, integer, number
+
+# a benchmark's own integer options are counts and sizes (≥ 1), except these (≥ 0)
+ZERO_OK = {"seed", "step"}
 
 help = "run a benchmark (minivid vs the reference, measured in one run)"
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
@@ -65,6 +68,7 @@ def parser_for(name: str, mod) -> argparse.ArgumentParser:
                         help="the paper-size run (long); the default run finishes in a few minutes on a 2-core CPU")
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of docs/benchmarks.md")
     mod.add_arguments(parser)
+    ranged(parser)
     return parser
 
 
@@ -78,6 +82,18 @@ def machine_line() -> str:
         common = sys.modules["_common"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(common)
     return common.machine()
+
+
+def ranged(parser: argparse.ArgumentParser) -> None:
+    """Give every plain `type=int` / `type=float` option of a benchmark script a checked range, so a bad
+    value is argparse's one-line error (exit 2) like every other minivid option: --threads [1, 4096],
+    --seed [0, 2^63 - 1], --step ≥ 0, other integers (counts, sizes) [1, 10^7], floats finite ≥ 0."""
+    for action in parser._actions:
+        if action.type is int:
+            action.type = (THREADS if action.dest == "threads" else SEED if action.dest == "seed"
+                           else integer(0 if action.dest in ZERO_OK else 1, 10_000_000))
+        elif action.type is float:
+            action.type = number(0, None)
 
 
 def _load1() -> float:
@@ -97,7 +113,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     mod = load(args.name)
-    ns = parser_for(args.name, mod).parse_args(args.rest)
+    try:
+        ns = parser_for(args.name, mod).parse_args(args.rest)
+    except SystemExit as e:                 # a bad option of the benchmark: argparse's message, exit 2
+        return 2 if isinstance(e.code, str) else int(e.code or 0)
     os.environ["MINIVID_BENCH_COMMAND"] = command_line(args)        # read by benchmarks/_common.with_command
     if args.threads:
         import torch

@@ -132,7 +132,7 @@ THREADS = integer(1, 4096)
 STEPS = integer(1, 1000)                 # DDIM over 1000 training timesteps: at most one step per timestep
 FRAMES = integer(1, 100_000)
 PIXELS = integer(8, 1 << 20)             # a side in pixels; the memory check refuses what cannot fit
-FPS = number(0, 1000, low_open=True)
+FPS = number(0.01, 1000)                 # minivid.video.MIN_FPS: ffmpeg cannot encode slower
 GUIDANCE = number(0, 100)
 CHUNK = integer(1, 100_000)
 
@@ -219,10 +219,10 @@ def add_video_arguments(p: argparse.ArgumentParser, images: bool = False) -> Non
         p.add_argument("--video", required=True, help="input video (mp4/gif/webm) or a folder of frames")
     p.add_argument("--frames", type=FRAMES, default=8, help="number of frames to read, ≥ 1 (default 8)")
     p.add_argument("--stride", type=integer(1, 10_000), default=1, help="take every n-th frame, ≥ 1 (default 1)")
-    p.add_argument("--size", type=PIXELS, default=DEFAULT_SIZE,
+    p.add_argument("--size", type=PIXELS, default=None,
                    help=f"frames are resized (short side) and centre-cropped to a multiple of 8 (default {DEFAULT_SIZE}, "
                         f"with --tiny the tiny model's size)")
-    p.add_argument("--fps", type=FPS, default=8, help="frame rate of the written videos, > 0 (default 8)")
+    p.add_argument("--fps", type=FPS, default=8, help="frame rate of the written videos, in [0.01, 1000] (default 8)")
 
 
 # ---------------------------------------------------------------- the model
@@ -250,8 +250,12 @@ def cached_model(key: tuple, load):
 
 
 def require_weights(args: argparse.Namespace) -> None:
+    """Exactly one of --weights and --tiny."""
     if not args.weights and not args.tiny:
         raise ValueError("give --weights PATH (an official checkpoint or a diffusers folder; see weights/README.md) or --tiny")
+    if args.weights and args.tiny:
+        raise ValueError(f"--tiny and --weights {args.weights}: give one (--tiny builds a tiny random model and "
+                         f"would ignore the file)")
 
 
 def load_sd(args: argparse.Namespace, method: str | None = None, base: str = "sd1", tiny_seed: int | None = None):
@@ -301,10 +305,22 @@ def tiny_base(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------- the source video
 
 def source_size(args: argparse.Namespace, sd) -> int:
-    """--size; left at its default (or None) with --tiny, the tiny model's own size."""
-    if args.size is None or (args.tiny and args.size == DEFAULT_SIZE):
+    """--size when given; else DEFAULT_SIZE, or with --tiny the tiny model's own size."""
+    if args.size is None:
         return sd.config.image_size if args.tiny else DEFAULT_SIZE
     return args.size
+
+
+def probe_size(path: str | Path, images: bool = False) -> tuple[int, int]:
+    """(height, width) of the frames of a video, an image or a folder of frames, from ffmpeg's header
+    (nothing decoded); checks the path first (`minivid.checks.input_path`)."""
+    from minivid.checks import input_path
+    from minivid.video import _list_images, probe_video
+
+    path = input_path(path, "--video")
+    first = _list_images(path)[0] if path.is_dir() else path
+    info = probe_video(first)
+    return info.height, info.width
 
 
 def read_source(args: argparse.Namespace, sd, images: bool = False) -> torch.Tensor:
@@ -313,16 +329,24 @@ def read_source(args: argparse.Namespace, sd, images: bool = False) -> torch.Ten
     factor (8; the UNet runs on any latent grid). A crop is logged. images=True: an image file is one
     frame. Refused before reading when the job's tensors cannot fit in memory (`check_job_memory`).
     The effective frames and size go into the running job's record (`record_ran`)."""
-    from minivid.video import IMAGE_EXTENSIONS, fit, read_image, read_video
+    from minivid.video import IMAGE_EXTENSIONS, MAX_VIDEO_SIDE, fit, fitted_size, read_image, read_video
 
     size = source_size(args, sd)
-    check_job_memory(sd, args.frames, size, size, args.device, what=f"{args.frames} frame(s) at {size} px")
+    multiple = sd.config.downsample_factor
+    H0, W0 = probe_size(args.video)
+    h, w = fitted_size(H0, W0, size, multiple)       # the size the job will run at
+    check_job_memory(sd, args.frames, h, w, args.device,
+                     what=f"{args.frames} frame(s) of {w}x{h} ({W0}x{H0} at --size {size})")
+    one_image = images and Path(args.video).suffix.lower() in IMAGE_EXTENSIONS    # written as PNGs only
+    if not one_image and max(h, 2 * w) > MAX_VIDEO_SIDE:     # side_by_side.mp4 is two frames wide
+        raise ValueError(f"{args.video}: a {W0}x{H0} source at --size {size} runs at {w}x{h}, and its side-by-side "
+                         f"video ({2 * w}x{h}) is beyond H.264's {MAX_VIDEO_SIDE} px a side; use a smaller --size "
+                         f"or crop the source")
     path = Path(args.video)
     if images and path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         frames = read_image(path)[None]
     else:
         frames = read_video(path, num_frames=args.frames, stride=args.stride)
-    multiple = sd.config.downsample_factor
     H, W = frames.shape[-2:]
     scale = size / min(H, W)
     resized = (size, max(size, round(W * scale))) if H <= W else (max(size, round(H * scale)), size)
@@ -426,9 +450,13 @@ def available_clis() -> dict[str, ModuleType]:
 
 def method_defaults(args: argparse.Namespace, prompt_hint: str = "") -> None:
     """What a method's CLI module declares, applied before any work: `DEFAULT_FRAMES` (default 8) for an
-    unset --frames, `DEFAULT_CHECKPOINT_EVERY` (default 100) for an unset --checkpoint-every, and
-    `TAKES_PROMPT` (default True): then --prompt is required."""
+    unset --frames, `DEFAULT_CHECKPOINT_EVERY` (default 100) for an unset --checkpoint-every,
+    `TAKES_PROMPT` (default True): then --prompt is required, and `TAKES_TUNED` (default False): without
+    it a --tuned given to edit is refused (the method would ignore it)."""
     mod = method_cli(args.method)
+    if getattr(args, "tuned", None) and not getattr(mod, "TAKES_TUNED", False):
+        raise ValueError(f"--method {args.method} takes no --tuned ({args.tuned} would be ignored)"
+                         + ("; I2VEdit's tuned LoRAs are given with --lora" if args.method == "i2vedit" else ""))
     if getattr(args, "frames", 0) is None:
         args.frames = getattr(mod, "DEFAULT_FRAMES", 8)
     if getattr(args, "checkpoint_every", 0) is None:

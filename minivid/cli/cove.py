@@ -18,7 +18,8 @@ import math
 import torch
 
 from minivid.cli.common import (
-    DTYPES, STEPS, check_demo_arguments, integer, load_sd, number, read_source, relative_point, write_edit, print_hints,
+    DTYPES, STEPS, check_demo_arguments, integer, load_sd, number, read_source, relative_point, torch_device,
+    write_edit, print_hints,
 )
 from minivid.jobs import Job
 
@@ -58,7 +59,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--cove-inject-steps", type=integer(0, 1000),
                        help=f"sampling steps that get the inversion's features, 0 = none (default {d.inject_steps}; "
                             f"with another --steps, the same {d.inject_steps}/{d.steps} of them)")
-    group.add_argument("--cove-store-device", help=f"where saved features wait for injection (default {d.store_device})")
+    group.add_argument("--cove-store-device", type=torch_device, help=f"where saved features wait for injection (default {d.store_device})")
     group.add_argument("--cove-store-dtype", choices=list(STORE_DTYPES), help=f"dtype of saved features (default {d.store_dtype})")
     group.add_argument("--cove-backend", choices=["auto", "reference", "triton"], help="window_topk backend (default auto)")
     group.add_argument("--cove-point", type=relative_point, help="relative point 'y,x' of frame 0 for the correspondence picture (default 0.5,0.5)")

@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
 def append_eval(args: argparse.Namespace, metrics: tuple[str, ...]) -> None:
     """Score the job's edited.mp4 (and the source clip) and write the results into its record.json."""
     import json
-    import os
     import time
     from pathlib import Path
 
@@ -97,8 +96,8 @@ def append_eval(args: argparse.Namespace, metrics: tuple[str, ...]) -> None:
         result["skipped"] = args._eval_skipped
     record["results"]["eval"] = result
     record["timings_s"]["eval"] = round(time.perf_counter() - t0, 4)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    from minivid.outputs import write_json
+
+    write_json(path, record, default=str, inputs=[p for p in (args.video, args.weights, args.tuned) if p])
     print(format_table(result["metrics"], result["source"]["metrics"]))
     print(f"added the metrics to {path} (results.eval)")

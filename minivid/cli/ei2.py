@@ -27,6 +27,7 @@ from minivid.methods.ei2.model import ORDERS, EI2Config
 log = logging.getLogger(__name__)
 
 METHOD_NAME = "EI²"
+TAKES_TUNED = True                        # edit reads --tuned (the tensors of `minivid tune --method ei2`)
 
 DEFAULT_TUNE_STEPS = 500
 DEFAULT_LR = 3e-5

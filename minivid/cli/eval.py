@@ -13,8 +13,6 @@ DIR` writes such encoders in the official file layouts.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,11 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics",
                    help=f"comma-separated subset of {', '.join(METRICS)} (default: every metric whose weights are "
                         f"present, naming the others; text alignment and PickScore need --prompt)")
-    p.add_argument("--frames", type=int, help="number of frames to read (default: all)")
-    p.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
+    from minivid.cli.common import FRAMES, THREADS, integer, torch_device
+
+    p.add_argument("--frames", type=FRAMES, help="number of frames to read, ≥ 1 (default: all)")
+    p.add_argument("--stride", type=integer(1, 10_000), default=1, help="take every n-th frame, ≥ 1 (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    p.add_argument("--device", help="torch device (default cuda when there is a GPU, else cpu)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 with --tiny on the CPU, else torch's choice)")
+    p.add_argument("--device", type=torch_device, help="torch device (default cuda when there is a GPU, else cpu)")
+    p.add_argument("--threads", type=THREADS,
+                   help="CPU threads for torch, in [1, 4096] (default: 1 with --tiny on the CPU, else torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tiny", action="store_true",
                    help="tiny RANDOM encoders instead of weights (tests and trying the command: the numbers mean nothing)")
@@ -150,21 +151,24 @@ def _read(path: str, args: argparse.Namespace) -> torch.Tensor:
 
 
 def _check_output(path: Path, inputs: list[str | None]) -> None:
-    target = path.resolve()
+    from minivid.outputs import check_target, resolve
+
+    target = resolve(path, "--json")
     for source in inputs:
-        if source and (target == Path(source).resolve() or Path(source).resolve() in target.parents):
-            raise FileExistsError(f"{path}: is (or lies inside) the input {source}; choose another --json file")
+        if source and (target == resolve(source) or resolve(source) in target.parents):
+            raise FileExistsError(f"--json {path}: is (or lies inside) the input {source}; choose another --json file")
+    check_target(path)
 
 
 def write_json(path: str | Path, data: dict, inputs: list[str | None]) -> Path:
-    """Write JSON to a temporary file beside `path` and rename it into place; never onto an input."""
+    """Write JSON through `minivid.outputs.write_json` (a fresh temporary file renamed into place); never
+    onto an input."""
+    from minivid.outputs import make_folder, write_json as write
+
     path = Path(path)
     _check_output(path, inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-    return path
+    make_folder(path.parent, "--json's folder")
+    return write(path, data, inputs=[i for i in inputs if i])
 
 
 def format_table(results: dict[str, Any], source: dict[str, Any] | None = None) -> str:

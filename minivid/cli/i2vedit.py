@@ -152,6 +152,15 @@ def _read_video(args: argparse.Namespace, svd=None):
     return frames, plan, fps
 
 
+def _check_memory(svd, ranges, size: tuple[int, int], device) -> None:
+    """The memory check (cli.common.check_job_memory) at the size the clips will run: the longest clip at
+    --i2vedit-size, before anything is resized to it."""
+    from minivid.cli.common import check_job_memory
+
+    n = max(e - s for s, e in ranges)
+    check_job_memory(svd, n, *size, device, what=f"a clip of {n} frame(s) at --i2vedit-size {size[0]}x{size[1]}")
+
+
 def _resize_for_tuning(args: argparse.Namespace, svd, frames: torch.Tensor) -> torch.Tensor:
     from minivid.video import resize
 
@@ -230,6 +239,7 @@ def tune(args: argparse.Namespace, job: Job) -> dict:
     chosen = _clip_selection(args.i2vedit_clips, len(ranges))
     with job.timed("load"):
         svd = _load_svd(args, "its zero-initialised output layers keep the LoRA's gradients at zero, so the tuning shows the machinery only")
+        _check_memory(svd, ranges, args.i2vedit_size or DEFAULT_SIZE["tiny" if args.tiny else "full"], args.device)
         video = _resize_for_tuning(args, svd, _read_frames(Path(args.video), plan.indices))
     targets = ("ff_in", "attn1", "attn2", "ff") if args.i2vedit_lora_layers == "code" else ("attn1", "attn2")
     config = MotionTuneConfig(rank=args.i2vedit_rank, dropout=args.i2vedit_dropout, targets=targets,
@@ -346,6 +356,8 @@ def _parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--i2vedit-size must be HxW, e.g. 576x1024, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"--i2vedit-size {text}: both sides must be positive")
     return h, w
 
 
@@ -384,9 +396,9 @@ def _read_inputs(args: argparse.Namespace):
     if not args.first_frame:
         raise ValueError("--method i2vedit needs --first-frame EDITED.png: the source's first frame, edited with "
                          "any image editor")
-    first_path = Path(args.first_frame)
-    if not first_path.is_file():
-        raise FileNotFoundError(f"--first-frame {first_path}: no such file")
+    from minivid.checks import input_path
+
+    first_path = input_path(args.first_frame, "--first-frame", folder_ok=False)
     if args.lora and not Path(args.lora).is_dir():
         raise FileNotFoundError(f"--lora {args.lora}: no such folder (expected the job folder of `minivid tune "
                                 f"--method i2vedit`, with one LoRA per clip in clip_<k>/)")
@@ -413,9 +425,11 @@ def _check(svd, cfg, video, work):
         raise ValueError(f"--i2vedit-size {work[0]}x{work[1]} is not a multiple of {m} (the VAE's downsampling)")
     check_size(svd, *work)
     try:
-        return cfg.ranges(video.shape[0])
+        ranges = cfg.ranges(video.shape[0])
     except ValueError as e:
         raise ValueError(f"{e} (read {video.shape[0]} frames: --frames N reads more)") from None
+    _check_memory(svd, ranges, work, svd.device)
+    return ranges
 
 
 def _outputs(job: Job, source, result, fps: float) -> dict:

@@ -56,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
     latent_err = (rec.latents - inv.latents).pow(2).mean().sqrt() / inv.latents.std()
     quality["latent_relative_rmse"] = round(float(latent_err), 5)
     if args.save_latents:
-        path = job.output_path("latents.safetensors")
-        safetensors.torch.save_file({"x0": inv.latents.cpu().contiguous(), "xT": inv.noise.cpu().contiguous()}, str(path))
-        job.add_output(path)
+        from minivid.outputs import write_file
+
+        latents = {"x0": inv.latents.cpu().contiguous(), "xT": inv.noise.cpu().contiguous()}
+        job.add_output(write_file(job.output_path("latents.safetensors"),
+                                  lambda tmp: safetensors.torch.save_file(latents, tmp), inputs=job.inputs))
     record = job.finish(**quality)
     print(f"reconstruction PSNR {quality['psnr_db']:.2f} dB over {len(source)} frame(s) "
           f"(the VAE's own round trip: {quality['vae_psnr_db']:.2f} dB; latent relative RMSE {float(latent_err):.4f})")

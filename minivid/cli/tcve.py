@@ -27,6 +27,8 @@ from minivid.cli.common import (
 from minivid.jobs import Job
 from minivid.methods.tcve.stu import ABLATIONS
 
+TAKES_TUNED = True                        # edit reads --tuned (the tensors of `minivid tune --method tcve`)
+
 log = logging.getLogger(__name__)
 
 METHOD_NAME = "TCVE"

@@ -9,7 +9,6 @@ tests and for trying the command without downloads: the numbers they give mean n
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -164,21 +163,17 @@ def write_tiny_encoders(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     clip, openclip, dino, aesthetic, amt, musiq, pick = _tiny_models(seed)
     out = {k: folder / v for k, v in TINY_FILES.items()}
+    from minivid.outputs import write_file, write_json
+
     # PickScore: a transformers folder (config.json + model.safetensors), as yuvalkirstain/PickScore_v1 is laid out
     out["pickscore"].mkdir(exist_ok=True)
-    config = out["pickscore"] / "config.json"
-    config.with_name("config.json.tmp").write_text(json.dumps(clip_config_to_transformers(*CLIP_PRESETS["tiny_pickscore"]),
-                                                              indent=2))
-    config.with_name("config.json.tmp").replace(config)
-    tmp = out["pickscore"] / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in pick.model.state_dict().items()}, str(tmp))
-    tmp.replace(out["pickscore"] / "model.safetensors")
+    write_json(out["pickscore"] / "config.json", clip_config_to_transformers(*CLIP_PRESETS["tiny_pickscore"]))
+    pick_state = {k: v.contiguous() for k, v in pick.model.state_dict().items()}
+    write_file(out["pickscore"] / "model.safetensors", lambda tmp: save_file(pick_state, tmp))
     for key, model in (("clip", clip.model), ("openclip", openclip.model)):
-        tmp = out[key].with_name(out[key].name + ".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.replace(out[key])
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        write_file(out[key], lambda tmp, state=state: save_file(state, tmp))
     for key, model in (("dino", dino), ("aesthetic", aesthetic), ("amt", amt), ("musiq", musiq)):
-        tmp = out[key].with_name(out[key].name + ".tmp")
-        torch.save({"state_dict": model.state_dict()} if key == "amt" else model.state_dict(), tmp)
-        tmp.replace(out[key])
+        state = {"state_dict": model.state_dict()} if key == "amt" else model.state_dict()
+        write_file(out[key], lambda tmp, state=state: torch.save(state, tmp))
     return out

@@ -132,9 +132,10 @@ def detect(keys_or_state_dict: Iterable[str] | Mapping, filename: str | Path | N
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def detect_path(path: str | Path) -> tuple[str, dict[str, Path]]:

@@ -140,6 +140,11 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     if missing or unexpected or shapes:
         raise WeightsError(format_mismatch(source, component, missing, unexpected, shapes,
                                            f"minivid's {type(module).__name__}"))
+    not_float = sorted(k for k, v in given.items() if expected[k].is_floating_point() and not v.is_floating_point())
+    if not_float:
+        raise WeightsError(f"{source}: {len(not_float)} tensor(s) of {component} are stored as integers where the model "
+                           f"holds floats (first: {', '.join(f'{k} ({given[k].dtype})' for k in not_float[:5])}); a "
+                           f"quantized or damaged file: minivid loads float checkpoints (fp32, fp16, bf16)")
     converted = {k: v.to(dtype=expected[k].dtype) for k, v in given.items()}
     on_meta = any(t.is_meta for t in expected.values())
     module.load_state_dict(converted, strict=True, assign=on_meta)

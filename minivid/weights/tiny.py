@@ -165,6 +165,6 @@ def write_tiny_checkpoint(folder: str | Path, like: str = "sd-v1-4", seed: int =
         state, meta[CONFIG_METADATA_KEY] = _tiny_svd_state_dict(like, seed, dtype)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"tiny-{like}.safetensors"
-    safetensors.torch.save_file(state, str(path), metadata=meta)
-    return path
+    from minivid.outputs import write_file
+
+    return write_file(folder / f"tiny-{like}.safetensors", lambda tmp: safetensors.torch.save_file(state, tmp, metadata=meta))

@@ -253,13 +253,13 @@ class MotionLoRA(nn.Module):
         """Write the LoRA as safetensors under the documented names (atomically: temp file, rename)."""
         from safetensors.torch import save_file
 
+        from minivid.outputs import write_file
+
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         info = {"lora": json.dumps(self.describe()), "meta": json.dumps(meta or {}, default=str)}
-        save_file({k: v.contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), metadata=info)
-        os.replace(tmp, path)
-        return path
+        tensors = {k: v.contiguous().cpu() for k, v in self.tensors().items()}
+        return write_file(path, lambda tmp: save_file(tensors, tmp, metadata=info))
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str = "tensors") -> "MotionLoRA":
@@ -314,9 +314,9 @@ class MotionLoRA(nn.Module):
         if path is not None:
             path = pathlib.Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(weights, tmp)
-            os.replace(tmp, path)
+            from minivid.outputs import write_file
+
+            write_file(path, lambda tmp: torch.save(weights, tmp))
         return weights
 
     @torch.no_grad()
