@@ -316,7 +316,8 @@ def handle_signals() -> Iterator[None]:
     before = {s: signal.getsignal(s) for s in _WATCHED}
     _state.update(received=None, deferring=0, pending=None)
     for s in _WATCHED:
-        signal.signal(s, _handler)
+        if before[s] is not signal.SIG_IGN:            # a signal the parent made us ignore stays ignored (nohup, `cmd &`)
+            signal.signal(s, _handler)
     try:
         yield
     finally:

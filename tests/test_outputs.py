@@ -235,6 +235,21 @@ def test_family5_ctrl_c_while_starting_prints_no_traceback(capsys, monkeypatch):
     assert err.strip() == "minivid: interrupted while starting; nothing was written"
 
 
+def test_family5_a_signal_that_breaks_an_import_is_still_an_interrupt(capsys, monkeypatch):
+    import minivid.cli as cli
+
+    def import_torch():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)     # arrives inside an extension's initialisation ...
+        except KeyboardInterrupt:
+            raise ImportError("cannot load module more than once per process") from None   # ... which says this
+
+    monkeypatch.setattr(cli, "build_parser", import_torch)
+    assert main(["invert", "--help"]) == 143
+    err = capsys.readouterr().err
+    assert err.strip() == "minivid: interrupted by SIGTERM while starting; nothing was written"
+
+
 def test_family5_an_interrupted_batch_names_the_finished_items(tmp_path, capsys, monkeypatch):
     import minivid.samplers as S
 
@@ -352,6 +367,14 @@ def test_family9_bad_json_in_weights_names_the_file(tmp_path):
     (folder / "scheduler" / "scheduler_config.json").write_text("{")
     with pytest.raises(WeightsError, match=r"scheduler_config.json: not valid JSON \(.* at line 1 column 2\)"):
         StableDiffusion.load(folder)
+    import safetensors.torch
+
+    single = tmp_path / "sd.safetensors"
+    StableDiffusion.from_config("tiny", seed=0).save(single)
+    tensors = safetensors.torch.load_file(str(single))
+    safetensors.torch.save_file(tensors, str(single), metadata={"format": "pt", "minivid_config": "{\"unet\": "})
+    with pytest.raises(WeightsError, match=r"sd.safetensors \(metadata 'minivid_config'\): not valid JSON"):
+        StableDiffusion.load(single)
 
 
 def test_family9_a_full_disk_names_the_file(tmp_path, monkeypatch):

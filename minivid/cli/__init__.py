@@ -188,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     with outputs.handle_signals():
         try:
             return _main(argv)
-        except KeyboardInterrupt as e:         # while starting (imports, parsing): nothing was written yet
-            signum = getattr(e, "signum", 2)
+        except (KeyboardInterrupt, Exception) as e:    # while starting (imports, parsing): nothing written yet
+            # a signal inside an import can surface as the importer's own error (an ImportError from a
+            # half-initialised extension): what was received decides
+            signum = getattr(e, "signum", None) or outputs.received() or (2 if isinstance(e, KeyboardInterrupt) else None)
+            if signum is None:
+                raise
             print(f"minivid: interrupted{'' if signum == 2 else ' by ' + SIGNAL_NAMES.get(signum, str(signum))} "
                   f"while starting; nothing was written", file=sys.stderr)
             return 128 + signum
