@@ -226,7 +226,7 @@ def test_family5_a_signal_while_the_outputs_are_put_in_place_waits_for_them(clip
 def test_family5_ctrl_c_while_starting_prints_no_traceback(capsys, monkeypatch):
     import minivid.cli as cli
 
-    def slow_import():
+    def slow_import(*a):
         raise KeyboardInterrupt                      # Ctrl-C while torch is being imported
 
     monkeypatch.setattr(cli, "build_parser", slow_import)
@@ -238,7 +238,7 @@ def test_family5_ctrl_c_while_starting_prints_no_traceback(capsys, monkeypatch):
 def test_family5_a_signal_that_breaks_an_import_is_still_an_interrupt(capsys, monkeypatch):
     import minivid.cli as cli
 
-    def import_torch():
+    def import_torch(*a):
         try:
             os.kill(os.getpid(), signal.SIGTERM)     # arrives inside an extension's initialisation ...
         except KeyboardInterrupt:
