@@ -180,8 +180,9 @@ CASES = [
     # 7. the memory check sizes the job that will run
     ("invert-elongated-source", ["invert", "--tiny", "--video", "{root}/wide.png", "--size", "256"], 1,
      ["frame(s) of 64000x256 (4000x16 at --size 256) needs at least", "this machine has"]),
-    ("tune-i2vedit-size-huge", ["tune", "--method", "i2vedit", "--tiny", "--video", "{clip}", "--i2vedit-size",
-                                "100000x100000"], 1, ["--i2vedit-size 100000x100000 needs at least", "GiB"]),
+    ("tune-i2vedit-size-huge", ["tune", "--method", "i2vedit", "--tiny", "--video", "{clip}", "--sample-fps", "0",
+                                "--frames", "4", "--i2vedit-clip-length", "3", "--i2vedit-size", "100000x100000"], 1,
+     ["a clip of 3 frame(s) at --i2vedit-size 100000x100000 needs at least", "GiB", "smaller --i2vedit-size"]),
     # 8. mistakes accepted in silence
     ("invert-tiny-and-weights", INV + ["--weights", "{root}/sd.safetensors"], 1, ["--tiny and --weights", "give one"]),
     ("edit-cove-tuned", EDIT + ["cove", "--tuned", "{root}/sd.safetensors"], 1,

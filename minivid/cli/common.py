@@ -407,9 +407,9 @@ def gib(n: float) -> str:
 
 
 def check_job_memory(model, frames: int, height: int, width: int, device: str | torch.device, what: str = "",
-                     batch: int = 2) -> int:
+                     batch: int = 2, hint: str = "use fewer --frames or a smaller --size") -> int:
     """Refuse, before allocating, a job whose `job_bytes` lower bound exceeds the memory available
-    (MemoryEstimateError with the estimate and the machine's memory). Returns the estimate."""
+    (MemoryEstimateError with the estimate, the machine's memory and `hint`). Returns the estimate."""
     import torch
 
     need = job_bytes(model.config, frames, height, width, batch=batch,
@@ -419,7 +419,7 @@ def check_job_memory(model, frames: int, height: int, width: int, device: str | 
         raise MemoryEstimateError(
             f"{what or f'{frames} frame(s) of {height}x{width}'} needs at least ~{gib(need)} of memory "
             f"(frames, UNet and VAE activations; weights not counted), this machine has {gib(free)} available "
-            f"of {gib(total)}; use fewer --frames or a smaller --size")
+            f"of {gib(total)}; {hint}")
     return need
 
 

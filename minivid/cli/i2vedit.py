@@ -158,7 +158,8 @@ def _check_memory(svd, ranges, size: tuple[int, int], device) -> None:
     from minivid.cli.common import check_job_memory
 
     n = max(e - s for s, e in ranges)
-    check_job_memory(svd, n, *size, device, what=f"a clip of {n} frame(s) at --i2vedit-size {size[0]}x{size[1]}")
+    check_job_memory(svd, n, *size, device, what=f"a clip of {n} frame(s) at --i2vedit-size {size[0]}x{size[1]}",
+                     hint="use a smaller --i2vedit-size or shorter clips (--i2vedit-clip-length)")
 
 
 def _resize_for_tuning(args: argparse.Namespace, svd, frames: torch.Tensor) -> torch.Tensor:
