@@ -28,8 +28,10 @@ Triton for sm_80 (A100), sm_86 (RTX 3090), sm_89 (RTX 4090) and sm_90a (H100), w
 from Triton's wheel: shared memory against the architecture's per-block limit, registers, spill
 bytes, resident blocks per SM, multiply-adds (executed, with the padding of the tiles) and DRAM
 bytes, and the roofline bound on time at the GPU's published peaks beside the same bound for the
-reference the kernel replaces (`minivid.kernels.aot.work`/`roofline`). Exit status 1 if a spec
-fails to compile, exceeds its shared-memory limit or spills.
+reference the kernel replaces (`minivid.kernels.aot.work`/`roofline`), and how it multiplies, read
+from the PTX (`minivid.kernels.aot.products`). Exit status 1 if a spec fails to compile, exceeds its
+shared-memory limit, spills, or multiplies otherwise than intended (fp32 on tensor cores, i.e. TF32;
+fp16/bf16 off the tensor cores or not accumulating in fp32).
 """
 from __future__ import annotations
 
@@ -219,20 +221,21 @@ def run_aot(args: argparse.Namespace) -> int:
         name = spec["name"] + ("" if spec["enabled"] else " (off)")
         if r["error"]:
             failed += 1
-            rows.append([a["gpu"], name, launch, "FAIL: " + r["error"][:80]] + [""] * 9)
+            rows.append([a["gpu"], name, launch, "FAIL: " + r["error"][:80]] + [""] * 10)
             continue
-        ok = r["shared"] <= a["shared_optin"] and r["spill_stores"] == 0 and r["spill_loads"] == 0
+        products, as_intended = aot.products(spec, r)
+        ok = r["shared"] <= a["shared_optin"] and r["spill_stores"] == 0 and r["spill_loads"] == 0 and as_intended
         failed += not ok
         occ = aot.occupancy(r, cap)
         roof = aot.roofline(spec, cap)
         w = roof["work"]
-        rows.append([a["gpu"], name, launch, f"{r['shared']:,} / {a['shared_optin']:,}", r["registers"],
+        rows.append([a["gpu"], name, launch, products, f"{r['shared']:,} / {a['shared_optin']:,}", r["registers"],
                      f"{r['spill_stores']} / {r['spill_loads']}", f"{occ['blocks']} ({occ['limit']})",
                      f"{w['executed'] / 1e9:.3g}", f"{100 * (1 - w['useful'] / w['executed']):.1f} % "
                      f"({100 * w['head_padding']:.0f} %)", f"{w['bytes'] / 1e6:.3g}",
                      f"{roof['kernel'] * 1e6:.4g}", f"{roof['reference'] * 1e6:.4g}",
                      f"{roof['ratio']:.3g}" + ("" if ok else " FAIL")])
-    headers = ["GPU", "spec", "launch (tiles, warps, stages)", "shared B / limit", "registers", "spill stores / loads B",
+    headers = ["GPU", "spec", "launch (tiles, warps, stages)", "products (PTX)", "shared B / limit", "registers", "spill stores / loads B",
                "blocks per SM (limit)", "kernel G multiply-adds", "wasted products: all (head dim)", "kernel MB moved",
                "kernel bound µs", "reference bound µs", "reference / kernel"]
     body = table(headers, rows)
@@ -250,6 +253,9 @@ def run_aot(args: argparse.Namespace) -> int:
              "memory (+1 KiB per block) and threads. Wasted products: the share of the kernel's multiply-adds "
              "outside the useful ones (FFAM: partial tiles and head-dim padding; search: also the band columns "
              "outside each query's window, 1 − l/BLOCK_R); in brackets the head-dim (feature-block) padding alone. "
+             "Products (read from the PTX): fp32 FMA = no tensor-core instruction (IEEE fp32, no TF32); mma / wgmma "
+             "IN→ACC = mma.sync (sm_8x) or wgmma (sm_90a) on IN operands accumulating in ACC; a spec that multiplies "
+             "otherwise than intended (16-bit on tensor cores with f32 accumulation, fp32 without) fails. "
              "(off): compiled, not launched by default.")
     print(notes)
     print(body)

@@ -42,8 +42,8 @@ import sys
 
 import torch
 
-__all__ = ["ARCHS", "aot_specs", "arch_limits", "device_target", "compile_spec", "compile_specs", "occupancy",
-           "work", "roofline"]
+__all__ = ["ARCHS", "aot_specs", "arch_limits", "device_target", "compile_spec", "compile_specs", "products",
+           "occupancy", "work", "roofline"]
 
 # Per architecture: shared memory per block (opt-in) and per SM, registers, threads and blocks per SM,
 # SM count and published peaks (FLOP/s, bytes/s) of the product named.
@@ -230,8 +230,29 @@ def compile_spec(spec: dict, capability) -> dict:
     # tensor-core instructions in the PTX: mma.sync (sm_80/86/89) or wgmma (sm_90a), and their input types
     mma = sorted({m.group(1) for m in re.finditer(r"\b(wgmma\.mma_async|mma\.sync)\S*", ptx)})
     kinds = sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\S*\.(f16|bf16|tf32)\b", ptx)))
+    # the accumulator (D) type: the first type after the shape (mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32,
+    # wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16)
+    accum = sorted(set(re.findall(r"\b(?:wgmma\.mma_async\.sync|mma\.sync)\.aligned\.m\d+n\d+k\d+(?:\.row\.col)?\.(f16|f32)\.",
+                                  ptx)))
     return dict(out, shared=int(k.metadata.shared), threads=32 * spec["options"]["num_warps"], mma=mma,
-                mma_inputs=kinds, ptxas=text.strip())
+                mma_inputs=kinds, mma_accum=accum, ptxas=text.strip())
+
+
+def products(spec: dict, result: dict) -> tuple[str, bool]:
+    """(label, as intended) of how a compiled spec multiplies, read from its PTX (`compile_spec`'s
+    mma fields): fp32 kernels (and the search's bf16 tiles, converted to fp32) must have no
+    tensor-core instruction (so no TF32: IEEE products on the CUDA cores, the 1e-5 parity); fp16 and
+    native bf16 kernels must multiply on the tensor cores (mma.sync / wgmma) in their own type with
+    fp32 accumulation."""
+    sig = next(iter(spec["signature"].values()))
+    fp32 = sig == "*fp32" or spec["constexprs"].get("TO_F32", False)
+    if fp32:
+        return ("fp32 FMA" if not result["mma"] else f"{'/'.join(result['mma'])} {'/'.join(result['mma_inputs'])}"), \
+            result["mma"] == [] and result["mma_inputs"] == []
+    want = {"*fp16": "f16", "*bf16": "bf16"}[sig]
+    label = f"{'/'.join(m.split('.')[0] for m in result['mma']) or 'no mma'} {'/'.join(result['mma_inputs'])}" \
+            f"→{'/'.join(result['mma_accum'])}"
+    return label, (len(result["mma"]) == 1 and result["mma_inputs"] == [want] and result["mma_accum"] == ["f32"])
 
 
 def _compile_one(job):

@@ -140,12 +140,26 @@ def test_compile_one_spec_per_kernel_dtype_and_head_dim_for_sm80_and_sm86():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{where}: spills\n{r['ptxas']}"
         assert 0 < r["registers"] <= 255
         # fp32 stays IEEE (no tensor-core instruction: no TF32); fp16 and native bf16 products on tensor
-        # cores (mma.sync on sm_8x) with the inputs' type; bf16 search tiles are converted to fp32 (no mma)
-        sig = next(iter(specs[cap][r["index"]]["signature"].values()))
+        # cores (mma.sync on sm_8x) with the inputs' type and fp32 accumulation; bf16 search tiles are
+        # converted to fp32 (no mma)
+        spec = specs[cap][r["index"]]
+        sig = next(iter(spec["signature"].values()))
         if sig == "*fp32" or "window_topk_kernel bf16" in r["name"]:
-            assert r["mma"] == [] and r["mma_inputs"] == [], where
+            assert r["mma"] == [] and r["mma_inputs"] == [] and r["mma_accum"] == [], where
+            assert aot.products(spec, r) == ("fp32 FMA", True), where
         else:
-            assert r["mma"] == ["mma.sync"] and r["mma_inputs"] == [{"*fp16": "f16", "*bf16": "bf16"}[sig]], where
+            want = {"*fp16": "f16", "*bf16": "bf16"}[sig]
+            assert r["mma"] == ["mma.sync"] and r["mma_inputs"] == [want] and r["mma_accum"] == ["f32"], where
+            assert aot.products(spec, r) == (f"mma {want}→f32", True), where
+    # the check reads the PTX: a 16-bit kernel without tensor cores, or accumulating in f16, or an fp32 one with
+    # tensor cores (TF32), is not as intended
+    fp16 = next(s for s in specs[(8, 0)] if next(iter(s["signature"].values())) == "*fp16")
+    fp32 = next(s for s in specs[(8, 0)] if next(iter(s["signature"].values())) == "*fp32")
+    good = dict(mma=["mma.sync"], mma_inputs=["f16"], mma_accum=["f32"])
+    assert aot.products(fp16, good)[1]
+    assert not aot.products(fp16, dict(good, mma_accum=["f16"]))[1]
+    assert not aot.products(fp16, dict(mma=[], mma_inputs=[], mma_accum=[]))[1]
+    assert not aot.products(fp32, dict(mma=["mma.sync"], mma_inputs=["tf32"], mma_accum=["f32"]))[1]
 
 
 def test_aot_specs_rejects_a_bad_capability():
