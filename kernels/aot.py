@@ -61,12 +61,18 @@ _RESERVED_SHARED = 1024            # bytes of shared memory the driver reserves 
 
 # The problems the methods launch. FFAM: EI² on SD 1.4 (8 heads of 40 / 80 / 160 at 64² / 32² / 16²
 # tokens of 512-pixel frames) and SD 2.1 / SVD heads of 64 (5 heads at 64²); 8 frames, r = 2.
-# Correspondence: COVE's search on SD 2.1 decoder features, d = 640 on the 64×64 grid, l = 9, K = 3.
+# Correspondence: COVE's search on SD 2.1 decoder features (output_blocks.8, d = 640 on the latent grid;
+# methods/cove/features.py), K = 3: 512×512 frames (64×64) at the default l = 9 and Table 4's l = 3 and 15
+# (l = 3 makes the window's half-width 1, which Triton specialises to a constant: another compile), and a
+# 576×320 clip (40×72: sides not multiples of 16, so H and W lose Triton's divisibility hint: another compile).
 FFAM_PROBLEMS = [dict(batch=1, heads=8, frames=8, H=64, W=64, head_dim=40, r=2),
                  dict(batch=1, heads=5, frames=8, H=64, W=64, head_dim=64, r=2),
                  dict(batch=1, heads=8, frames=8, H=32, W=32, head_dim=80, r=2),
                  dict(batch=1, heads=8, frames=8, H=16, W=16, head_dim=160, r=2)]
-CORR_PROBLEMS = [dict(pairs=1, H=64, W=64, dim=640, window=9, k=3)]
+CORR_PROBLEMS = [dict(pairs=1, H=64, W=64, dim=640, window=9, k=3),
+                 dict(pairs=1, H=64, W=64, dim=640, window=3, k=3),
+                 dict(pairs=1, H=64, W=64, dim=640, window=15, k=3),
+                 dict(pairs=1, H=40, W=72, dim=640, window=9, k=3)]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -178,7 +184,7 @@ def _corr_specs(capability) -> list[dict]:
             cfg = corr.window_topk_launch_config(dtype, D, window, W, capability)
             launch = corr._launch(src, dst, idx, score, window, k, cfg)
             note = "bf16 tiles converted to fp32 in the kernel (exact), fp32 products" if dtype == torch.bfloat16 else ""
-            specs.append(_spec(f"window_topk_kernel {_SHORT[dtype]} D{D} l{window}", "window_topk_kernel",
+            specs.append(_spec(f"window_topk_kernel {_SHORT[dtype]} D{D} l{window} {H}x{W}", "window_topk_kernel",
                                corr._triton_kernel()[1], launch, dtype, prob, True, note))
     return specs
 
@@ -187,7 +193,8 @@ def aot_specs(capability) -> list[dict]:
     """One spec per Triton launch the methods make, with the launch parameters chosen for a GPU of
     compute `capability` (e.g. (8, 0)): FFAM × fp32/fp16/bf16 (the default fp32-kernel path and the
     native kernel, off) × head dims 40, 64, 80, 160; the correspondence search × fp32/fp16/bf16 at
-    COVE's d = 640. See the module docstring for the fields."""
+    COVE's d = 640 on 64×64 (l = 3, 9, 15) and 40×72 (l = 9) grids (`CORR_PROBLEMS`). See the module
+    docstring for the fields."""
     cap = tuple(int(c) for c in capability)
     if len(cap) != 2:
         raise ValueError(f"aot_specs: capability must be (major, minor), e.g. (8, 0), got {capability!r}")

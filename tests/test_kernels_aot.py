@@ -88,7 +88,8 @@ def _configs(kernel):
             kdtype = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}[next(iter(s["signature"].values()))]
             width = s["shape"].get("head_dim", s["shape"].get("dim"))
             key = (kdtype, width, tuple(sorted((k, v) for k, v in s["constexprs"].items())))
-            out.setdefault(key, (kdtype, width, cap))
+            extra = (s["shape"]["window"],) if kernel == "window_topk_kernel" else ()
+            out.setdefault(key, (kdtype, width, *extra, cap))
     return list(out.values())
 
 
@@ -105,15 +106,15 @@ def test_every_capabilitys_ffam_configuration_equals_the_reference(dtype, d, cap
     assert tri.dtype == dtype and (tri.double() - oracle).abs().max().item() <= tol
 
 
-@pytest.mark.parametrize("dtype,dim,cap", _configs("window_topk_kernel"), ids=lambda x: str(x).replace("torch.", ""))
-def test_every_capabilitys_search_configuration_equals_the_reference(dtype, dim, cap):
+@pytest.mark.parametrize("dtype,dim,window,cap", _configs("window_topk_kernel"), ids=lambda x: str(x).replace("torch.", ""))
+def test_every_capabilitys_search_configuration_equals_the_reference(dtype, dim, window, cap):
     # exact products: features are multiples of 1/8 in [-1, 1] (exact in fp16/bf16, sums exact in fp32), so
     # scores and the tie rule must agree bitwise with the reference; d = 80 is several feature blocks
     g = torch.Generator().manual_seed(1)
     src, dst = ((torch.randint(-8, 9, (1, 5, 33, 80), generator=g) / 8).to(dtype) for _ in range(2))
-    idx, score = corr.window_topk_triton(src, dst, 9, 3, capability=cap)
+    idx, score = corr.window_topk_triton(src, dst, window, 3, capability=cap)     # l = 3: HALF a constant 1
     with torch.inference_mode():
-        ridx, rscore = corr.window_topk_reference(src, dst, 9, 3)
+        ridx, rscore = corr.window_topk_reference(src, dst, window, 3)
     assert torch.equal(idx, ridx) and torch.equal(score, rscore.float())
 
 
