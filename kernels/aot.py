@@ -143,6 +143,17 @@ def _spec(name, kernel, fn, launch, dtype, shape, enabled=True, note=""):
                 dtype=dtype, shape=dict(shape), grid=tuple(grid), enabled=enabled, note=note)
 
 
+def method_layout(batch: int, heads: int, frames: int, tokens: int, head_dim: int, **kw) -> torch.Tensor:
+    """Q, K or V [batch, heads, frames·tokens, head_dim] laid out as EI²'s FFAM processor hands them to
+    the kernel (methods/ei2/blocks.py): a view of the projection's [batch·frames, tokens, heads·head_dim]
+    output split into heads (minivid.attention), not a contiguous copy. Its strides (head d, token h·d)
+    set Triton's divisibility hints: at d = 40 they differ from a contiguous tensor's, so the spec must
+    be built from this layout to be the kernel the method launches."""
+    x = torch.empty(batch * frames, tokens, heads * head_dim, **kw)
+    q = x.view(batch * frames, tokens, heads, head_dim).transpose(1, 2)
+    return q.reshape(batch, frames, heads, tokens, head_dim).transpose(1, 2).reshape(batch, heads, frames * tokens, head_dim)
+
+
 def _ffam_specs(capability) -> list[dict]:
     from . import _fine_coarse_attention_triton as impl
     from . import fine_coarse_attention as fca
@@ -160,7 +171,8 @@ def _ffam_specs(capability) -> list[dict]:
                              "passed on a GPU")]
             for kdtype, enabled, note in variants:
                 meta = dict(device="meta", dtype=kdtype)
-                q, k, v, out = (torch.empty(B, h, Fr * H * W, d, **meta) for _ in range(4))
+                q, k, v = (method_layout(B, h, Fr, H * W, d, **meta) for _ in range(3))
+                out = torch.empty(B, h, Fr * H * W, d, **meta)
                 kc, vc = (torch.empty(B, h, Fr * Hp * Wp, d, **meta) for _ in range(2))
                 cfg = fca.ffam_launch_config(kdtype, d, capability)
                 launch = fca._launch(q, k, v, kc, vc, out, Fr, (H, W), d ** -0.5, cfg)

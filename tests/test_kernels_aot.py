@@ -62,8 +62,9 @@ def test_launcher_arguments_are_the_specs(monkeypatch, cap):
     for spec in specs:
         s = spec["shape"]
         if spec["kernel"] == "fine_coarse_fwd":
-            q, k, v = (torch.empty(s["batch"], s["heads"], s["frames"] * s["H"] * s["W"], s["head_dim"], dtype=spec["dtype"])
-                       for _ in range(3))
+            # the layout EI²'s processor passes (a head-split view): its strides are part of the compiled kernel
+            q, k, v = (aot.method_layout(s["batch"], s["heads"], s["frames"], s["H"] * s["W"], s["head_dim"],
+                                         dtype=spec["dtype"]) for _ in range(3))
             fca.fine_coarse_attention_triton(q, k, v, s["frames"], (s["H"], s["W"]), s["r"], bf16_native=not spec["enabled"])
             fn = ffam_fn
         else:
@@ -173,3 +174,21 @@ def test_ffam_pipelining_drops_to_one_stage_on_a_small_shared_memory():
     assert fca.ffam_launch_config(torch.float16, 64, (8, 0))["num_stages"] == 2
     assert fca.ffam_launch_config(torch.float16, 64, (7, 5), 49_152)["num_stages"] == 1
     assert fca.ffam_launch_config(torch.float32, 64, (8, 6))["precision"] == "ieee"
+
+
+def test_ffam_specs_have_the_layout_ei2s_processor_launches(monkeypatch):
+    # the strides of q/k/v are part of the compiled kernel (Triton's divisibility hints): the specs must
+    # be built from what EI²'s FFAM processor hands the kernel, a head-split view, not a contiguous copy
+    from minivid.attention import Attention, call_state, name_layers, set_processor
+    from minivid.methods.ei2 import blocks
+
+    seen = []
+    monkeypatch.setattr(blocks, "fine_coarse_attention", lambda q, k, v, *a, **kw: seen.append((q, k, v)) or q.clone())
+    heads, d, frames, (H, W) = 8, 40, 3, (4, 5)
+    a = name_layers(Attention(heads * d, None, heads, d))
+    set_processor(a, "", blocks.FFAMProcessor(2))
+    with call_state(a, frames=frames):
+        a(torch.randn(2 * frames, H * W, heads * d), hw=(H, W))
+    want = aot.method_layout(2, heads, frames, H * W, d)
+    assert seen and all(t.shape == want.shape and t.stride() == want.stride() for t in seen[0])
+    assert want.stride() != want.contiguous().stride()
