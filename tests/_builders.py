@@ -52,3 +52,19 @@ def svd_shaped_tiny_config():
 
     unet = VideoUNetConfig.preset("tiny", channel_mult=(1, 2, 2, 2), attention_resolutions=(1, 2, 4))
     return dataclasses.replace(SVD_PRESETS["tiny"], unet=unet)
+
+
+def tiny_unet_all_paths(seed: int = 0):
+    """The tiny SD UNet with its zero-initialised output layers made non-zero, so every path matters."""
+    import torch
+
+    from minivid.unet import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("out_layers.3.weight", "proj_out.weight", "out.2.weight")):
+                p.normal_(0, 0.05)
+    return model
+

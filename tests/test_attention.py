@@ -14,13 +14,9 @@ OUT_ATTN = [3, 4, 5, 6, 7, 8]
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    model = UNet(UNetConfig.preset("tiny")).eval()
-    with torch.no_grad():    # make the zero-initialised output layers non-zero so every path matters
-        for name, p in model.named_parameters():
-            if name.endswith(("out_layers.3.weight", "proj_out.weight", "out.2.weight")):
-                p.normal_(0, 0.05)
-    return model
+    from _builders import tiny_unet_all_paths
+
+    return tiny_unet_all_paths(0)
 
 
 @pytest.fixture(scope="module")

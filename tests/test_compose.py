@@ -22,13 +22,9 @@ N_SELF = 11          # the tiny UNet's spatial self-attention layers (and as man
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    model = UNet(UNetConfig.preset("tiny")).eval()
-    with torch.no_grad():    # make the zero-initialised output layers non-zero so every path matters
-        for name, p in model.named_parameters():
-            if name.endswith(("out_layers.3.weight", "proj_out.weight", "out.2.weight")):
-                p.normal_(0, 0.05)
-    return model
+    from _builders import tiny_unet_all_paths
+
+    return tiny_unet_all_paths(0)
 
 
 @pytest.fixture(scope="module")
