@@ -14,17 +14,19 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from minivid.cli.common import (
     DTYPES, STEPS, check_demo_arguments, integer, load_sd, number, read_source, relative_point, torch_device,
     write_edit, print_hints,
 )
-from minivid.jobs import Job
+from minivid.cli.method_options import BACKENDS, COVE, COVE_FEATURE_PROMPTS, COVE_MODES, COVE_RESOLUTIONS, COVE_STORE_DTYPES
 
-from minivid.methods.cove.pipeline import STORE_DTYPES, COVEConfig, edit_video
-from minivid.methods.cove.visualize import correspondence_legend, correspondence_picture
+if TYPE_CHECKING:            # torch and the method load when a job runs: `minivid edit --help` imports neither
+    import torch
+
+    from minivid.jobs import Job
+    from minivid.methods.cove.pipeline import COVEConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,34 +41,38 @@ _FIELDS = {
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """COVE's own options; unset ones take COVEConfig's defaults (the paper's)."""
-    d = COVEConfig()
+    """COVE's own options; unset ones take COVEConfig's defaults (the paper's; shown from
+    minivid.cli.method_options, which holds the same values without importing torch)."""
+    d = argparse.Namespace(**COVE)
     group.add_argument("--cove-window", type=integer(1, 999, odd=True), help=f"sliding window l, odd (default {d.window})")
     group.add_argument("--cove-k", type=integer(1, 1024), help=f"corresponding tokens per frame K (default {d.k})")
     group.add_argument("--cove-merge-ratio", type=number(0, 1, high_open=True),
                        help=f"temporal token merging ratio in [0, 1), 0 = off (default {d.merge_ratio})")
-    group.add_argument("--cove-mode", choices=["sequential", "replace", "dense_only", "cga_only"],
-                       help="how CGA combines with dense spatio-temporal attention (default sequential: dense, "
+    group.add_argument("--cove-mode", choices=COVE_MODES,
+                       help=f"how CGA combines with dense spatio-temporal attention (default {d.mode}: dense, "
                             "then CGA on its output, FLATTEN-style; dense_only = the paper's w/o CGA)")
-    group.add_argument("--cove-resolutions", choices=["match", "nearest"],
+    group.add_argument("--cove-resolutions", choices=COVE_RESOLUTIONS,
                        help="CGA at layers on the feature grid only (match, default) or at every layer (nearest)")
     group.add_argument("--cove-feature-layer",
                        help="decoder module whose output is the diffusion feature (default auto: output_blocks.8 "
                             "on SD, 640 channels at 1/8 of the input; output_blocks.11 is the final layer)")
     group.add_argument("--cove-feature-t", type=integer(0, 999), help=f"timestep of the feature pass (default {d.feature_t})")
-    group.add_argument("--cove-feature-prompt", choices=["empty", "source"], help="prompt of the feature pass (default empty)")
+    group.add_argument("--cove-feature-prompt", choices=COVE_FEATURE_PROMPTS,
+                       help=f"prompt of the feature pass (default {d.feature_prompt})")
     group.add_argument("--cove-inversion-steps", type=STEPS, help=f"DDIM inversion steps (default {d.inversion_steps})")
     group.add_argument("--cove-inject-steps", type=integer(0, 1000),
                        help=f"sampling steps that get the inversion's features, 0 = none (default {d.inject_steps}; "
                             f"with another --steps, the same {d.inject_steps}/{d.steps} of them)")
     group.add_argument("--cove-store-device", type=torch_device, help=f"where saved features wait for injection (default {d.store_device})")
-    group.add_argument("--cove-store-dtype", choices=list(STORE_DTYPES), help=f"dtype of saved features (default {d.store_dtype})")
-    group.add_argument("--cove-backend", choices=["auto", "reference", "triton"], help="window_topk backend (default auto)")
+    group.add_argument("--cove-store-dtype", choices=COVE_STORE_DTYPES, help=f"dtype of saved features (default {d.store_dtype})")
+    group.add_argument("--cove-backend", choices=BACKENDS, help=f"window_topk backend (default {d.backend})")
     group.add_argument("--cove-point", type=relative_point, help="relative point 'y,x' of frame 0 for the correspondence picture (default 0.5,0.5)")
 
 
 def config_from_args(args: argparse.Namespace) -> COVEConfig:
     """COVEConfig from the --cove-* options (and --steps/--guidance) that were given."""
+    from minivid.methods.cove.pipeline import COVEConfig
+
     changes = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt, None) is not None}
     if getattr(args, "steps", None) is not None:
         changes["steps"] = args.steps
@@ -85,6 +91,8 @@ def _point(args: argparse.Namespace) -> tuple[float, float]:
 
 def _write(job: Job, source: torch.Tensor, out, point: tuple[float, float], fps: float) -> None:
     """The outputs of every edit, and COVE's correspondence picture (Appendix C)."""
+    from minivid.methods.cove.visualize import correspondence_legend, correspondence_picture
+
     write_edit(job, source, out.images, fps=fps)
     with job.timed("write"):
         job.write_grid("correspondence.png", correspondence_picture(source.cpu(), out.correspondence, point),
@@ -93,6 +101,8 @@ def _write(job: Job, source: torch.Tensor, out, point: tuple[float, float], fps:
 
 
 def _results(out, config: COVEConfig, frames: torch.Tensor, point: tuple[float, float]) -> dict:
+    import torch
+
     corr = out.correspondence
     others = ~torch.eye(corr.frames, dtype=torch.bool, device=corr.score.device)[:, None, :]   # j != i, [F, 1, F]
     top1 = corr.score[..., 0].float()                                           # [F, N, F]
@@ -109,6 +119,8 @@ def _results(out, config: COVEConfig, frames: torch.Tensor, point: tuple[float, 
 
 def edit(args: argparse.Namespace, job: Job) -> dict:
     """`minivid edit --method cove`: correspondence on the source, inversion and sampling with CGA and injection."""
+    from minivid.methods.cove.pipeline import edit_video
+
     config = config_from_args(args)
     point = _point(args)
     with job.timed("load"):
@@ -136,6 +148,8 @@ DEMO_PROMPT = "a green disc and a yellow square moving"
 def moving_shapes(frames: int, size: int) -> torch.Tensor:
     """A synthetic clip [F, 3, size, size] in [-1, 1]: a red disc moving right and a blue square moving
     down-left over a diagonal grey gradient; both move by a whole number of pixels per frame."""
+    import torch
+
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
     background = ((ys + xs) / (2 * size) * 0.8 - 0.6).expand(3, size, size)
     r, side, step = size // 8, size // 4, max(1, size // (3 * max(frames - 1, 1)))
@@ -161,6 +175,7 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     no real edits: the output shows every stage running (features, correspondence, CGA with merging in
     inversion and sampling, feature injection).
     """
+    from minivid.methods.cove.pipeline import COVEConfig, edit_video
     from minivid.models import StableDiffusion
 
     model = args.model or DEMO_MODELS[0]

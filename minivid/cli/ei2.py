@@ -14,37 +14,44 @@ from __future__ import annotations
 
 import argparse
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from minivid.cli.common import (
     DTYPES, check_demo_arguments, integer, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
     tuning_summary, write_edit, print_hints,
 )
-from minivid.jobs import Job
-from minivid.methods.ei2.model import ORDERS, EI2Config
+from minivid.cli.method_options import BACKENDS, EI2, EI2_ORDERS, EI2_TUNE
+
+if TYPE_CHECKING:            # torch and the method load when a job runs: `minivid edit --help` imports neither
+    import torch
+
+    from minivid.jobs import Job
+    from minivid.methods.ei2.model import EI2Config
 
 log = logging.getLogger(__name__)
 
 METHOD_NAME = "EI²"
 TAKES_TUNED = True                        # edit reads --tuned (the tensors of `minivid tune --method ei2`)
 
-DEFAULT_TUNE_STEPS = 500
-DEFAULT_LR = 3e-5
+DEFAULT_TUNE_STEPS = EI2_TUNE["steps"]
+DEFAULT_LR = EI2_TUNE["lr"]
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     """EI²'s own options (edit; tune reads them too where its parser has them)."""
-    group.add_argument("--ei2-r", type=integer(1, 64), help="FFAM pooling ratio of the other frames (default 2; edit: the checkpoint's)")
-    group.add_argument("--ei2-order", choices=ORDERS,
-                       help="where STAM sits: ffam-stam-ca (the paper's, default) or ffam-ca-stam (App. B.1); "
-                            "edit: the checkpoint's")
-    group.add_argument("--ei2-ffam-backend", choices=["auto", "reference", "triton"],
-                       help="FFAM attention: Triton on CUDA, PyTorch elsewhere (auto, default), or forced")
+    group.add_argument("--ei2-r", type=integer(1, 64),
+                       help=f"FFAM pooling ratio of the other frames (default {EI2['r']}; edit: the checkpoint's)")
+    group.add_argument("--ei2-order", choices=EI2_ORDERS,
+                       help=f"where STAM sits: ffam-stam-ca (the paper's) or ffam-ca-stam (App. B.1) (default "
+                            f"{EI2['order']}; edit: the checkpoint's)")
+    group.add_argument("--ei2-ffam-backend", choices=BACKENDS,
+                       help=f"FFAM attention: Triton on CUDA, PyTorch elsewhere (auto), or forced (default {EI2['ffam_backend']})")
 
 
 def _config(args: argparse.Namespace, saved: EI2Config | None = None) -> EI2Config:
     """The EI² configuration: `saved` (a checkpoint's) or the default, changed by the options given."""
+    from minivid.methods.ei2.model import EI2Config
+
     base = saved or EI2Config()
     changes = {k: v for k, v in (("r", getattr(args, "ei2_r", None)), ("order", getattr(args, "ei2_order", None)),
                                  ("ffam_backend", getattr(args, "ei2_ffam_backend", None))) if v is not None}
@@ -88,6 +95,7 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
     from minivid.methods.ei2.edit import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from minivid.methods.ei2.edit import edit as ei2_edit
     from minivid.methods.ei2.tune import load_tuned, require_method
+    from minivid.methods.ei2.model import EI2Config
     from minivid.tuning import checkpoint_meta
 
     if not args.tuned:
@@ -121,6 +129,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
 def moving_squares(frames: int, size: int) -> torch.Tensor:
     """A synthetic clip [F, 3, size, size] in [-1, 1]: a red square sliding right and a blue one
     sliding down over a vertical grey gradient."""
+    import torch
+
     ys = torch.linspace(-0.6, 0.2, size).view(1, size, 1).expand(3, size, size)
     side = max(2, size // 4)
     clip = []
@@ -148,8 +158,10 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     them), then inversion + editing. A random model makes no real edits: the output shows that every
     stage runs; the tuning loss on a fixed batch, before and after, shows the tuning works.
     """
+    import torch
+
     from minivid.methods.ei2.edit import edit as ei2_edit
-    from minivid.methods.ei2.model import EI2Model
+    from minivid.methods.ei2.model import EI2Config, EI2Model
     from minivid.methods.ei2.tune import diffusion_loss, encode_video, tune_video
     from minivid.models import StableDiffusion
     from minivid.tuning import TuneConfig

@@ -39,17 +39,24 @@ import argparse
 import logging
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from minivid.cli.common import CHUNK, DTYPES, FPS, SEED, integer, number, print_hints, require_weights, write_edit
-from minivid.jobs import Job
+from minivid.cli.method_options import (
+    I2VEDIT, I2VEDIT_CLIPS, I2VEDIT_INVERT_DTYPES, I2VEDIT_LAYER_SETS, I2VEDIT_PRESETS, I2VEDIT_RECIPES,
+    I2VEDIT_STORES, I2VEDIT_TIME_IDS_ORDERS, I2VEDIT_TUNE,
+)
+
+if TYPE_CHECKING:            # torch and the method load when a job runs: `minivid edit --help` imports neither
+    import torch
+
+    from minivid.jobs import Job
 
 log = logging.getLogger(__name__)
 
 METHOD_NAME = "I2VEdit"
 DEFAULT_FRAMES = 26                       # the authors' recipe: clip 0 (11 frames at 2.5 fps) + clip 1 (16 at 7 fps)
-DEFAULT_CHECKPOINT_EVERY = 50             # the authors' (minivid.methods.i2vedit.tune)
+DEFAULT_CHECKPOINT_EVERY = I2VEDIT_TUNE["checkpoint_every"]    # the authors' (minivid.methods.i2vedit.tune)
 TAKES_PROMPT = False                      # guided by an edited first frame, not a prompt
 DEMO_MODELS = ()                          # `minivid demo --method i2vedit` builds a tiny SVD: --model does not apply
 DEMO_HINTS = ["minivid edit --method i2vedit --weights svd.safetensors --video CLIP --first-frame EDITED.png"]
@@ -72,12 +79,14 @@ def add_tune_arguments(group: argparse._ArgumentGroup) -> None:
                        help="HxW the frames are resized to for tuning (default 512x896, the authors'; --tiny 32x48); "
                             "--size is not used by I2VEdit")
     add_recipe_arguments(group)
-    group.add_argument("--i2vedit-rank", type=integer(1, 65_536), default=32, help="motion LoRA rank (default 32)")
+    group.add_argument("--i2vedit-rank", type=integer(1, 65_536), default=I2VEDIT_TUNE["rank"],
+                       help=f"motion LoRA rank (default {I2VEDIT_TUNE['rank']})")
     group.add_argument("--i2vedit-lora-layers", choices=["code", "paper"], default="code",
                        help="LoRA on every Linear of attn1, attn2, ff, ff_in of the temporal blocks (code, default) or on "
                             "their attention layers only (paper: \"the temporal attention layers\")")
-    group.add_argument("--i2vedit-dropout", type=number(0, 1), default=0.1, help="dropout on the LoRA branch output (default 0.1)")
-    group.add_argument("--i2vedit-time-ids", choices=["official", "svd"], default="official",
+    group.add_argument("--i2vedit-dropout", type=number(0, 1), default=I2VEDIT_TUNE["dropout"],
+                       help=f"dropout on the LoRA branch output (default {I2VEDIT_TUNE['dropout']})")
+    group.add_argument("--i2vedit-time-ids", choices=I2VEDIT_TIME_IDS_ORDERS, default=I2VEDIT_TIME_IDS_ORDERS[0],
                        help="added time ids while tuning: official = (fps 6, aug 0.02, motion 127) in the order the "
                             "authors' code passes them (default); svd = (6, 127, 0.02) in SVD's order")
     group.add_argument("--i2vedit-clips", help="tune only these clips, e.g. 0 or 0,2 (default: all)")
@@ -85,16 +94,22 @@ def add_tune_arguments(group: argparse._ArgumentGroup) -> None:
 
 def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
     """The clip recipe and the frame sampling, shared by tune and edit (they must agree on the clips)."""
-    group.add_argument("--i2vedit-recipe", choices=["authors", "uniform"], default="authors",
-                       help="authors (default): clip 0 with the first config (11 frames at 2.5 fps, fps id 4), clips >= 1 "
-                            "with the subsequent-clip config (16 frames at 7 fps, fps id 6, skip-interval attention in "
-                            "editing and LoRA tuning, 250 tuning steps); uniform: every clip with the first config")
+    first, later = I2VEDIT_CLIPS["first"], I2VEDIT_CLIPS["subsequent"]
+    group.add_argument("--i2vedit-recipe", choices=I2VEDIT_RECIPES, default=I2VEDIT["recipe"],
+                       help=f"authors (default): clip 0 with the first config ({first['length']} frames at "
+                            f"{first['sample_fps']:g} fps, fps id {first['output_fps'] - 1}), clips >= 1 with the "
+                            f"subsequent-clip config ({later['length']} frames at {later['sample_fps']:g} fps, fps id "
+                            f"{later['output_fps'] - 1}, skip-interval attention in editing and LoRA tuning, "
+                            f"{later['tune_steps']} tuning steps); uniform: every clip with the first config")
     group.add_argument("--sample-fps", type=number(0, 1000),
-                       help="read the source at this many frames per second, over time as the authors' loader (default: "
-                            "the recipe's, 2.5 for clip 0 and 7 after); 0: consecutive frames (--stride N: every N-th)")
+                       help=f"read the source at this many frames per second, over time as the authors' loader (default: "
+                            f"the recipe's, {first['sample_fps']:g} for clip 0 and {later['sample_fps']:g} after); "
+                            f"0: consecutive frames (--stride N: every N-th)")
     group.add_argument("--i2vedit-clip-length", type=integer(1, 100_000),
-                       help="frames per clip, every clip (default: the recipe's, 11 for clip 0 and 16 after)")
-    group.add_argument("--i2vedit-overlap", type=integer(0, 100_000), default=1, help="frames shared by consecutive clips (default 1)")
+                       help=f"frames per clip, every clip (default: the recipe's, {first['length']} for clip 0 and "
+                            f"{later['length']} after)")
+    group.add_argument("--i2vedit-overlap", type=integer(0, 100_000), default=I2VEDIT["overlap"],
+                       help=f"frames shared by consecutive clips (default {I2VEDIT['overlap']})")
 
 
 def _plan(args: argparse.Namespace):
@@ -179,6 +194,8 @@ def _sampling_record(plan, fps: float) -> dict:
 
 def _load_svd(args: argparse.Namespace, tiny_note: str = "its outputs are not meaningful", dtype: torch.dtype | None = None):
     """The SVD of --weights (or a tiny random one with --tiny) in `dtype` (default --dtype) on --device."""
+    import torch
+
     from minivid.svd import StableVideoDiffusion
 
     from minivid.cli.common import record_ran
@@ -296,26 +313,26 @@ _FIELDS = {
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """I2VEdit's editing options; unset ones take I2VEditConfig's defaults (the authors' code)."""
-    from minivid.methods.i2vedit import PRESETS, I2VEditConfig
-
-    d = I2VEditConfig()
+    """I2VEdit's editing options; unset ones take I2VEditConfig's defaults (the authors' code; shown from
+    minivid.cli.method_options, which holds the same values without importing torch)."""
+    d, PRESETS = argparse.Namespace(**I2VEDIT), I2VEDIT_PRESETS
     group.add_argument("--first-frame", help="I2VEdit: the edited first frame (png/jpg, from any image editor)")
     group.add_argument("--lora", help="I2VEdit: folder of motion LoRAs from `minivid tune --method i2vedit` (one per clip)")
-    group.add_argument("--i2vedit-lora-step", type=integer(0, 10_000_000), default=250,
-                       help="tuning checkpoint of each clip's LoRA (default 250, the authors'; the newest if absent)")
+    group.add_argument("--i2vedit-lora-step", type=integer(0, 10_000_000), default=I2VEDIT_TUNE["use_step"],
+                       help=f"tuning checkpoint of each clip's LoRA (default {I2VEDIT_TUNE['use_step']}, the authors'; "
+                            f"the newest if absent)")
     group.add_argument("--i2vedit-lora-scale", type=number(-100, 100), default=1.0, help="motion LoRA scale (default 1)")
     group.add_argument("--preset", choices=sorted(PRESETS),
                        help="I2VEdit temporal attention stages (β1, β2): " +
                             ", ".join(f"{k} {v}" for k, v in PRESETS.items()) + f" (default {d.preset})")
     group.add_argument("--i2vedit-size", help="working size HxW (default 576x1024; --tiny 32x48)")
-    group.add_argument("--i2vedit-layer-set", choices=["official", "paper"],
+    group.add_argument("--i2vedit-layer-set", choices=I2VEDIT_LAYER_SETS,
                        help="temporal layers copied in the middle stage: official (the code: input_blocks.7/.8, "
                             "middle_block, output_blocks.3/.4) or paper (every layer at downscale >= 4)")
     group.add_argument("--i2vedit-compare", choices=[">=", ">"], help="M = 1 where D >= thr (code, default) or > (paper)")
     group.add_argument("--i2vedit-mask-thr", type=number(0, 1), nargs=2, metavar=("FIRST", "LAST"),
                        help=f"matching threshold ramped over the frames (default {d.mask_thr[0]} {d.mask_thr[1]})")
-    group.add_argument("--i2vedit-store", choices=["recompute", "stored"],
+    group.add_argument("--i2vedit-store", choices=I2VEDIT_STORES,
                        help="source attention: recompute at every edit step (default) or keep what editing reads")
     group.add_argument("--i2vedit-no-matching", action="store_true", help="edit without attention matching")
     add_recipe_arguments(group)
@@ -324,7 +341,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "on for clips >= 1 with the authors' recipe)")
     group.add_argument("--i2vedit-output-fps", type=FPS, help="fps the video is conditioned on, every clip; fps id = this - 1 "
                                                               "(default: the recipe's, 5 for clip 0 and 7 after)")
-    group.add_argument("--i2vedit-invert-dtype", choices=["fp32", "edit"],
+    group.add_argument("--i2vedit-invert-dtype", choices=I2VEDIT_INVERT_DTYPES,
                        help="inversion and recomputed source attention in fp32 (default, as the authors; the weights are "
                             "loaded in fp32 and the edit's UNet runs in --dtype under autocast) or in the edit's --dtype "
                             "(the weights are then loaded in --dtype: half the memory)")
@@ -434,6 +451,8 @@ def _check(svd, cfg, video, work):
 
 
 def _outputs(job: Job, source, result, fps: float) -> dict:
+    import torch
+
     from minivid.methods.i2vedit.visualize import mask_legend, mask_picture, row_label
 
     write_edit(job, source, result.frames, fps=fps)
@@ -474,6 +493,8 @@ def _clip_records(result, plan=None, loras=None) -> list[dict]:
 
 
 def _results(svd, cfg, result, video, work, notes, seconds) -> dict:
+    import torch
+
     from minivid.methods.i2vedit import store_bytes
     from minivid.methods.i2vedit.edit import DTYPE_NAMES
 
@@ -493,6 +514,8 @@ def _results(svd, cfg, result, video, work, notes, seconds) -> dict:
 
 def edit(args: argparse.Namespace, job: Job) -> dict:
     """`minivid edit --method i2vedit`."""
+    import torch
+
     from minivid.methods.i2vedit import edit_video
 
     from minivid.methods.i2vedit.edit import DTYPE_NAMES, check_store_budget
@@ -531,6 +554,8 @@ def edit(args: argparse.Namespace, job: Job) -> dict:
 def moving_shapes(frames: int, height: int, width: int) -> torch.Tensor:
     """A synthetic clip [F, 3, H, W] in [-1, 1]: a red disc moving right and a blue bar moving down over a
     flat grey top (a smooth area for SARP) and a gradient bottom; whole-pixel motion."""
+    import torch
+
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                             indexing="ij")
     background = torch.where(ys < height / 2, torch.full_like(ys, 0.2), (xs / width) * 0.8 - 0.5).expand(3, height, width)
@@ -548,6 +573,8 @@ def moving_shapes(frames: int, height: int, width: int) -> torch.Tensor:
 
 def recolour(frame: torch.Tensor) -> torch.Tensor:
     """The demo's 'image editor': the red disc becomes green (channels of reddish pixels rotated)."""
+    import torch
+
     out = frame.clone()
     red = (frame[0] > 0.5) & (frame[1] < 0) & (frame[2] < 0)
     out[:, red] = torch.tensor([-0.8, 0.9, -0.8])[:, None]
@@ -565,6 +592,8 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     frame is the source's with the red disc recoloured green. No motion LoRA (tuning is `minivid tune
     --method i2vedit`). A random model makes no real edits: the outputs show every stage running.
     """
+    import torch
+
     from minivid.methods.i2vedit import I2VEditConfig, edit_video
 
     if args.steps < 2 or args.frames < 3 or args.size < 16 or args.size % 16:

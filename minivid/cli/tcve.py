@@ -17,15 +17,18 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from minivid.cli.common import (
     DTYPES, check_demo_arguments, integer, fixed_batch_loss, load_sd, read_source, tiny_base, tuning_demo_results,
     tuning_summary, write_edit, print_hints,
 )
-from minivid.jobs import Job
-from minivid.methods.tcve.stu import ABLATIONS
+from minivid.cli.method_options import TCVE_ABLATIONS
+
+if TYPE_CHECKING:            # torch and the method load when a job runs: `minivid edit --help` imports neither
+    import torch
+
+    from minivid.jobs import Job
 
 TAKES_TUNED = True                        # edit reads --tuned (the tensors of `minivid tune --method tcve`)
 
@@ -36,7 +39,7 @@ METHOD_NAME = "TCVE"
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     """TCVE's own options (edit; tune reads them too where its parser has them)."""
-    group.add_argument("--tcve-ablation", choices=sorted(ABLATIONS),
+    group.add_argument("--tcve-ablation", choices=sorted(TCVE_ABLATIONS),
                        help="paper Tables II-III: no_temporal_unet, no_stu (plain sum), no_temporal_attention, "
                             "no_conv3d (default none; edit: the checkpoint's)")
     group.add_argument("--tcve-inversion-prompt", choices=["empty", "source"], default="empty",
@@ -142,6 +145,8 @@ DEMO_PROMPT = "an orange planet drifting across a night sky"
 def rolling_ball(frames: int, size: int) -> torch.Tensor:
     """A synthetic clip [F, 3, size, size] in [-1, 1]: a white disc moving left to right along an arc
     over a vertical orange-to-purple gradient."""
+    import torch
+
     ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     top, bottom = torch.tensor([0.9, 0.3, -0.4]), torch.tensor([-0.3, -0.7, 0.2])
     sky = top.view(3, 1, 1) * (1 - ys) + bottom.view(3, 1, 1) * ys                  # [3, S, S]
@@ -162,6 +167,8 @@ def demo(args: argparse.Namespace, job: Job) -> dict:
     model makes no real edits: the output shows that every stage runs; the tuning loss on a fixed
     batch, before and after, shows that tuning works.
     """
+    import torch
+
     from minivid.methods.tcve.edit import EDIT_GUIDANCE, edit_tcve
     from minivid.methods.tcve.model import TCVEModel
     from minivid.methods.tcve.tune import diffusion_loss, encode_video, tune_config, tune_tcve

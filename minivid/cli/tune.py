@@ -7,6 +7,7 @@ from minivid.cli.common import (
     add_model_arguments, add_video_arguments, available_clis, integer, method_defaults, number, per_method_frames,
     run_method,
 )
+from minivid.cli.method_options import per_method
 
 help = "one-shot tuning on a source video (EI², TCVE; I2VEdit's motion LoRAs)"
 
@@ -20,13 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=list(tuning_clis()), help="the method to tune")
     p.add_argument("--prompt", help="a prompt describing the source video (EI², TCVE; I2VEdit takes none)")
     p.add_argument("--steps", type=integer(1, 10_000_000),
-                   help="tuning steps (default: the method's: EI² 500, TCVE 100, I2VEdit 300)")
+                   help=f"tuning steps (default: the method's: {per_method('steps')})")
     p.add_argument("--lr", type=number(0, 1, low_open=True),
-                   help="learning rate in (0, 1] (default: the method's: EI²/TCVE 3e-5, I2VEdit 5e-4)")
+                   help=f"learning rate in (0, 1] (default: the method's: {per_method('lr', fmt='{:g}')})")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="mixed precision for the forward pass")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
     p.add_argument("--checkpoint-every", type=integer(1, 10_000_000),
-                   help="write the tuned tensors every n ≥ 1 steps (default: the method's: EI²/TCVE 100, I2VEdit 50)")
+                   help=f"write the tuned tensors every n ≥ 1 steps (default: the method's: {per_method('checkpoint_every')})")
     p.add_argument("--restart", action="store_true",
                    help="start over in --out even if it holds a checkpoint of another run (its checkpoints are "
                         "moved into --out/previous-<n>/); without it, a checkpoint there is resumed when it is of "
