@@ -309,27 +309,55 @@ class LayerShape:
 
 
 def layer_shapes(unet_cfg, latent_hw: tuple[int, int], frames: int) -> list[LayerShape]:
-    """Every attn1 layer's token grid, heads and head width for a latent size, from a forward pass of
-    the UNet on the meta device (no memory, any size)."""
-    from minivid.unet_video import VideoUNet
+    """Every attn1 layer's token grid, heads and head width for a latent size, in call order, computed
+    from the UNet config (no model, no forward: microseconds at any size).
 
-    with torch.device("meta"):
-        unet = VideoUNet(unet_cfg)
+    The layout is the UNet's (`minivid.unet.UNet.__init__`): `input_blocks.0` is the input conv, then per
+    level ℓ (channels `model_channels · channel_mult[ℓ]`) `num_res_blocks` blocks, each with a
+    transformer at position 1 when the level's downscale 2^ℓ is in `attention_resolutions`, and a
+    Downsample block after every level but the last; the middle block's transformer (`middle_block.1`)
+    at the deepest level; on the way up `num_res_blocks + 1` blocks per level, deepest first, with the
+    level's transformer at position 1. Every transformer has `transformer_depth` spatial blocks, each
+    followed (SVD) by its temporal block: `transformer_blocks.d.attn1` then `time_stack.d.attn1`.
+    Token grids: a Downsample (3×3 conv, stride 2, padding 1) rounds each side up, H -> ⌈H/2⌉, and the
+    up path meets the skips' grids, so level ℓ has the same grid down and up. Heads and head width:
+    `unet_cfg.heads(channels)`. `frames` does not change the list (kept for the callers' signature).
+    tests/test_i2vedit_layer_shapes.py checks it against a forward of the real UNet on the meta device."""
+    from minivid.unet_video import VideoUNetConfig
+
+    del frames
+    h, w = (int(v) for v in latent_hw)
+    if h < 1 or w < 1:
+        raise ValueError(f"layer_shapes: latent size must be positive, got {latent_hw}")
+    grids = []
+    for _ in unet_cfg.channel_mult:
+        grids.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    temporal = isinstance(unet_cfg, VideoUNetConfig)           # SVD: a temporal block after each spatial one
     shapes: list[LayerShape] = []
 
-    def wrap(kind):
-        def make(inner):
-            def proc(q, k, v, ctx):
-                shapes.append(LayerShape(ctx.name, kind, tuple(ctx.hw), q.shape[1], q.shape[-1]))
-                return inner(q, k, v, ctx)
-            return proc
-        return make
+    def transformer(prefix: str, level: int) -> None:
+        heads, dim_head = unet_cfg.heads(unet_cfg.model_channels * unet_cfg.channel_mult[level])
+        for d in range(unet_cfg.transformer_depth):
+            shapes.append(LayerShape(f"{prefix}.transformer_blocks.{d}.attn1", "spatial", grids[level], heads, dim_head))
+            if temporal:
+                shapes.append(LayerShape(f"{prefix}.time_stack.{d}.attn1", "temporal", grids[level], heads, dim_head))
 
-    h, w = latent_hw
-    with torch.no_grad(), wrap_processors(unet, SPATIAL, wrap("spatial")), wrap_processors(unet, TEMPORAL, wrap("temporal")):
-        x = torch.empty(1, frames, unet_cfg.in_channels, h, w, device="meta")
-        unet(x, torch.ones((), device="meta"), torch.empty(1, 1, unet_cfg.context_dim, device="meta"),
-             torch.empty(1, 3, device="meta"))
+    last = len(unet_cfg.channel_mult) - 1
+    block = 1
+    for level in range(last + 1):
+        for _ in range(unet_cfg.num_res_blocks):
+            if 2 ** level in unet_cfg.attention_resolutions:
+                transformer(f"input_blocks.{block}.1", level)
+            block += 1
+        block += level != last                                   # the Downsample block
+    transformer("middle_block.1", last)
+    block = 0
+    for level in range(last, -1, -1):
+        for _ in range(unet_cfg.num_res_blocks + 1):
+            if 2 ** level in unet_cfg.attention_resolutions:
+                transformer(f"output_blocks.{block}.1", level)
+            block += 1
     return shapes
 
 
