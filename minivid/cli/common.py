@@ -476,9 +476,12 @@ def per_method_frames(p: argparse.ArgumentParser, clis: dict[str, ModuleType]) -
             action.help = f"number of frames to read, ≥ 1 (default: the method's: {defaults})"
 
 
-def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
+def run_method(args: argparse.Namespace, action: str, hint: str = "", then=None) -> int:
     """`minivid <action> --method NAME`: run `minivid.cli.<name>.<action>(args, job)` in a job
-    folder of its own and write its record. `hint`: what to do instead when the method has none."""
+    folder of its own and write its record. `hint`: what to do instead when the method has none.
+    `then(job, results) -> dict`: more work of the same job after the method's (`edit --eval`), while the
+    job still holds its folder's lock and before record.json is written (once, with what it returns under
+    its results); its outputs are still in the job's staging folder (`job.stage`)."""
     from minivid.jobs import Job
 
     try:
@@ -489,8 +492,10 @@ def run_method(args: argparse.Namespace, action: str, hint: str = "") -> int:
         raise ValueError(f"method {args.method!r} has no {action} in this installation "
                          f"(minivid.cli.{args.method}.{action}){hint}")
     job = Job(f"{action}-{args.method}", args.out, vars(args))
-    results = getattr(mod, action)(args, job)
-    record = job.finish(**(results or {}))
+    results = getattr(mod, action)(args, job) or {}
+    if then is not None:
+        results = {**results, **then(job, results)}
+    record = job.finish(**results)
     print(f"wrote {job.dir} ({', '.join(job.record['outputs'])}); record: {record}")
     return 0
 

@@ -1,8 +1,9 @@
 """`minivid edit --method NAME ...`: edit a video with one of the methods.
 
-`--eval` then scores the written edited.mp4 (against the source clip) with `minivid eval`'s metrics
-and adds them to the job's record.json under results.eval; the weights it needs are checked
-before the edit starts.
+`--eval` then scores the edited.mp4 (against the source clip) with `minivid eval`'s metrics, as part of
+the same job (its folder still locked, the video still staged), and the job's one record.json holds
+them under results.eval; the weights it needs are checked before the edit starts. When the scoring
+fails, the edit is still written, its record says why under results.eval.error, and the exit code is 1.
 """
 from __future__ import annotations
 
@@ -52,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from minivid.cli.eval import choose_metrics, format_skipped, weights_paths
-    from minivid.jobs import default_out_dir
 
     # every weights file the metrics need, before the edit runs
     metrics, skipped = choose_metrics(args.eval_metrics, args.prompt, weights_paths(args, "eval-"), args.tiny,
@@ -60,44 +60,49 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         print(format_skipped(skipped), file=sys.stderr)
     args._eval_skipped = skipped
-    if not args.out:
-        args.out = str(default_out_dir(f"edit-{args.method}"))
-    code = run_method(args, "edit")
-    if code == 0:
-        append_eval(args, metrics)
+    # the scoring is part of the edit's job: it reads the staged edited.mp4 while the job holds the folder's
+    # lock, and its results go into the one record.json the job writes (minivid.outputs' writer)
+    failed: list[str] = []
+
+    def then(job, results: dict) -> dict:
+        try:
+            return {"eval": score_edit(args, metrics, job, results)}
+        except Exception as e:       # noqa: BLE001 - the edit is done and kept; the record says why it has no metrics
+            if getattr(args, "verbose", False):
+                raise
+            failed.append(f"{type(e).__name__}: {e}")
+            return {"eval": {"error": failed[0]}}
+
+    code = run_method(args, "edit", then=then)
+    if failed:
+        print(f"minivid edit: error: --eval failed after the edit ({failed[0]}); the edit is written, its "
+              f"record.json has results.eval.error instead of metrics", file=sys.stderr)
+        return 1
     return code
 
 
-def append_eval(args: argparse.Namespace, metrics: tuple[str, ...]) -> None:
-    """Score the job's edited.mp4 (and the source clip) and write the results into its record.json."""
-    import json
-    import time
+def score_edit(args: argparse.Namespace, metrics: tuple[str, ...], job, results: dict) -> dict:
+    """Score the job's edited.mp4 (still in its staging folder) against the source clip: results.eval of its
+    record (timings_s.eval: the time it took)."""
     from pathlib import Path
 
     from minivid.cli.eval import build_evaluator, evaluate_videos, format_table
     from minivid.video import read_video
 
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    evaluator = build_evaluator(args, metrics, prefix="eval-")
-    edited = read_video(out / "edited.mp4")
-    path = out / "record.json"
-    record = json.loads(path.read_text())
-    sampled = (record.get("results") or {}).get("sampling", {}).get("source_frames")
-    if sampled:                  # the method sampled the source itself (I2VEdit: over time): score those frames
-        from minivid.cli.i2vedit import _read_frames
+    with job.timed("eval"):
+        evaluator = build_evaluator(args, metrics, prefix="eval-")
+        edited = read_video(job.stage / "edited.mp4")
+        sampled = (results.get("sampling") or {}).get("source_frames")
+        if sampled:              # the method sampled the source itself (I2VEdit: over time): score those frames
+            from minivid.cli.i2vedit import _read_frames
 
-        source = _read_frames(Path(args.video), sampled)
-    else:
-        source = read_video(args.video, num_frames=args.frames, stride=args.stride)
-    result = {"video": "edited.mp4", "source_video": args.video, "prompt": args.prompt, "tiny": bool(args.tiny),
-              **evaluate_videos(evaluator, edited, args.prompt, source)}
+            source = _read_frames(Path(args.video), sampled)
+        else:
+            source = read_video(args.video, num_frames=args.frames, stride=args.stride)
+        result = {"video": "edited.mp4", "source_video": args.video, "prompt": args.prompt, "tiny": bool(args.tiny),
+                  **evaluate_videos(evaluator, edited, args.prompt, source)}
     if getattr(args, "_eval_skipped", None):
         result["skipped"] = args._eval_skipped
-    record["results"]["eval"] = result
-    record["timings_s"]["eval"] = round(time.perf_counter() - t0, 4)
-    from minivid.outputs import write_json
-
-    write_json(path, record, default=str, inputs=[p for p in (args.video, args.weights, args.tuned) if p])
     print(format_table(result["metrics"], result["source"]["metrics"]))
-    print(f"added the metrics to {path} (results.eval)")
+    print("the metrics are in the job's record.json (results.eval)")
+    return result
