@@ -8,8 +8,9 @@ On random unit features of F frames with an H×W token grid and width d (COVE: 2
   directions it runs once per direction (i -> i+1 and i+1 -> i);
 - `window_topk_reference`: 8×8 query tiles as batched matmuls against their 16×16 key regions,
   candidates packed with their index into int64 keys for the tie rule (the former CPU path);
-- `window_topk_band` (the CPU path, one direction): 4×4 query tiles against their 12×12 key regions
-  (l=9), the tiles of a column strip a few bmm calls on strided views of two contiguous copies;
+- `window_topk_band` (the CPU path, one direction): query tiles of `default_tile()` (4×8 where MKL
+  runs AVX-512 kernels, else 4×4) against their key regions (12×16 / 12×12 at l=9), the tiles of
+  a column strip a few bmm calls on strided views of two contiguous copies;
 - `window_topk_pair` (both directions, what `consecutive_topk` runs): the same tiles, with border
   regions grown so that a[p]·b[q] of i -> i+1 also serves i+1 -> i: nothing is searched twice;
 - `--full` adds l = 3 / 15 (Table 4's windows) and Eq. 5's all-pairs matrix (one block row measured,
@@ -30,7 +31,6 @@ self allocations; outputs included; shape plans cached before).
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import pathlib
 import subprocess
@@ -41,17 +41,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved_clocks, machine, table, write_section  # noqa: E402
+from _common import interleaved_clocks, machine, peak_memory, table, write_section  # noqa: E402
 
 from minivid.kernels.correspondence import (  # noqa: E402
     _block_plan,
+    default_tile,
     multiply_adds,
     window_topk_band,
     window_topk_pair,
     window_topk_reference,
 )
 
-BAND_TILE = inspect.signature(window_topk_band).parameters["tile"].default   # (rows, columns)
+BAND_TILE = default_tile()                                   # (rows, columns) on this machine
 PAPER_GMAC = {3: 0.448, 9: 4.03, 15: 11.2, None: 241.0}      # COVE Table 4 (×10⁹)
 TITLE = "COVE correspondence search (windowed vs full matrices)"
 
@@ -190,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         "directions (for the per-pair path: its whole-frame products over the window's). Clocks: 'wall' "
         "is elapsed time, 'CPU' the process CPU time of the same runs (all its threads, BLAS spin-waits "
         "included; time other jobs hold the cores not counted): on a loaded machine the CPU-time ratios are "
-        f"the steadier ones. Band path tiles {BAND_TILE[0]}×{BAND_TILE[1]} queries (pair: the same tiles, "
+        f"the steadier ones. Band path tiles {BAND_TILE[0]}×{BAND_TILE[1]} queries (`default_tile()`: 4×8 where MKL "
+        "runs its AVX-512 kernels, else 4×4; pair: the same tiles, "
         "regions grown at the borders so that one pass serves both directions). "
         f"Machine: {machine(threads='/'.join(map(str, threads)))}.\n\n"
         f"Command: `{cmd} --write`."
@@ -204,19 +206,9 @@ def run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- helpers of this benchmark
 
-def peak_memory(fn) -> int:
-    """Peak bytes held by torch's CPU allocator while `fn` runs (profiler self allocations)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    peak = cur = 0
-    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
-
-
 def peak_memory_1(fn) -> int:
-    """`peak_memory` at 1 torch thread (restored after): the band paths then run in this thread,
+    """`_common.peak_memory` (profiler self allocations; Kineto's start/stop lines kept off the
+    terminal) at 1 torch thread (restored after): the band paths then run in this thread,
     whose allocations the profiler sees (a worker thread's it does not)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -21,11 +21,12 @@ Conventions (both implementations follow them exactly):
   only); `score` is returned in that accumulation dtype, also for float16/bfloat16 inputs.
 
 Four functions share one signature, and a fifth serves both directions:
-- `window_topk_band`: PyTorch, the CPU path. Queries are cut into tiles of 4×4 tokens; a
-  tile's windows all lie in one key region of (4+L_h-1)×(4+L_w-1) keys, and the tiles of a
-  column strip are a few bmm calls on strided views of two contiguous copies (the strip's
-  queries and its region columns of keys): [16, d]×[d, 144] products at l=9, 1.78x the exact
-  multiply-adds. Each query then gathers its L² candidates (precomputed indices, flat-index
+- `window_topk_band`: PyTorch, the CPU path. Queries are cut into tiles of T_h×T_w tokens
+  (`default_tile()`: 4×8 where MKL runs AVX-512 kernels, else 4×4); a tile's windows all lie in
+  one key region of (T_h+L_h-1)×(T_w+L_w-1) keys, and the tiles of a column strip are a few bmm
+  calls on strided views of two contiguous copies (the strip's queries and its region columns of
+  keys): [192, d]×[d, 32] products at l=9 for 4×8 tiles (2.37x the exact multiply-adds),
+  [144, d]×[d, 16] for 4×4 (1.78x). Each query then gathers its L² candidates (precomputed indices, flat-index
   order) and keeps the top K by K passes of `max` (first maximal index = the tie rule). Pairs
   run one per worker thread, with torch's intra-op threads at 1 meanwhile.
 - `window_topk_reference`: PyTorch. Queries are cut into T×T tiles; each tile is one
@@ -49,13 +50,14 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import functools
+import os
 import threading
 
 import torch
 
 __all__ = [
     "window_topk", "window_topk_pair", "window_topk_band", "window_topk_reference", "window_topk_triton",
-    "window_starts", "multiply_adds",
+    "window_starts", "multiply_adds", "default_tile",
 ]
 
 _BACKENDS = ("auto", "triton", "band", "reference")
@@ -237,11 +239,16 @@ def window_topk_reference(
 # Queries are cut into tiles of T_h×T_w tokens; the windows of a tile all lie in one key region
 # (R ≤ T + L - 1 per axis in the frame interior), so a tile is one [T_h·T_w, d]×[d, R_h·R_w]
 # product. Per query it multiplies R_h·R_w keys for L_h·L_w candidates: (T_h+L_h-1)(T_w+L_w-1)
-# /(L_h·L_w) the exact work, 1.78x at 4×4 tiles and l=9 (a 1×16 row segment: 2.67x), and
-# M = 16 rows keep BLAS near its rate. For column strip j the strip's queries are copied into
+# /(L_h·L_w) the exact work at l=9: 1.78x at 4×4 tiles, 2.37x at 4×8 (a 1×16 row segment: 2.67x);
+# which tile is faster depends on BLAS's rate for the two product shapes (`default_tile`). The
+# product is computed keys first, region [R_h·R_w, D] × tile^T [D, T_h·T_w]: the same sums as
+# tile × region^T (MKL sums each dot product in one order for both), but MKL runs it faster on
+# these shapes (one pair, one thread, Intel Xeon AVX-512, 4×4 tiles: 12.8 vs 15.9 ms with
+# the copies; its AVX2 kernels: 13.5 vs 16.5 ms). For column strip j the strip's queries are copied into
 # qs [H, T_w, D] and its region columns of keys into ks [H, R_w, D] (contiguous), so a tile's
 # queries are the block qs[r0 : r0+T_h] -> [T_h·T_w, D] and its region the block
-# ks[g : g+R_h] -> [R_h·R_w, D]: row tiles whose starts step evenly are one bmm on strided views.
+# ks[g : g+R_h] -> [R_h·R_w, D]: row tiles whose starts step evenly are one bmm on strided views,
+# writing each tile's [R_h·R_w, T_h·T_w] block of similarities (keys major) into one flat buffer.
 #
 # Both directions (`window_topk_pair`): a[p]·b[q] serves p -> q and q -> p, if p's tile region
 # also holds every q whose window holds p. In the interior that is the same region; at the
@@ -334,8 +341,8 @@ def _block_gather(H: int, W: int, window: int, tile_h: int, tile_w: int, both: b
     else:            # in the query's tile, at the candidate's place
         (ph, pw), (qh, qw) = (h, w), (kh, kw)
     i, j = t(rown)[ph], t(cown)[pw]
-    ext = rext[i] * cext[j]
-    index = off[j, i] + (t(rslot)[ph] * Tw + t(cslot)[pw]) * ext + (qh - rreg[i]) * cext[j] + (qw - creg[j])
+    place = (qh - rreg[i]) * cext[j] + (qw - creg[j])                     # key's place in the region
+    index = off[j, i] + place * (Th * Tw) + t(rslot)[ph] * Tw + t(cslot)[pw]
     index = index.flatten()
     return index.int() if size < 2 ** 31 else index
 
@@ -356,7 +363,7 @@ def _block_sims(q, kf, plan, qs, ks, out) -> None:
             a = qs.as_strided((n, Th * Tw, D), (dr * Tw * D, D, 1), r0 * Tw * D)
             b = kv.as_strided((n, rh * rw, D), (dg * rw * D, D, 1), g0 * rw * D)
             o = offsets[j][i]
-            torch.bmm(a, b.transpose(1, 2), out=out[o:o + n * Th * Tw * rh * rw].view(n, Th * Tw, rh * rw))
+            torch.bmm(b, a.transpose(1, 2), out=out[o:o + n * Th * Tw * rh * rw].view(n, rh * rw, Th * Tw))
 
 
 _MAX_PASSES = 6      # k up to this: k passes of max (2-3x faster than topk at C = 81); above: topk
@@ -442,8 +449,36 @@ def _over_pairs(B: int, threads: int | None, make, work) -> None:
         torch.set_num_threads(previous)
 
 
+@functools.lru_cache(maxsize=None)
+def default_tile() -> tuple[int, int]:
+    """The block path's default tile (rows, columns): 4×8 where MKL runs its AVX-512 kernels (an
+    Intel CPU with AVX-512, torch built with MKL, MKL_ENABLE_INSTRUCTIONS not lowering it), 4×4
+    elsewhere.
+
+    Why (one pair at COVE's size, l = 9, one thread): a 4×8 tile is one [192, d]×[d, 32] product
+    (2.37x the exact multiply-adds), a 4×4 tile one [144, d]×[d, 16] (1.78x). MKL's AVX-512 kernels
+    run the larger products at a higher rate (Intel Xeon, AVX-512: 64 vs 48 GMAC/s, tile products
+    alone), which more than pays for the extra work; its AVX2 kernels (AMD CPUs, whose MKL runs
+    them also on AVX-512 hardware, and Intel CPUs without AVX-512) run both near one rate, and then
+    the smaller tile's fewer products win. The results are the same either way (tie rule, fp32
+    sums; bitwise wherever BLAS sums both shapes' dot products in one order).
+    """
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or "BLAS_INFO=mkl" not in torch.__config__.show():
+        return (4, 4)
+    if not os.environ.get("MKL_ENABLE_INSTRUCTIONS", "AVX512").upper().startswith("AVX512"):
+        return (4, 4)
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = "GenuineIntel" in f.read(4096)
+    except OSError:
+        intel = False
+    return (4, 8) if intel else (4, 4)
+
+
 def _tile_sides(tile, name: str) -> tuple[int, int]:
-    """tile: an int (T×T) or a (rows, columns) pair of positive ints."""
+    """tile: an int (T×T), a (rows, columns) pair of positive ints, or None (`default_tile()`)."""
+    if tile is None:
+        return default_tile()
     sides = (tile, tile) if not isinstance(tile, (tuple, list)) else tuple(tile)
     if len(sides) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sides):
         raise ValueError(f"{name}: tile must be a positive integer or a (rows, columns) pair of them, got {tile!r}")
@@ -486,7 +521,7 @@ def window_topk_band(
     window: int = 9,
     k: int = 3,
     *,
-    tile: int | tuple[int, int] = (4, 4),
+    tile: int | tuple[int, int] | None = None,
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed top-K as small query tiles against their key regions (the CPU path).
@@ -496,11 +531,13 @@ def window_topk_band(
     tiles of a column strip are a few bmm calls on strided views of two contiguous copies (the
     strip's queries and its region columns of keys). Each query then reads its L_h·L_w
     candidates (a precomputed gather, flat-index order) and keeps the top K (tie rule as in the
-    module docstring). At l=9 the default 4×4 tiles multiply 1.78x the exact multiply-adds in
-    [16, d]×[d, 144] products (1×16 row segments, the former default: 2.67x). Pairs (the batch)
+    module docstring). The default tile (None) is `default_tile()`: at l=9, 4×8 tiles multiply
+    2.37x the exact multiply-adds in [192, d]×[d, 32] products, 4×4 tiles 1.78x in [144, d]×[d, 16]
+    ones (1×16 row segments, the former default: 2.67x). Pairs (the batch)
     are spread over `threads` worker threads (default torch.get_num_threads(); see
     `_over_pairs`). Memory beyond inputs and outputs per worker: one pair's tile similarities
-    and candidates and one strip of queries and keys (~4.7 MiB at l=9, 64×64, d=640, fp32).
+    and candidates and one strip of queries and keys (at l=9, 64×64, d=640, fp32: 3.0 + 1.3 + 3.8
+    MiB with 4×8 tiles, 2.3 + 1.3 + 2.5 MiB with 4×4).
     Same signature and results as `window_topk_reference`; no gradient.
     """
     return _block_search(src, dst, window, k, tile, threads, False, "window_topk_band")
@@ -513,7 +550,7 @@ def window_topk_pair(
     k: int = 3,
     *,
     backend: str = "auto",
-    tile: int | tuple[int, int] = (4, 4),
+    tile: int | tuple[int, int] | None = None,
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both directions at once: `window_topk(a, b)` and `window_topk(b, a)`, as
@@ -524,9 +561,9 @@ def window_topk_pair(
     backward query q of b reads a[p]·b[q] for each p of its window from p's tile. The regions
     hold, besides the tile's windows, every q whose window holds one of the tile's p: the same
     region in the frame interior, up to l//2 rows/columns more for border tiles, where a
-    shifted window reaches farther. At l=9, 64×64 and 4×4 tiles that is 0.92x the exact
-    multiply-adds of both directions. Memory beyond inputs and outputs per worker thread: one
-    pair's similarities (2.4 MiB at l=9, 64×64, fp32), both directions' candidates in turn and
+    shifted window reaches farther. At l=9 and 64×64 that is 1.20x the exact multiply-adds of
+    both directions with 4×8 tiles, 0.91x with 4×4. Memory beyond inputs and outputs per worker
+    thread: one pair's similarities (3.0 / 2.3 MiB at l=9, 64×64, fp32, 4×8 / 4×4 tiles), both directions' candidates in turn and
     one strip of queries and keys. Other backends run two searches. tile/threads: as in
     `window_topk_band` (block path only).
     """
