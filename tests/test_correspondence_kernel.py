@@ -90,7 +90,7 @@ def test_band_and_pair_equal_reference_with_ties(shape):
         assert torch.equal(out[0], fwd[0]) and torch.equal(out[1], fwd[1]), f"tile={tile}"
         both = window_topk_pair(src, dst, window, k, tile=tile)
         assert all(torch.equal(x, y) for x, y in zip(both, (*fwd, *bwd))), f"tile={tile}"
-    for tile in ((4, 4), (2, 8), (1, 16), (3, 5), (5, 1), (40, 2)):  # rows x columns tiles, incl. ragged and wider than the frame
+    for tile in (None, (4, 4), (4, 8), (2, 8), (1, 16), (3, 5), (5, 1), (40, 2)):  # default, rows x columns tiles, incl. ragged and wider than the frame
         out = window_topk_band(src, dst, window, k, tile=tile)
         assert torch.equal(out[0], fwd[0]) and torch.equal(out[1], fwd[1]), f"tile={tile}"
         both = window_topk_pair(src, dst, window, k, tile=tile)
@@ -385,3 +385,17 @@ def test_tile_regions_hold_the_windows_and_for_the_pair_the_reverse(size, window
                 assert {q for q in range(size) if starts[q] <= p < starts[q] + L} <= inside
         if not both:
             assert len(set(extent)) == 1 and extent[0] <= min(T + L - 1, size)
+
+
+def test_default_tile_follows_the_blas_kernels():
+    """The block path's default tile: 4×8 only where MKL runs AVX-512 kernels (an Intel CPU with
+    AVX-512); with MKL limited to AVX2 (MKL_ENABLE_INSTRUCTIONS, as MKL runs on AMD CPUs) 4×4."""
+    from minivid.kernels.correspondence import default_tile
+
+    assert default_tile() in ((4, 4), (4, 8))
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert default_tile() == (4, 4)
+    code = "from minivid.kernels.correspondence import default_tile; print(default_tile())"
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "(4, 4)"
