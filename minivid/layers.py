@@ -78,6 +78,19 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """`F.conv1d` with `conv2d`'s CPU half-precision rule (float32 compute rounded once where the CPU
+    has no native kernels for the dtype: torch runs a half conv1d as a half conv2d, `_slow_conv2d_forward`);
+    otherwise `F.conv1d` unchanged."""
+    if x.device.type == "cpu" and x.dim() == 3:
+        dtype = cpu_compute_dtype(x)
+        if dtype in HALF and not cpu_has_native(dtype):
+            with torch.autocast("cpu", enabled=False):
+                return F.conv1d(*_upcast(x, weight, bias), stride, padding, dilation, groups).to(dtype)
+    return F.conv1d(x, weight, bias, stride, padding, dilation, groups)
+
+
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """`F.conv3d` with `conv2d`'s CPU half-precision rule (float32 compute rounded once where the CPU
@@ -143,6 +156,15 @@ class Conv2d(nn.Conv2d):
         if self.padding_mode != "zeros":
             return super()._conv_forward(input, weight, bias)
         return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv1d(nn.Conv1d):
+    """`nn.Conv1d` (same parameters and keys) computed by `conv1d`."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(input, weight, bias)
+        return conv1d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class Conv3d(nn.Conv3d):

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minivid.attention import Attention, attention_layers, name_layers, replace_outputs
-from minivid.layers import GroupNorm32
+from minivid.layers import Conv3d, GroupNorm32
 from minivid.methods.tcve.temporal_unet import TemporalUNet, stu_points, to_temporal
 from minivid.methods.tuneavideo import frames_of
 
@@ -107,7 +107,7 @@ class STU(nn.Module):
         self.norm = self.conv_3d = None
         if conv3d:
             self.norm = GroupNorm32(groups, channels, eps=1e-5)
-            self.conv_3d = nn.Conv3d(channels, channels, 3, padding=1)
+            self.conv_3d = Conv3d(channels, channels, 3, padding=1)
             nn.init.zeros_(self.conv_3d.weight)
             nn.init.zeros_(self.conv_3d.bias)
         self.act = nn.SiLU()

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from minivid.layers import normalization
+from minivid.layers import Conv1d, normalization
 
 if TYPE_CHECKING:
     from minivid.unet import UNetConfig
@@ -65,9 +65,9 @@ class ResBlock1d(nn.Module):
         super().__init__()
         out = out_channels or channels
         self.in_layers = nn.Sequential(
-            normalization(channels, groups=groups), nn.SiLU(), nn.Conv1d(channels, out, 3, padding=1)
+            normalization(channels, groups=groups), nn.SiLU(), Conv1d(channels, out, 3, padding=1)
         )
-        self.skip_connection = nn.Identity() if out == channels else nn.Conv1d(channels, out, 1)
+        self.skip_connection = nn.Identity() if out == channels else Conv1d(channels, out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip_connection(x) + self.in_layers(x)
@@ -78,7 +78,7 @@ class Downsample1d(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv1d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -89,7 +89,7 @@ class Upsample1d(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.conv = Conv1d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
         x = x.repeat_interleave(2, dim=-1)                                    # nearest ×2
@@ -117,7 +117,7 @@ class TemporalUNet(nn.Module):
         super().__init__()
         C0 = model_channels
         self.points = stu_points(tuple(channel_mult), num_res_blocks)
-        self.input_blocks = nn.ModuleList([nn.Conv1d(in_channels, C0, stem_kernel, padding=stem_kernel // 2)])
+        self.input_blocks = nn.ModuleList([Conv1d(in_channels, C0, stem_kernel, padding=stem_kernel // 2)])
         skip_channels, ch = [C0], C0
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
