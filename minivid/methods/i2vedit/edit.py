@@ -30,26 +30,28 @@ autocast to `edit_dtype`, the sampler state stays fp32; `invert_dtype="edit"` in
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minivid.attention import step_clock
+from minivid.attention import SPATIAL_SELF, TEMPORAL_SELF, Pattern, Processor, call_state, select_layers, step_clock
 from minivid.pipelines.svd import check_size, video_denoiser
 from minivid.samplers import edm_init_noise, euler_sample, karras_sigmas
 from minivid.svd import StableVideoDiffusion
 
 from .clips import RECIPES, ClipRecipe, clip_ranges, recipe_for
 from .conditioning import edit_condition
-from .invert import Inversion, invert_clip, inversion_denoiser, lora_off
-from .matching import PRESETS, MatchingConfig, MatchingController, StopForward, install, keep_for, temporal_names
+from .invert import Inversion, invert_clip, inversion_denoiser, lora_off, sarp
+from .matching import (PRESETS, MatchingConfig, MatchingController, SpatialMatching, StopForward, TemporalMatching,
+                       keep_for)
 
-__all__ = ["I2VEditConfig", "ClipEdit", "EditResult", "edit_clip", "edit_video", "source_attention",
+__all__ = ["I2VEditConfig", "I2VEditBlocks", "ClipEdit", "EditResult", "edit_clip", "edit_video", "source_attention",
            "quantize", "resize_frames"]
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,142 @@ class I2VEditConfig:
         return (torch.float32 if self.invert_dtype == "fp32" else edit), edit
 
 
+# ---------------------------------------------------------------- the blocks, with the paper's defaults
+
+# how edit_clip calls each block (positional count, keywords): checked when the blocks are made
+_CALLS: dict[str, tuple[int, tuple[str, ...], str]] = {
+    "invert": (7, ("controller", "keep", "kv_source", "record_kv", "lora", "progress", "sigmas", "perturb"),
+               "invert(svd, clip, steps, generator, use_sarp, sarp_noise, sarp_threshold, *, controller, keep, "
+               "kv_source, record_kv, lora, progress, sigmas, perturb) -> Inversion"),
+    "perturb": (4, (), "perturb(stack, noise_scale, threshold, generator) -> stack"),
+    "condition": (3, ("fps_id", "previous_latent"),
+                  "condition(svd, first_frame [1, 3, H, W], generator, *, fps_id, previous_latent) -> SVDConditioning"),
+    "denoiser": (5, (), "denoiser(svd, cond, frames, min_guidance, max_guidance) -> D(x, sigma)"),
+    "spatial": (2, (), "spatial(inner, controller) -> processor (q, k, v, ctx) -> out"),
+    "temporal": (2, (), "temporal(inner, controller) -> processor (q, k, v, ctx) -> out"),
+    "sigmas": (1, (), "sigmas(steps) -> [steps + 1] descending levels ending in 0"),
+    "sample": (3, ("progress",), "sample(denoise, x, sigmas, *, progress) -> x_0"),
+}
+
+
+def _check_pattern(name: str, pattern: Any) -> None:
+    ok = (isinstance(pattern, str) or callable(pattern)
+          or (isinstance(pattern, (list, tuple)) and pattern and all(isinstance(p, str) for p in pattern)))
+    if not ok:
+        raise TypeError(f"I2VEditBlocks.{name} must be a layer pattern (a glob such as SPATIAL_SELF, a non-empty list "
+                        f"of globs or names, or a predicate (name, module) -> bool), got {pattern!r}")
+
+
+@dataclass(frozen=True)
+class I2VEditBlocks:
+    """The blocks `edit_clip` / `edit_video` are made of, each defaulting to the paper's (Ouyang et al.,
+    "I2VEdit: First-Frame-Guided Video Editing via Image-to-Video Diffusion Models", arXiv:2405.16537, §4.2)
+    as the authors' code runs it, so another combination is a few lines of configuration:
+
+    - `invert` (default `invert.invert_clip`): the EDM inversion of the clip (Eq. 6), called as
+      `invert(svd, clip, steps, generator, use_sarp, sarp_noise, sarp_threshold, controller=, keep=,
+      kv_source=, record_kv=, lora=, progress=, sigmas=, perturb=)` and returning an `invert.Inversion`;
+    - `perturb` (default `invert.sarp`, Eq. 5): `perturb(stack, noise_scale, threshold, generator)`, the
+      perturbation of the source before inversion, used when the config's `sarp` is on;
+    - `condition` (default `conditioning.edit_condition`) and `denoiser` (default
+      `pipelines.svd.video_denoiser`): the editing conditioning and D(x, σ) with its guidance;
+    - `spatial(inner, controller) -> processor`, pushed on `spatial_layers` (default `SPATIAL_SELF`, SVD's 16
+      spatial self-attention layers) for the whole clip: inversion, recomputed source attention, edit
+      (default `matching.SpatialMatching`, Eq. 7–9); `inner` runs what lies beneath (the layer's
+      processor), `controller` is the `MatchingController` (phase, step, source attention);
+    - `temporal(inner, controller) -> processor` on `temporal_layers` (default `TEMPORAL_SELF`): the
+      temporal attention selector (β₁, β₂) and skip-interval attention (default `matching.TemporalMatching`;
+      a replacement that ignores the controller turns both off);
+    - `sigmas(steps) -> [steps + 1]` (default `samplers.karras_sigmas`): the levels of the edit and, climbed
+      in reverse, of the inversion (edit step j reads inversion record N−1−j, so both use the same ones);
+    - `sample(denoise, x, sigmas, progress=)` (default `samplers.euler_sample`): the edit's sampler loop;
+      with matching or skip-interval on, each call of `denoise` is one edit step (at most `steps` calls).
+
+    Every UNet call of the clip runs inside `call_state(svd.unet, frames=F)`, with `step` and `t` (σ)
+    set per sampler step, so a video processor (`minivid.attention.frame_count`) works on SVD's spatial
+    layers. EI²'s FFAM on the spatial layers, I2VEdit's temporal matching kept:
+
+        blocks = I2VEditBlocks(spatial=lambda inner, ctl: FFAMProcessor(2))
+        result = edit_video(svd, video, first_frame, I2VEditConfig(), blocks=blocks)
+
+    Bad blocks are refused when made (not callable, or not callable as above) or, before any compute,
+    by `check(unet)` (patterns that select nothing, or spatial and temporal layers that overlap).
+    """
+
+    invert: Callable[..., Inversion] = invert_clip
+    perturb: Callable[..., Tensor] = sarp
+    condition: Callable[..., Any] = edit_condition
+    denoiser: Callable[..., Callable[[Tensor, Tensor], Tensor]] = video_denoiser
+    spatial: Callable[[Processor, MatchingController], Processor] = SpatialMatching
+    spatial_layers: Pattern = SPATIAL_SELF
+    temporal: Callable[[Processor, MatchingController], Processor] = TemporalMatching
+    temporal_layers: Pattern = TEMPORAL_SELF
+    sigmas: Callable[[int], Tensor] = karras_sigmas
+    sample: Callable[..., Tensor] = euler_sample
+
+    def __post_init__(self) -> None:
+        for name, (npos, kws, usage) in _CALLS.items():
+            fn = getattr(self, name)
+            if not callable(fn):
+                raise TypeError(f"I2VEditBlocks.{name} must be callable as {usage}; got {fn!r}")
+            try:
+                sig = inspect.signature(fn)
+            except (TypeError, ValueError):          # a builtin without a signature: trust it
+                continue
+            try:
+                sig.bind(*([None] * npos), **{k: None for k in kws})
+            except TypeError as e:
+                hint = (" (to install a processor p, pass `lambda inner, ctl: p`)"
+                        if name in ("spatial", "temporal") else "")
+                raise TypeError(f"I2VEditBlocks.{name} must be callable as {usage}; "
+                                f"{getattr(fn, '__name__', type(fn).__name__)}{sig} is not ({e}){hint}") from None
+        _check_pattern("spatial_layers", self.spatial_layers)
+        _check_pattern("temporal_layers", self.temporal_layers)
+
+    def check(self, unet: torch.nn.Module) -> tuple[list[str], list[str]]:
+        """The (spatial, temporal) layers the blocks go on; raises, before any compute, when a pattern
+        selects nothing or the two sets overlap (e.g. a bare "*attn1" also matches SVD's temporal layers)."""
+        spatial = select_layers(unet, self.spatial_layers, "I2VEditBlocks.spatial_layers")
+        temporal = select_layers(unet, self.temporal_layers, "I2VEditBlocks.temporal_layers")
+        both = sorted(set(spatial) & set(temporal))
+        if both:
+            raise ValueError(f"I2VEditBlocks: spatial_layers and temporal_layers both select {len(both)} layers "
+                             f"(e.g. {both[0]}); a layer gets one of the two blocks (SPATIAL_SELF / TEMPORAL_SELF "
+                             f"separate them)")
+        return list(spatial), list(temporal)
+
+    @contextlib.contextmanager
+    def install(self, unet: torch.nn.Module, ctl: MatchingController) -> Iterator[MatchingController]:
+        """`spatial` and `temporal` pushed on their layers (`minivid.attention.wrap_processors`) for the block."""
+        from minivid.attention import wrap_processors
+
+        def made(block: str):
+            make = getattr(self, block)
+
+            def wrap(inner: Processor) -> Processor:
+                proc = make(inner, ctl)
+                if not callable(proc):
+                    raise TypeError(f"I2VEditBlocks.{block}(inner, controller) must return a processor "
+                                    f"(q, k, v, ctx) -> out, got {proc!r}")
+                return proc
+            return wrap
+
+        with wrap_processors(unet, self.spatial_layers, made("spatial")), \
+                wrap_processors(unet, self.temporal_layers, made("temporal")):
+            yield ctl
+
+    def describe(self) -> dict[str, str]:
+        """{block: name} of every block (the record says what ran)."""
+        def name(v: Any) -> str:
+            if isinstance(v, str):
+                return v
+            if isinstance(v, (list, tuple)):
+                return ", ".join(map(str, v))
+            mod, qual = getattr(v, "__module__", None), getattr(v, "__qualname__", None)
+            return f"{mod}.{qual}" if mod and qual else repr(v)
+        return {f.name: name(getattr(self, f.name)) for f in fields(self)}
+
+
 @dataclass
 class ClipEdit:
     latents: Tensor                                  # [1, F, 4, h, w] final scaled latents
@@ -215,19 +353,25 @@ def edit_clip(
     progress: bool = True,
     settings: ClipRecipe | None = None,
     record_kv: bool = False,
+    blocks: I2VEditBlocks = I2VEditBlocks(),
 ) -> ClipEdit:
     """Edit one clip [F, 3, H, W] (working size, [-1, 1]) given its first frame's edit [3, H, W] (clip k ≥ 1:
     the previous clip's decoded last frame, with `previous_latent` [1, 4, h, w] its last scaled latent).
     `lora`: an attached motion LoRA (its `.disabled()` turns it off for inversion and recomputation) or None.
     `settings`: this clip's recipe (default `cfg.clip_settings(0 if is_first else 1)`); `clip0`: clip 0's
     result, for skip-interval attention in clips k ≥ 1; `record_kv`: clip 0 keeps its temporal K/V of
-    every step for them (`edit_video` asks for it when a later clip uses skip-interval)."""
+    every step for them (`edit_video` asks for it when a later clip uses skip-interval). `blocks`
+    replaces the inversion, the perturbation, the conditioning, the denoiser, the attention on the
+    spatial or temporal layers, the levels or the sampler loop (`I2VEditBlocks`)."""
+    if not isinstance(blocks, I2VEditBlocks):
+        raise TypeError(f"edit_clip: blocks must be an I2VEditBlocks, got {type(blocks).__name__}")
     if clip.ndim != 4 or clip.shape[1] != 3:
         raise ValueError(f"edit_clip: clip must be [F, 3, H, W], got shape {tuple(clip.shape)}")
     if first_frame.shape[-3:] != clip.shape[-3:]:
         raise ValueError(f"edit_clip: first frame {tuple(first_frame.shape[-3:])} and clip frames "
                          f"{tuple(clip.shape[-3:])} differ in size")
     check_size(svd, *clip.shape[-2:])
+    _, temporal_layers = blocks.check(svd.unet)
     settings = settings or cfg.clip_settings(0 if is_first else 1)
     inv_dtype, edit_dtype = cfg.dtypes(svd.dtype)
     if inv_dtype == torch.float32 and svd.dtype != torch.float32:
@@ -245,26 +389,29 @@ def edit_clip(
     mcfg = cfg.matching_config()
     if not cfg.matching:
         mcfg = replace(mcfg, spatial=False, temporal=False)
-    ctl = MatchingController(mcfg, latent_hw, Fr, temporal_names(svd.unet))
+    ctl = MatchingController(mcfg, latent_hw, Fr, temporal_layers)
     stored = cfg.matching and cfg.store == "stored"
     if stored and svd.device.type != "cpu":
         ctl.record_to = torch.device("cpu")        # the stored records live on the host (docs: "The store")
 
-    scope = install(svd.unet, ctl) if need_ctl else contextlib.nullcontext()
-    with scope:
+    sigmas = blocks.sigmas(N)
+    # the blocks' processors stay on for the whole clip (they pass through while the controller is "off");
+    # every UNet call sees the clip's frame count in its call state
+    with call_state(svd.unet, frames=Fr), blocks.install(svd.unet, ctl):
         # 1. inversion (its own generator, as the authors' global RNG is separate from the edit's)
         inv_gen = torch.Generator().manual_seed(cfg.seed)
         keep = (lambda i: keep_for(N - 1 - i, ctl)) if stored else None
         with compute_dtype(svd, inv_dtype):
-            inv = invert_clip(svd, clip, N, inv_gen, cfg.sarp, cfg.sarp_noise, cfg.sarp_threshold,
-                              controller=ctl if need_ctl else None, keep=keep,
-                              kv_source=clip0.inversion.kv if use_kv else None, record_kv=record_kv,
-                              lora=lora, progress=progress)
+            inv = blocks.invert(svd, clip, N, inv_gen, cfg.sarp, cfg.sarp_noise, cfg.sarp_threshold,
+                                controller=ctl if need_ctl else None, keep=keep,
+                                kv_source=clip0.inversion.kv if use_kv else None, record_kv=record_kv,
+                                lora=lora, progress=progress, sigmas=sigmas, perturb=blocks.perturb)
 
         # 2. conditioning of the edit
         gen = torch.Generator().manual_seed(cfg.seed)
-        cond = edit_condition(svd, first_frame[None], gen, fps_id=settings.output_fps - 1, previous_latent=previous_latent)
-        base = video_denoiser(svd, cond, Fr, cfg.min_guidance, cfg.max_guidance)
+        cond = blocks.condition(svd, first_frame[None], gen, fps_id=settings.output_fps - 1,
+                                previous_latent=previous_latent)
+        base = blocks.denoiser(svd, cond, Fr, cfg.min_guidance, cfg.max_guidance)
 
         # 3. sampling with attention matching; the UNet in the edit dtype, the latents in fp32
         count = [0]
@@ -276,6 +423,10 @@ def edit_clip(
             if not need_ctl:
                 with compute_dtype(svd, edit_dtype):
                     return base(x, sigma)
+            if j >= N:
+                raise RuntimeError(f"edit_clip: the sampler called the denoiser more than steps = {N} times; with "
+                                   f"matching or skip-interval on, each call is one edit step (step j reads inversion "
+                                   f"record N-1-j), so I2VEditBlocks.sample must call it once per level")
             if cfg.matching:
                 if stored:
                     ctl.source = inv.records.get(N - 1 - j, {})
@@ -294,16 +445,16 @@ def edit_clip(
                     edit_kv[j] = ctl.kv_record
                 ctl.phase, ctl.source, ctl.kv_source, ctl.kv_record = "off", {}, None, None
 
-        sigmas = karras_sigmas(N)
         x = edm_init_noise(inv.noise.to(svd.device, torch.float32), sigmas)     # the sampler state stays fp32
-        x = euler_sample(step_clock(svd.unet, denoise), x, sigmas, progress=progress)
+        x = blocks.sample(step_clock(svd.unet, denoise), x, sigmas, progress=progress)
 
     # 4. decode in chunks
     frames = svd.decode_latents(x.to(svd.dtype), cfg.decode_chunk).float()[0]
     info = {"recipe": settings.name, "clip_len": settings.clip_len, "output_fps": settings.output_fps,
             "fps_id": settings.output_fps - 1, "skip_interval": bool(use_kv), "records_kv_for_later_clips": bool(record_kv),
             "lora": lora is not None, "inversion_dtype": DTYPE_NAMES[inv_dtype], "edit_dtype": DTYPE_NAMES[edit_dtype],
-            "weights_dtype": DTYPE_NAMES.get(svd.dtype, str(svd.dtype)), "sampler_dtype": "fp32", "store": cfg.store}
+            "weights_dtype": DTYPE_NAMES.get(svd.dtype, str(svd.dtype)), "sampler_dtype": "fp32", "store": cfg.store,
+            "blocks": "the paper's" if blocks == I2VEditBlocks() else blocks.describe()}
     return ClipEdit(x, frames, inv, dict(ctl.masks), dict(ctl.hw), dict(ctl.copied), edit_kv, info)
 
 
@@ -348,6 +499,7 @@ def edit_video(
     lora_for_clip: Callable[[int], Any] | None = None,
     progress: bool = True,
     keep_clips: bool = False,
+    blocks: I2VEditBlocks = I2VEditBlocks(),
 ) -> EditResult:
     """Edit video [T, 3, H, W] in [-1, 1] from its edited first frame [3, H', W'] (resized to H×W when it
     differs; the caller says so). Clips as `cfg.ranges` (the recipe's lengths, overlapping by `cfg.overlap`),
@@ -356,7 +508,10 @@ def edit_video(
 
     `lora_for_clip(k)` attaches clip k's motion LoRA and returns its handle (detached after the clip), or
     returns None. `keep_clips=False` drops each clip's inversion once it is used (except clip 0's K/V with
-    skip-interval)."""
+    skip-interval). `blocks`: the blocks every clip is edited with (`I2VEditBlocks`), checked before any
+    compute."""
+    if not isinstance(blocks, I2VEditBlocks):
+        raise TypeError(f"edit_video: blocks must be an I2VEditBlocks, got {type(blocks).__name__}")
     if video.ndim != 4 or video.shape[1] != 3:
         raise ValueError(f"edit_video: video must be [T, 3, H, W] in [-1, 1], got shape {tuple(video.shape)}")
     if first_frame.ndim != 3 or first_frame.shape[0] != 3:
@@ -364,6 +519,7 @@ def edit_video(
     size = tuple(video.shape[-2:])
     work = tuple(work_size or size)
     check_size(svd, *work)
+    blocks.check(svd.unet)
     ranges = cfg.ranges(video.shape[0])                                  # raises on a video shorter than a clip
     check_store_budget(svd, cfg, work, ranges)
     record_kv = len(ranges) > 1 and any(cfg.clip_settings(k).skip_interval for k in range(1, len(ranges)))
@@ -381,7 +537,7 @@ def edit_video(
         handle = lora_for_clip(k) if lora_for_clip is not None else None
         try:
             res = edit_clip(svd, clip, prev_frame, cfg, handle, prev_latent, clip0, is_first=(k == 0), progress=progress,
-                            settings=cfg.clip_settings(k), record_kv=(k == 0 and record_kv))
+                            settings=cfg.clip_settings(k), record_kv=(k == 0 and record_kv), blocks=blocks)
         finally:
             if handle is not None and lora_for_clip is not None and hasattr(handle, "detach"):
                 handle.detach()

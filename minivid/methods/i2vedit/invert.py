@@ -120,6 +120,8 @@ def invert_clip(
     record_kv: bool = False,
     lora: Any = None,
     progress: bool = True,
+    sigmas: Tensor | None = None,
+    perturb: Callable[..., Tensor] = sarp,
 ) -> Inversion:
     """Invert clip [F, 3, H, W] (in [-1, 1], at the working size). Random draws from `generator`, in the
     authors' order: SARP noise, the VAE posterior sample, the conditioning's ε.
@@ -128,22 +130,26 @@ def invert_clip(
     arithmetic: sdpa for spatial attn1, explicit probabilities for temporal attn1); `keep(i)` is the filter
     of inversion step i (None: keep nothing, the recompute mode), kept tensors go to `Inversion.records`.
     `kv_source[i]` (skip-interval, clips k ≥ 1) are clip 0's temporal K/V at step i; `record_kv` keeps this
-    clip's (clip 0) in `Inversion.kv`.
+    clip's (clip 0) in `Inversion.kv`. `sigmas`: the editing sampler's levels ([N + 1], descending, ending
+    in 0; default `karras_sigmas(steps)`), which the inversion climbs in reverse. `perturb(stack,
+    noise_scale, threshold, generator)`: the perturbation of [frame 0, frame 0, clip] (default SARP, Eq. 5).
     """
     if clip.ndim != 4 or clip.shape[1] != 3:
         raise ValueError(f"invert_clip: clip must be [F, 3, H, W] in [-1, 1], got shape {tuple(clip.shape)}")
+    sigmas = karras_sigmas(steps) if sigmas is None else sigmas
+    if sigmas.ndim != 1 or len(sigmas) != steps + 1:
+        raise ValueError(f"invert_clip: {steps} steps need {steps + 1} sigmas, got shape {tuple(sigmas.shape)}")
     dev = svd.device
     clip = clip.to(dev, torch.float32)
     Fr = clip.shape[0]
     stack = torch.cat([clip[:1], clip[:1], clip])                     # [firstframe, keyframe, video]
     if use_sarp:
-        stack = sarp(stack, sarp_noise, sarp_threshold, generator)
+        stack = perturb(stack, sarp_noise, sarp_threshold, generator)
     firstframe, keyframe, video = stack[:1], stack[1:2], stack[2:]
     vae_dtype = svd.vae.encoder.conv_in.weight.dtype
     x0 = svd.vae.encode(video.to(vae_dtype)).sample(generator).float() * svd.latent_scale     # [F, 4, h, w]
     x0 = x0[None]
     cond = inversion_condition(svd, firstframe, keyframe, generator)
-    sigmas = karras_sigmas(steps)
     levels = edm_inversion_sigmas(sigmas).float()
     inv = Inversion([], levels, cond, x0)
     base = inversion_denoiser(svd, cond, Fr)

@@ -49,7 +49,7 @@ from minivid.attention import AttnContext, attention_layers, attention_probs, wr
 __all__ = [
     "SPATIAL", "TEMPORAL", "PRESETS", "LAYER_SETS", "MatchingConfig", "MatchingController", "install",
     "downscale", "official_coarse_layers", "TemporalSelector", "spatial_match", "store_bytes", "layer_shapes",
-    "needed", "keep_for", "temporal_names", "captured_bytes",
+    "needed", "keep_for", "temporal_names", "captured_bytes", "SpatialMatching", "TemporalMatching",
 ]
 
 AUTHORS_TOKEN_CAP = 8 * 9 * 8 * 16     # attention_store.py: tensors with shape[-2] above it are not stored
@@ -209,7 +209,9 @@ class StopForward(Exception):
     """Raised by a recording processor after the last layer a recomputation needs."""
 
 
-class _Spatial:
+class SpatialMatching:
+    """The spatial attn1 wrapper of Eq. 7–9: records Q/K in "record", matches in "match", else `inner`."""
+
     def __init__(self, inner, ctl: MatchingController):
         self.inner, self.ctl = inner, ctl
 
@@ -242,7 +244,10 @@ class _Spatial:
         return torch.stack(outs).to(q.dtype)
 
 
-class _Temporal:
+class TemporalMatching:
+    """The temporal attn1 wrapper: the selector (β₁, β₂) in "match", probabilities in "record",
+    skip-interval K/V concatenation whenever the controller holds clip 0's K/V; else `inner`."""
+
     def __init__(self, inner, ctl: MatchingController):
         self.inner, self.ctl = inner, ctl
 
@@ -271,11 +276,18 @@ class _Temporal:
         return torch.matmul(probs, v)
 
 
+_Spatial, _Temporal = SpatialMatching, TemporalMatching       # the names they had before
+
+
 @contextlib.contextmanager
-def install(unet: torch.nn.Module, ctl: MatchingController) -> Iterator[MatchingController]:
-    """Matching processors on every spatial and temporal attn1 of `unet` for the duration of the block."""
-    with wrap_processors(unet, SPATIAL, lambda inner: _Spatial(inner, ctl)), \
-            wrap_processors(unet, TEMPORAL, lambda inner: _Temporal(inner, ctl)):
+def install(unet: torch.nn.Module, ctl: MatchingController, spatial: Any = None, temporal: Any = None,
+            spatial_layers: Any = SPATIAL, temporal_layers: Any = TEMPORAL) -> Iterator[MatchingController]:
+    """Matching processors on every spatial and temporal attn1 of `unet` for the duration of the block:
+    `spatial(inner, ctl)` (default `SpatialMatching`) pushed on `spatial_layers`, `temporal(inner, ctl)`
+    (default `TemporalMatching`) on `temporal_layers` (`minivid.attention.wrap_processors`)."""
+    spatial, temporal = spatial or SpatialMatching, temporal or TemporalMatching
+    with wrap_processors(unet, spatial_layers, lambda inner: spatial(inner, ctl)), \
+            wrap_processors(unet, temporal_layers, lambda inner: temporal(inner, ctl)):
         yield ctl
 
 
