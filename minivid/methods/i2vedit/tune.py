@@ -211,14 +211,21 @@ def record_for_sigma(sigma: float, steps: int = 25) -> int:
     return steps - 1 - timestep
 
 
-def skip_interval_source(svd, clip0: torch.Tensor, steps: int = 25, seed: int = 23):
+def skip_interval_source(svd, clip0: torch.Tensor, steps: int = 25, seed: int = 23, blocks: Any = None):
     """Clip 0's inversion at the training size (motion LoRA off), whose temporal attn1 K/V a clip k ≥ 1
     attends to while its LoRA trains (main.py 267–312: `inverse_video` at `train_data` height/width into
     `consistency_train_controller`). Only the trajectory is kept; a training step recomputes the K/V of
-    the record it reads (one batch-1 UNet call without gradients), bitwise what the inversion computed."""
-    from minivid.methods.i2vedit.invert import invert_clip
+    the record it reads (one batch-1 UNet call without gradients), bitwise what the inversion computed.
+    `blocks` (`edit.I2VEditBlocks`, default the paper's): its inversion, perturbation and levels, as the
+    edit uses them (SARP on, the authors' noise 0.005 and threshold 0.001)."""
+    from minivid.methods.i2vedit.edit import I2VEditBlocks
 
-    return invert_clip(svd, clip0, steps, torch.Generator().manual_seed(seed), progress=False)
+    blocks = I2VEditBlocks() if blocks is None else blocks
+    if not isinstance(blocks, I2VEditBlocks):
+        raise TypeError(f"skip_interval_source: blocks must be an I2VEditBlocks, got {type(blocks).__name__}")
+    return blocks.invert(svd, clip0, steps, torch.Generator().manual_seed(seed), True, 0.005, 0.001, controller=None,
+                         keep=None, kv_source=None, record_kv=False, lora=None, progress=False,
+                         sigmas=blocks.sigmas(steps), perturb=blocks.perturb)
 
 
 def _clip0_kv(svd, lora: MotionLoRA, ctl, inv, record: int) -> dict:
@@ -392,13 +399,14 @@ def load_motion_lora(svd, path: str | os.PathLike, step: int | None = DEFAULT_US
 
 def tune_clips(svd, video: torch.Tensor, out_dir: str | os.PathLike, clip_length: int | None = None, overlap: int = 1,
                config: MotionTuneConfig | None = None, cfg: TuneConfig | None = None, recipe: str = "authors",
-               skip_interval: bool | None = None, inversion_steps: int = 25, seed: int = 23, **kwargs: Any,
-               ) -> list[dict[str, Any]]:
+               skip_interval: bool | None = None, inversion_steps: int = 25, seed: int = 23, blocks: Any = None,
+               **kwargs: Any) -> list[dict[str, Any]]:
     """One motion LoRA per clip of `video` [N, 3, H, W] (at the training size; clips as the edit's,
     `clips.clip_ranges` with the recipe's lengths): `out_dir/clip_<k>/tuned-<step>.safetensors`.
     The "authors" recipe tunes clip 0 for 300 steps and clips k ≥ 1 for 250 with skip-interval attention to
     clip 0's training-size inversion (`inversion_steps`, seeded `seed`), unless `cfg` fixes the steps or
-    `skip_interval` is given. The LoRA of each clip is detached after its tuning, so the UNet is left as it came."""
+    `skip_interval` is given. The LoRA of each clip is detached after its tuning, so the UNet is left as it came.
+    `blocks` (`edit.I2VEditBlocks`): the inversion blocks of clip 0's training-size inversion (the edit's)."""
     from minivid.methods.i2vedit.clips import recipe_for
 
     def setting(k):
@@ -416,7 +424,7 @@ def tune_clips(svd, video: torch.Tensor, out_dir: str | os.PathLike, clip_length
         skip = r.skip_interval if skip_interval is None else skip_interval
         ck = cfg or default_tune_config(svd.device, steps=r.tune_steps, checkpoint_every=r.checkpoint_every)
         if skip and k > 0 and source is None:
-            source = skip_interval_source(svd, video[ranges[0][0]:ranges[0][1]], inversion_steps, seed)
+            source = skip_interval_source(svd, video[ranges[0][0]:ranges[0][1]], inversion_steps, seed, blocks)
         lora, result = tune_motion_lora(svd, video[s:e], pathlib.Path(out_dir) / f"clip_{k}", config, ck,
                                         meta={**meta, "clip": k, "clip_range": [s, e], "recipe": r.name,
                                               "skip_interval": bool(skip and k > 0)},
