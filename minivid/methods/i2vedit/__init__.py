@@ -11,7 +11,9 @@ its preliminaries):
      EDM inversion (Eq. 6)      invert.invert_clip, with conditioning.inversion_condition
      attention matching         matching: spatial attn1 masked by the attention difference (Eq. 7–9),
      (Eq. 7–9)                  the temporal attn1 selector (β₁, β₂), the source-attention store
-     editing                    edit.edit_clip, with conditioning.edit_condition
+     editing                    edit.edit_clip, with conditioning.edit_condition; its blocks
+                                (inversion, SARP, conditioning, attention on the spatial and
+                                temporal layers, levels, sampler loop) swappable: edit.I2VEditBlocks
 §4.1 long videos                clips.py (the authors' recipe: clip 0 with their first config, clips
                                 k ≥ 1 with their subsequent-clip config and skip-interval
                                 cross-attention; the time-based frame plan), edit.edit_video
@@ -21,7 +23,7 @@ docs/i2vedit.md lists every default and whether it comes from the paper or the a
 """
 from .clips import clip_ranges
 from .conditioning import InversionCondition, edit_condition, inversion_condition, uint8_truncate
-from .edit import ClipEdit, EditResult, I2VEditConfig, edit_clip, edit_video, source_attention
+from .edit import ClipEdit, EditResult, I2VEditBlocks, I2VEditConfig, edit_clip, edit_video, source_attention
 from .invert import Inversion, invert_clip, sarp, sarp_mask, sobel_magnitude
 from .lora import MotionLoRA, attach_motion_lora
 from .tune import MotionTuneConfig, load_motion_lora, tune_clips, tune_motion_lora
@@ -30,7 +32,7 @@ from .matching import (LAYER_SETS, PRESETS, MatchingConfig, MatchingController, 
 
 __all__ = [
     "clip_ranges", "InversionCondition", "edit_condition", "inversion_condition", "uint8_truncate",
-    "ClipEdit", "EditResult", "I2VEditConfig", "edit_clip", "edit_video", "source_attention",
+    "ClipEdit", "EditResult", "I2VEditBlocks", "I2VEditConfig", "edit_clip", "edit_video", "source_attention",
     "Inversion", "invert_clip", "sarp", "sarp_mask", "sobel_magnitude",
     "LAYER_SETS", "PRESETS", "MatchingConfig", "MatchingController", "TemporalSelector", "downscale", "install",
     "official_coarse_layers", "spatial_match", "store_bytes",

@@ -14,6 +14,9 @@ Per clip (`edit_clip`), top to bottom:
    j the source attention of inversion record N−1−j — recomputed by one batch-1 UNet call with the LoRA
    off on the trajectory's x_{N−1−j} at its level, or read from the stored records;
 4. decoding in chunks of 8 frames.
+Each of these blocks is an argument (`I2VEditBlocks`, defaults the paper's): the inversion and its
+perturbation, the conditioning and denoiser, the attention on the spatial and temporal attn1 layers,
+the levels and the sampler loop.
 `edit_video` splits the video into clips (clips.py, 11 frames overlapping by 1), writes the overlap frame
 once, and returns the frames at the source's size.
 
