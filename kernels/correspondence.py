@@ -398,10 +398,15 @@ def _select_topk(cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return val, position
 
 
-def _flat_index(position: torch.Tensor, rs: torch.Tensor, cs: torch.Tensor, W: int, Lw: int) -> torch.Tensor:
-    """Window position [h, w, k] (row-major in the L_h×L_w window) -> flat index into the key
-    frame, given the window's first row per query row rs [h] and first column per column cs [w]."""
-    return (rs[:, None, None] + position // Lw) * W + cs[None, :, None] + position % Lw
+@functools.lru_cache(maxsize=64)
+def _candidate_index(H: int, W: int, window: int) -> torch.Tensor:
+    """Flat index h*W + w into the key frame of every query's L_h·L_w window candidates, in
+    flat-index order, queries row-major: [H·W, L_h·L_w] int64 (CPU, cached). A window position
+    p of query n is then the key frame's token _candidate_index(...)[n, p]."""
+    Lh, Lw = min(window, H), min(window, W)
+    rows = window_starts(H, window)[:, None] + torch.arange(Lh)                 # [H, Lh]
+    cols = window_starts(W, window)[:, None] + torch.arange(Lw)                 # [W, Lw]
+    return (rows[:, None, :, None] * W + cols[None, :, None, :]).reshape(H * W, Lh * Lw)
 
 
 def _band_check(src, dst, window, k, tile, threads, name):
@@ -493,22 +498,23 @@ def _block_search(a, b, window, k, tile, threads, both, name):
     plan = _block_plan(H, W, window, tile_h, tile_w, both)
     rows, cols, _, size, _ = plan
     dev, acc = a.device, _accum_dtype(a.dtype)
-    Lw, C = cols[0], rows[0] * cols[0]
+    C = rows[0] * cols[0]
     gathers = [_block_gather(H, W, window, tile_h, tile_w, both, backward).to(dev) for backward in (False, True)[:1 + both]]
-    rs, cs = window_starts(H, window, dev), window_starts(W, window, dev)
+    flat = _candidate_index(H, W, window).to(dev)
     out = [torch.empty(B, H, W, k, dtype=t, device=dev) for t in (torch.long, acc) * (1 + both)]
 
     def make():
         return (torch.empty(H * cols[1] * D, dtype=acc, device=dev), torch.empty(H * max(cols[4]) * D, dtype=acc, device=dev),
-                torch.empty(size, dtype=acc, device=dev))
+                torch.empty(size, dtype=acc, device=dev), torch.empty(H * W, C, dtype=acc, device=dev))
 
     def work(i, buffers):
-        qs, ks, sims = buffers
+        qs, ks, sims, cand = buffers
         _block_sims(a[i], b[i], plan, qs, ks, sims)
         for d, gather in enumerate(gathers):
-            s, p = _select_topk(sims.index_select(0, gather).view(H * W, C), k)
+            torch.index_select(sims, 0, gather, out=cand.view(-1))
+            s, p = _select_topk(cand, k)
             out[2 * d + 1][i] = s.view(H, W, k)
-            out[2 * d][i] = _flat_index(p.view(H, W, k), rs, cs, W, Lw)
+            torch.gather(flat, 1, p, out=out[2 * d][i].view(H * W, k))
 
     with torch.no_grad():
         _over_pairs(B, threads, make, work)
