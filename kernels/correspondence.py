@@ -347,15 +347,16 @@ def _block_gather(H: int, W: int, window: int, tile_h: int, tile_w: int, both: b
     return index.int() if size < 2 ** 31 else index
 
 
-def _block_sims(q, kf, plan, qs, ks, out) -> None:
-    """Similarities of every query tile of q [H, W, D] against its key region of kf [H, W, D]
-    into the flat buffer out (`_block_plan` layout); qs [H·T_w·D] and ks [H·max R_w·D] are
-    buffers."""
+def _block_sims(q, kf, plan, qs, ks, out, strips) -> None:
+    """Similarities of every query tile of q [H, W, D] in column strips `strips` (indices)
+    against its key region of kf [H, W, D] into the flat buffer out (`_block_plan` layout);
+    qs [H·T_w·D] and ks [H·max R_w·D] are buffers."""
     rows, cols, offsets, _, runs = plan
     H, _, D = q.shape
     Th, Tw = rows[1], cols[1]
     qv = qs.view(H, Tw, D)
-    for j, (w0, c0, rw) in enumerate(zip(cols[2], cols[3], cols[4])):
+    for j in strips:
+        w0, c0, rw = cols[2][j], cols[3][j], cols[4][j]
         qv.copy_(q[:, w0:w0 + Tw])
         kv = ks[:H * rw * D].view(H, rw, D)
         kv.copy_(kf[:, c0:c0 + rw])
@@ -416,42 +417,81 @@ def _band_check(src, dst, window, k, tile, threads, name):
             raise ValueError(f"{name}: {what} must be a positive integer, got {v!r}")
 
 
-def _over_pairs(B: int, threads: int | None, make, work) -> None:
-    """Run work(b, buffers) for b in range(B), on `threads` Python threads (default
-    torch.get_num_threads()) that take pairs one at a time, each with its own buffers = make().
+def _over_pairs(B: int, threads: int | None, make, make_shared, phases) -> None:
+    """Run phases[0](b, part, parts, buffers, shared), phases[1](...), ... for every pair b in
+    range(B) on `threads` Python threads (default torch.get_num_threads()), each worker with its
+    own buffers = make(); `shared` is the pair's buffer the phases pass on (one per worker, from
+    make_shared(), for a pair run whole).
 
-    While the workers run, torch's intra-op threads are set to 1 (restored after): every op of
-    a pair then runs in its worker's thread, and the only synchronisation is the end of the
-    call. Many small ops that each split over all cores are what collapses on a loaded machine
-    (each waits for its slowest thread); whole pairs per core do not.
+    Workers take pairs one at a time and run them whole (part 0 of 1). The B mod n pairs left
+    when the others are shared out evenly among the n workers (all pairs when B < n) are split:
+    each phase of such a pair runs as n parts (part p of n) that the workers take side by side,
+    on a shared buffer of the pair, a phase starting when all parts of the one before are done.
+    So an odd pair at the end, or a single pair, does not leave a core idle.
+
+    While they run (also with one worker), torch's intra-op threads are set to 1 (restored
+    after): every op then runs in its worker's thread, and the only synchronisation is between
+    the phases of a split pair. Many small ops that each split over all cores are what collapses
+    on a loaded machine (each waits for its slowest thread); whole pairs per core do not.
     """
-    n = min(B, threads or torch.get_num_threads())
-    if n <= 1:
-        buffers = make()
-        for b in range(B):
-            work(b, buffers)
+    n = threads or torch.get_num_threads()
+    if B == 0:
         return
-    pairs, lock = iter(range(B)), threading.Lock()
-    inference = torch.is_inference_mode_enabled()                     # grad modes are per thread
-
-    def worker():
-        with torch.inference_mode(inference), torch.no_grad():
-            buffers = make()
-            while True:
-                with lock:
-                    b = next(pairs, None)
-                if b is None:
-                    return
-                work(b, buffers)
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with concurrent.futures.ThreadPoolExecutor(n) as pool:
-            for f in [pool.submit(worker) for _ in range(n)]:
-                f.result()
+        if n == 1:
+            buffers, shared = make(), make_shared()
+            for b in range(B):
+                for phase in phases:
+                    phase(b, 0, 1, buffers, shared)
+        else:
+            _on_workers(B, n, make, make_shared, phases)
     finally:
         torch.set_num_threads(previous)
+
+
+def _on_workers(B: int, n: int, make, make_shared, phases) -> None:
+    """`_over_pairs` on n >= 2 Python threads (torch's intra-op threads already at 1)."""
+    whole = B - B % n
+    units = [(b, None, 0) for b in range(whole)]                       # (pair, phase, part); None: whole
+    units += [(b, f, part) for b in range(whole, B) for f in range(len(phases)) for part in range(n)]
+    split_shared = {b: make_shared() for b in range(whole, B)}
+    done = {(b, f): 0 for b in range(whole, B) for f in range(len(phases))}
+    units, cond, failed = iter(units), threading.Condition(), []
+    inference = torch.is_inference_mode_enabled()                     # grad modes are per thread
+
+    def worker():
+        try:
+            with torch.inference_mode(inference), torch.no_grad():
+                buffers, own = make(), None
+                while True:
+                    with cond:
+                        b, f, part = next(units, (None, None, None))
+                    if b is None:
+                        return
+                    if f is None:
+                        own = make_shared() if own is None else own
+                        for phase in phases:
+                            phase(b, 0, 1, buffers, own)
+                        continue
+                    with cond:                                      # the pair's previous phase done?
+                        cond.wait_for(lambda: failed or f == 0 or done[b, f - 1] == n)
+                        if failed:
+                            return
+                    phases[f](b, part, n, buffers, split_shared[b])
+                    with cond:
+                        done[b, f] += 1
+                        cond.notify_all()
+        except BaseException:
+            with cond:
+                failed.append(True)
+                cond.notify_all()
+            raise
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        for fut in [pool.submit(worker) for _ in range(n)]:
+            fut.result()
 
 
 @functools.lru_cache(maxsize=None)
@@ -503,21 +543,28 @@ def _block_search(a, b, window, k, tile, threads, both, name):
     flat = _candidate_index(H, W, window).to(dev)
     out = [torch.empty(B, H, W, k, dtype=t, device=dev) for t in (torch.long, acc) * (1 + both)]
 
-    def make():
+    def make():      # per worker: a strip of queries, one of keys, candidates
         return (torch.empty(H * cols[1] * D, dtype=acc, device=dev), torch.empty(H * max(cols[4]) * D, dtype=acc, device=dev),
-                torch.empty(size, dtype=acc, device=dev), torch.empty(H * W, C, dtype=acc, device=dev))
+                torch.empty(H * W, C, dtype=acc, device=dev))
 
-    def work(i, buffers):
-        qs, ks, sims, cand = buffers
-        _block_sims(a[i], b[i], plan, qs, ks, sims)
+    def make_shared():   # per pair: its tile similarities
+        return torch.empty(size, dtype=acc, device=dev)
+
+    def products(i, part, parts, buffers, sims):       # column strips part, part + parts, ...
+        _block_sims(a[i], b[i], plan, buffers[0], buffers[1], sims, range(part, len(cols[2]), parts))
+
+    def select(i, part, parts, buffers, sims):         # query rows [h0, h1)
+        h0, h1 = part * H // parts, (part + 1) * H // parts
+        n0, n1 = h0 * W, h1 * W
+        cand = buffers[2][: n1 - n0]
         for d, gather in enumerate(gathers):
-            torch.index_select(sims, 0, gather, out=cand.view(-1))
+            torch.index_select(sims, 0, gather[n0 * C:n1 * C], out=cand.view(-1))
             s, p = _select_topk(cand, k)
-            out[2 * d + 1][i] = s.view(H, W, k)
-            torch.gather(flat, 1, p, out=out[2 * d][i].view(H * W, k))
+            out[2 * d + 1][i, h0:h1] = s.view(h1 - h0, W, k)
+            torch.gather(flat[n0:n1], 1, p, out=out[2 * d][i, h0:h1].view(n1 - n0, k))
 
     with torch.no_grad():
-        _over_pairs(B, threads, make, work)
+        _over_pairs(B, threads, make, make_shared, (products, select))
     return tuple(out)
 
 

@@ -399,3 +399,43 @@ def test_default_tile_follows_the_blas_kernels():
     env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "(4, 4)"
+
+
+@pytest.mark.parametrize("B, threads", [(3, 2), (1, 3), (4, 3)])
+def test_split_pairs_equal_whole_pairs(B, threads):
+    """Pairs left over when the others are shared out among the worker threads (or a single pair)
+    are split into column strips, then query rows, over all workers: results as on one thread."""
+    src, dst = integer_features(B, 13, 21, 4), integer_features(B, 13, 21, 4)
+    for tile in (None, (4, 4), (3, 5)):
+        one = window_topk_pair(src, dst, 5, 3, tile=tile, threads=1)
+        assert all(torch.equal(x, y) for x, y in zip(window_topk_pair(src, dst, 5, 3, tile=tile, threads=threads), one))
+        assert all(torch.equal(x, y) for x, y in zip(window_topk_band(src, dst, 5, 3, tile=tile, threads=threads), one[:2]))
+
+
+def test_over_pairs_runs_every_part_once_and_raises_a_worker_error():
+    """The worker pool: whole pairs once, each phase of a split pair once per part and after all
+    parts of the phase before it; an error in one worker is raised, not waited on forever."""
+    import threading
+
+    from minivid.kernels.correspondence import _over_pairs
+
+    seen, lock = [], threading.Lock()
+
+    def phase(f):
+        def run(b, part, parts, buffers, shared):
+            with lock:
+                seen.append((b, f, part, parts))
+                if f == 1 and parts > 1:   # the products of every part are done
+                    assert sum(1 for s in seen if s[:2] == (b, 0)) == parts
+        return run
+
+    _over_pairs(5, 3, lambda: None, lambda: None, (phase(0), phase(1)))
+    assert sorted(seen) == sorted([(b, f, 0, 1) for b in range(3) for f in (0, 1)] +
+                                  [(b, f, p, 3) for b in (3, 4) for f in (0, 1) for p in range(3)])
+
+    def boom(b, part, parts, buffers, shared):
+        if part == 1:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _over_pairs(1, 2, lambda: None, lambda: None, (boom, phase(1)))
