@@ -5,6 +5,7 @@ by far more than 1e-5 when done differently (see docs/numerics.md).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,12 +15,30 @@ import torch.nn.functional as F
 
 # ---------------------------------------------------------------- convolution on the CPU
 
-# im2col + one BLAS matmul beats oneDNN's direct convolution for wide inputs on small grids: measured
-# on an AMD EPYC (Zen 4, AVX-512), 1 and 2 threads, oneDNN takes 1.6-2.5x the time of the matmul for a
-# 3x3 conv of >= 1280 input channels on an 8x8 grid; on 16x16 the two are within +-30 % either way, and
-# for narrower inputs or larger grids oneDNN wins (up to 1.9x). See docs/numerics.md ("CPU convolutions").
+# im2col + one BLAS matmul beats oneDNN's direct convolution for wide inputs on small grids. One 3x3
+# conv, float32, CPU time per call (docs/numerics.md, "CPU convolutions"):
+# - Intel Xeon (family 6, model 167; AVX-512), 1 thread: on a 16x16 grid the matmul takes 0.69-0.72x
+#   oneDNN's time for 1280/1920/2560 -> 1280 channels, 0.80x for 1920 -> 640, 0.93-1.03x for 640-1280
+#   input channels; on 32x32 oneDNN wins (matmul 1.0-1.3x); on 8x8 the matmul takes 0.44x.
+# - AMD EPYC (Zen 4; AVX-512), 1 and 2 threads: oneDNN took 1.6-2.5x the matmul's time for >= 1280
+#   input channels on an 8x8 grid; on 16x16 the two were within +-30 % either way.
+# So: >= 1280 input channels and <= 16x16 output positions per image.
 GEMM_MIN_CHANNELS = 1280
-GEMM_MAX_POSITIONS = 64           # output positions per image (height x width)
+GEMM_MAX_POSITIONS = 256          # output positions per image (height x width)
+_REFERENCE = [False]
+
+
+@contextlib.contextmanager
+def reference_convolutions():
+    """Within the block every float32 convolution is `F.conv2d` itself (oneDNN): bit for bit what
+    diffusers and the original code compute on this CPU, at the cost of the im2col path's speed. For
+    parity work that wants bitwise equality rather than equality up to summation order."""
+    saved = _REFERENCE[0]
+    _REFERENCE[0] = True
+    try:
+        yield
+    finally:
+        _REFERENCE[0] = saved
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -65,7 +84,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       plus the layout copies).
     - float32 with >= GEMM_MIN_CHANNELS input channels and <= GEMM_MAX_POSITIONS output positions per
       image runs as im2col (`F.unfold`) + one matmul per image, where that is faster than oneDNN (the
-      result differs from F.conv2d's by float rounding only: another summation order).
+      result differs from F.conv2d's by float rounding only: another summation order), except inside
+      `reference_convolutions()`.
     Everything else (CUDA, other dtypes and shapes) is `F.conv2d` unchanged.
     """
     if x.device.type == "cpu" and x.dim() == 4:
@@ -124,7 +144,7 @@ def _out_size(n: int, k: int, s: int, p: int, d: int) -> int:
 
 
 def _gemm_is_faster(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> bool:
-    if isinstance(padding, str) or x.shape[1] < GEMM_MIN_CHANNELS or weight.shape[-1] * weight.shape[-2] == 1:
+    if _REFERENCE[0] or isinstance(padding, str) or x.shape[1] < GEMM_MIN_CHANNELS or weight.shape[-1] * weight.shape[-2] == 1:
         return False
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     kh, kw = weight.shape[-2:]

@@ -59,9 +59,23 @@ def test_fp32_im2col_path_is_the_convolution(monkeypatch, B, C, O, H, k, stride,
     assert torch.allclose(xg.grad, xr.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_reference_convolutions_is_f_conv2d_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(layers, "GEMM_MIN_CHANNELS", 32)
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(2, 64, 8, 8, generator=g), torch.randn(48, 64, 3, 3, generator=g) / 10, torch.randn(48, generator=g)
+    assert "aten::im2col" in ops_run(lambda: conv2d(x, w, b, 1, 1))                # the path is live here
+    with layers.reference_convolutions():
+        with layers.reference_convolutions():
+            pass
+        assert not layers._gemm_is_faster(x, w, 1, 1, 1)                             # nesting keeps it on
+        assert torch.equal(conv2d(x, w, b, 1, 1), F.conv2d(x, w, b, 1, 1))
+        assert "aten::im2col" not in ops_run(lambda: conv2d(x, w, b, 1, 1))
+    assert layers._gemm_is_faster(x, w, 1, 1, 1)                                     # and off again after
+
+
 def test_fp32_elsewhere_is_f_conv2d_bit_for_bit():
     g = torch.Generator().manual_seed(1)
-    for shape, C in (((1, 64, 16, 16), 64), ((2, 1280, 16, 16), 1280), ((1, 32, 8, 8), 32)):
+    for shape, C in (((1, 64, 16, 16), 64), ((2, 1280, 17, 17), 1280), ((1, 1024, 8, 8), 1024), ((1, 32, 8, 8), 32)):
         x, w = torch.randn(*shape, generator=g), torch.randn(16, C, 3, 3, generator=g) / 30
         assert not layers._gemm_is_faster(x, w, 1, 1, 1)
         assert torch.equal(conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1))
