@@ -1,7 +1,7 @@
 """I2VEdit's source-attention store: bytes (official disk store / stored / recompute) and edit-step time.
 
 1. Bytes per step and per clip at the official setting (576×1024, 14 frames, 25 steps; the arithmetic of
-   `minivid.methods.i2vedit.store_bytes` from a meta-device pass of the full SVD UNet), as ratios to the
+   `minivid.methods.i2vedit.store_bytes` from the full SVD UNet config's layer list), as ratios to the
    authors' fp32 disk store.
 2. Time of one edit step at full SVD size (random weights, fp32, filled in place: peak ≈ 6.5 GB) on a small latent: the CFG UNet call
    (batch 2) without matching; with matching and the source attention recomputed (one more batch-1
