@@ -439,3 +439,18 @@ def test_over_pairs_runs_every_part_once_and_raises_a_worker_error():
 
     with pytest.raises(RuntimeError, match="boom"):
         _over_pairs(1, 2, lambda: None, lambda: None, (boom, phase(1)))
+
+
+def test_benchmark_peak_memory_keeps_the_profiler_lines_off_stderr(capfd):
+    """`minivid bench correspondence` measures peak memory through the profiler without Kineto's
+    `USDT: ... profiler_start/stop` lines reaching the terminal (issue 17.10)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "correspondence.py"
+    spec = importlib.util.spec_from_file_location("bench_correspondence_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x = integer_features(1, 9, 9, 4)
+    assert mod.peak_memory_1(lambda: window_topk_band(x, x, 3, 2)) > 0
+    assert "USDT" not in capfd.readouterr().err
