@@ -26,9 +26,10 @@ Four functions share one signature, and a fifth serves both directions:
   one key region of (T_h+L_h-1)×(T_w+L_w-1) keys, and the tiles of a column strip are a few bmm
   calls on strided views of two contiguous copies (the strip's queries and its region columns of
   keys): [192, d]×[d, 32] products at l=9 for 4×8 tiles (2.37x the exact multiply-adds),
-  [144, d]×[d, 16] for 4×4 (1.78x). Each query then gathers its L² candidates (precomputed indices, flat-index
-  order) and keeps the top K by K passes of `max` (first maximal index = the tie rule). Pairs
-  run one per worker thread, with torch's intra-op threads at 1 meanwhile.
+  [144, d]×[d, 16] for 4×4 (1.78x). Each query then gathers its L² candidates (precomputed
+  indices, flat-index order) and keeps the top K by K passes of `max` (first maximal index =
+  the tie rule). Pairs run one per worker thread (a pair left over is split over all of them),
+  with torch's intra-op threads at 1 meanwhile.
 - `window_topk_reference`: PyTorch. Queries are cut into T×T tiles; each tile is one
   batched matmul against the (T+L-1)² key region covering all its windows, from which
   each query then gathers its own L² candidates. Work runs in chunks of tiles, so the
@@ -244,8 +245,8 @@ def window_topk_reference(
 # product is computed keys first, region [R_h·R_w, D] × tile^T [D, T_h·T_w]: the same sums as
 # tile × region^T (MKL sums each dot product in one order for both), but MKL runs it faster on
 # these shapes (one pair, one thread, Intel Xeon AVX-512, 4×4 tiles: 12.8 vs 15.9 ms with
-# the copies; its AVX2 kernels: 13.5 vs 16.5 ms). For column strip j the strip's queries are copied into
-# qs [H, T_w, D] and its region columns of keys into ks [H, R_w, D] (contiguous), so a tile's
+# the copies; its AVX2 kernels: 13.5 vs 16.5 ms). For column strip j the strip's queries are
+# copied into qs [H, T_w, D] and its region columns of keys into ks [H, R_w, D] (contiguous), so a tile's
 # queries are the block qs[r0 : r0+T_h] -> [T_h·T_w, D] and its region the block
 # ks[g : g+R_h] -> [R_h·R_w, D]: row tiles whose starts step evenly are one bmm on strided views,
 # writing each tile's [R_h·R_w, T_h·T_w] block of similarities (keys major) into one flat buffer.
@@ -585,13 +586,12 @@ def window_topk_band(
     strip's queries and its region columns of keys). Each query then reads its L_h·L_w
     candidates (a precomputed gather, flat-index order) and keeps the top K (tie rule as in the
     module docstring). The default tile (None) is `default_tile()`: at l=9, 4×8 tiles multiply
-    2.37x the exact multiply-adds in [192, d]×[d, 32] products, 4×4 tiles 1.78x in [144, d]×[d, 16]
-    ones (1×16 row segments, the former default: 2.67x). Pairs (the batch)
-    are spread over `threads` worker threads (default torch.get_num_threads(); see
-    `_over_pairs`). Memory beyond inputs and outputs per worker: one pair's tile similarities
-    and candidates and one strip of queries and keys (at l=9, 64×64, d=640, fp32: 3.0 + 1.3 + 3.8
-    MiB with 4×8 tiles, 2.3 + 1.3 + 2.5 MiB with 4×4).
-    Same signature and results as `window_topk_reference`; no gradient.
+    2.37x the exact multiply-adds in [192, d]×[d, 32] products, 4×4 tiles 1.78x in
+    [144, d]×[d, 16] ones (1×16 row segments, the former default: 2.67x). Pairs (the batch) are
+    spread over `threads` worker threads (default torch.get_num_threads(); see `_over_pairs`).
+    Memory beyond inputs and outputs per worker: one pair's tile similarities and candidates and
+    one strip of queries and keys (at l=9, 64×64, d=640, fp32: 3.0 + 1.3 + 3.8 MiB with 4×8
+    tiles, 2.3 + 1.3 + 2.5 MiB with 4×4). Same signature and results as `window_topk_reference`; no gradient.
     """
     return _block_search(src, dst, window, k, tile, threads, False, "window_topk_band")
 
@@ -616,9 +616,9 @@ def window_topk_pair(
     region in the frame interior, up to l//2 rows/columns more for border tiles, where a
     shifted window reaches farther. At l=9 and 64×64 that is 1.20x the exact multiply-adds of
     both directions with 4×8 tiles, 0.91x with 4×4. Memory beyond inputs and outputs per worker
-    thread: one pair's similarities (3.0 / 2.3 MiB at l=9, 64×64, fp32, 4×8 / 4×4 tiles), both directions' candidates in turn and
-    one strip of queries and keys. Other backends run two searches. tile/threads: as in
-    `window_topk_band` (block path only).
+    thread: one pair's similarities (3.0 / 2.3 MiB at l=9, 64×64, fp32, 4×8 / 4×4 tiles), both
+    directions' candidates in turn and one strip of queries and keys. Other backends run two
+    searches. tile/threads: as in `window_topk_band` (block path only).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"window_topk_pair: backend must be one of {_BACKENDS}, got {backend!r}")
