@@ -301,3 +301,24 @@ def test_store_bytes_equal_what_the_authors_store_saves(frames, expected):
     # above 9216 tokens the authors keep no spatial q/k of that layer (the cap binds): 80×128 latents
     got, _ = _authors_bytes(svd, (80, 128), frames)
     assert store_bytes(svd, (80, 128), frames, 25)["official"]["per_step"] == got
+
+
+def test_clip0_kv_kept_where_kv_home_says_and_read_back_exactly(svd4, monkeypatch):
+    """Skip-interval's K/V of clip 0 live on the host for a model on an accelerator (`kv_home`); every later
+    clip moves them back. Here the "home" is float64 on the CPU (fp32 -> fp64 -> fp32 is exact): the K/V
+    must really be kept there, and the edit must be bitwise the edit that keeps them where computed."""
+    from minivid.methods.i2vedit import edit as edit_mod
+
+    assert edit_mod.kv_home(torch.device("cuda", 0)) == torch.device("cpu")
+    assert edit_mod.kv_home(torch.device("cpu")) is None
+    video, first, steps = _video(5), quantize(_video(1, seed=4)[0]), 3
+    cfg = I2VEditConfig(steps=steps, clip_len=3)
+    plain = edit_video(svd4, video, first, cfg, progress=False, keep_clips=True)
+    monkeypatch.setattr(edit_mod, "kv_home", lambda device: torch.float64)
+    moved = edit_video(svd4, video, first, cfg, progress=False, keep_clips=True)
+    kept = [t for step in moved.clips[0].edit_kv.values() for kv in step.values() for t in kv]
+    kept += [t for step in moved.clips[0].inversion.kv.values() for kv in step.values() for t in kv]
+    assert kept and all(t.dtype == torch.float64 for t in kept)
+    assert all(t.dtype == torch.float32 for step in plain.clips[0].edit_kv.values() for kv in step.values() for t in kv)
+    assert moved.clips[1].info["skip_interval"]
+    assert torch.equal(moved.frames, plain.frames) and torch.equal(moved.clips[1].latents, plain.clips[1].latents)

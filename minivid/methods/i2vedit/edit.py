@@ -335,6 +335,14 @@ def source_attention(svd: StableVideoDiffusion, inv: Inversion, ctl: MatchingCon
     return captured
 
 
+def kv_home(device: torch.device) -> torch.device | None:
+    """Where clip 0 keeps the temporal K/V that skip-interval attention in every later clip reads: the
+    host, for a model on an accelerator (16 temporal layers' K and V of every inversion and edit step:
+    at 576×1024 and 14 frames, fp32, ~2.9 GB per inversion step, twice that per guided edit step, 25 steps
+    of each: more than a GPU holds beside the model); None (where they are computed) on the CPU. Each step's K/V go back to the model's device when a later clip reads them."""
+    return torch.device("cpu") if torch.device(device).type != "cpu" else None
+
+
 def compute_dtype(svd: StableVideoDiffusion, dtype: torch.dtype):
     """Autocast to `dtype` when it differs from the model's weights; explicitly no autocast otherwise
     (so an fp32 computation inside an autocast region stays fp32)."""
@@ -396,6 +404,8 @@ def edit_clip(
     stored = cfg.matching and cfg.store == "stored"
     if stored and svd.device.type != "cpu":
         ctl.record_to = torch.device("cpu")        # the stored records live on the host (docs: "The store")
+    if record_kv:
+        ctl.kv_to = kv_home(svd.device)            # clip 0's K/V of every step, read by every later clip
 
     sigmas = blocks.sigmas(N)
     # the blocks' processors stay on for the whole clip (they pass through while the controller is "off");

@@ -170,6 +170,7 @@ class MatchingController:
         self.record_to: Any = None                       # device for captured tensors (None: where they are)
         self.kv_source: dict[str, tuple[Tensor, Tensor]] | None = None
         self.kv_record: dict[str, tuple[Tensor, Tensor]] | None = None
+        self.kv_to: Any = None                           # where recorded K/V are kept (None: where computed)
         self.masks: dict[tuple[str, int], Tensor] = {}   # (layer, step) -> M [F, N] (fp16, CPU)
         self.copied: dict[int, list[str]] = {}           # step -> temporal layers that took the source's maps
         self.hw: dict[str, tuple[int, int]] = {}         # layer -> token grid seen
@@ -255,7 +256,8 @@ class TemporalMatching:
         ctl = self.ctl
         ctl._seen(ctx)
         if ctl.kv_record is not None:                      # skip-interval: clip 0 keeps its K/V
-            ctl.kv_record[ctx.name] = (k.detach(), v.detach())
+            kk, vv = k.detach(), v.detach()
+            ctl.kv_record[ctx.name] = (kk, vv) if ctl.kv_to is None else (kk.to(ctl.kv_to), vv.to(ctl.kv_to))
         if ctl.kv_source is not None:                      # skip-interval: K = [K_clip0; K], V likewise
             k0, v0 = ctl.kv_source[ctx.name]
             k = torch.cat([k0.to(k), k], dim=2)
