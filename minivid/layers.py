@@ -69,6 +69,27 @@ def _upcast(x, weight, bias):
     return x.float(), weight.float(), None if bias is None else bias.float()
 
 
+def _emulated_half(x: torch.Tensor, ndim: int | None) -> torch.dtype | None:
+    """The half dtype `x` computes in (its own, or CPU autocast's) where this CPU has no native kernels
+    for it, for an input of `ndim` dimensions (None: any); else None."""
+    if x.device.type != "cpu" or (ndim is not None and x.dim() != ndim):
+        return None
+    dtype = cpu_compute_dtype(x)
+    return dtype if dtype in HALF and not cpu_has_native(dtype) else None
+
+
+def _in_fp32(fn, half: torch.dtype, x, weight, bias, *args) -> torch.Tensor:
+    """`fn` computed in float32 and its output rounded once to `half`."""
+    with torch.autocast("cpu", enabled=False):
+        return fn(*_upcast(x, weight, bias), *args).to(half)
+
+
+def _half_rule(fn, ndim: int | None, x, weight, bias, *args) -> torch.Tensor:
+    """`fn(x, weight, bias, *args)`, in float32 rounded once where x's half dtype is emulated here."""
+    half = _emulated_half(x, ndim)
+    return fn(x, weight, bias, *args) if half is None else _in_fp32(fn, half, x, weight, bias, *args)
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """`F.conv2d` with the CPU algorithm and memory layout chosen for speed; the result is the same
@@ -88,14 +109,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       `reference_convolutions()`.
     Everything else (CUDA, other dtypes and shapes) is `F.conv2d` unchanged.
     """
-    if x.device.type == "cpu" and x.dim() == 4:
-        dtype = cpu_compute_dtype(x)
-        if dtype in HALF and not cpu_has_native(dtype):
-            with torch.autocast("cpu", enabled=False):
-                return F.conv2d(*_upcast(x, weight, bias), stride, padding, dilation, groups).to(dtype)
-        if dtype == torch.float32 and groups == 1 and _gemm_is_faster(x, weight, stride, padding, dilation):
-            return _conv2d_gemm(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation))
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    args = (stride, padding, dilation, groups)
+    half = _emulated_half(x, 4)
+    if half is not None:
+        return _in_fp32(F.conv2d, half, x, weight, bias, *args)
+    if (x.device.type == "cpu" and x.dim() == 4 and cpu_compute_dtype(x) == torch.float32 and groups == 1
+            and _gemm_is_faster(x, weight, stride, padding, dilation)):
+        return _conv2d_gemm(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation))
+    return F.conv2d(x, weight, bias, *args)
 
 
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -103,36 +124,21 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.conv1d` with `conv2d`'s CPU half-precision rule (float32 compute rounded once where the CPU
     has no native kernels for the dtype: torch runs a half conv1d as a half conv2d, `_slow_conv2d_forward`);
     otherwise `F.conv1d` unchanged."""
-    if x.device.type == "cpu" and x.dim() == 3:
-        dtype = cpu_compute_dtype(x)
-        if dtype in HALF and not cpu_has_native(dtype):
-            with torch.autocast("cpu", enabled=False):
-                return F.conv1d(*_upcast(x, weight, bias), stride, padding, dilation, groups).to(dtype)
-    return F.conv1d(x, weight, bias, stride, padding, dilation, groups)
+    return _half_rule(F.conv1d, 3, x, weight, bias, stride, padding, dilation, groups)
 
 
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """`F.conv3d` with `conv2d`'s CPU half-precision rule (float32 compute rounded once where the CPU
     has no native kernels for the dtype); otherwise `F.conv3d` unchanged."""
-    if x.device.type == "cpu" and x.dim() == 5:
-        dtype = cpu_compute_dtype(x)
-        if dtype in HALF and not cpu_has_native(dtype):
-            with torch.autocast("cpu", enabled=False):
-                return F.conv3d(*_upcast(x, weight, bias), stride, padding, dilation, groups).to(dtype)
-    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    return _half_rule(F.conv3d, 5, x, weight, bias, stride, padding, dilation, groups)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`; on a CPU without native kernels for x's float16/bfloat16 (`cpu_has_native`), computed
     in float32 and rounded once to the half dtype (torch's fallback half matmul is 2-6x slower than
     float32 there)."""
-    if x.device.type == "cpu":
-        dtype = cpu_compute_dtype(x)
-        if dtype in HALF and not cpu_has_native(dtype):
-            with torch.autocast("cpu", enabled=False):
-                return F.linear(*_upcast(x, weight, bias)).to(dtype)
-    return F.linear(x, weight, bias)
+    return _half_rule(F.linear, None, x, weight, bias)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -24,14 +24,15 @@ print(code, "usage: minivid" in out.getvalue(), heavy)
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"]] + [[name, "--help"] for name in SUBCOMMANDS])
+@pytest.mark.parametrize("argv", [[]] + [["--help"]] + [[name, "--help"] for name in SUBCOMMANDS])
 def test_help_of_every_command_imports_no_torch(argv):
-    """In a fresh interpreter: the help is printed (exit 0) and neither torch nor a method, job or model module
-    was imported to build it. Each command in a process of its own, so one cannot hide another."""
+    """In a fresh interpreter: the help is printed (exit 0; a bare `minivid` prints the usage and exits 2)
+    and neither torch nor a method, job or model module was imported to build it. Each command in a
+    process of its own, so one cannot hide another."""
     out = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY), *argv],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().split(None, 2) == ["0", "True", "[]"], out.stdout
+    assert out.stdout.strip().split(None, 2) == ["0" if argv else "2", "True", "[]"], out.stdout
 
 
 def test_python_m_minivid_edit_help_imports_no_torch():

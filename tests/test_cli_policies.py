@@ -66,21 +66,6 @@ def test_main_runs_tiny_jobs_on_one_thread(argv, monkeypatch):
     assert seen == [1, 2]
 
 
-def test_help_imports_no_torch():
-    """`minivid --help` and the help of the jobs that need no method import neither torch nor a job module."""
-    code = ("import sys, contextlib, io\n"
-            "from minivid.cli import main\n"
-            "for argv in (['--help'], [], ['demo', '--help'], ['generate', '--help'], ['invert', '--help'],"
-            " ['inspect', '--help'], ['animate', '--help'], ['bench', '--help'], ['eval', '--help'],"
-            " ['benchmark', '--help'], ['parity', '--help'], ['batch', '--help']):\n"
-            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-            "        main(argv)\n"
-            "print(sorted(m for m in ('torch', 'minivid.jobs', 'minivid.models') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-
-
 def test_help_lists_read_without_import_equal_the_modules():
     """What `--help` reads from the sources (no torch) is what the modules hold."""
     from minivid.cli import _module_help, source_constant
