@@ -24,7 +24,9 @@ from _common import table, write_section  # noqa: E402
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=14, help="frames per clip of the timing (default 14)")
     p.add_argument("--latent", default="8x12", help="latent HxW of the timing (default 8x12, 64×96 pixels)")
-    p.add_argument("--step", type=int, default=0, help="edit step timed (default 0: every temporal layer copies)")
+    p.add_argument("--step", default="0",
+                   help="edit steps timed, comma-separated, each a table of the section (default 0: every temporal "
+                        "layer copies; e.g. 0,24)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--bytes-only", action="store_true", help="only the store arithmetic (no full-size timing)")
@@ -78,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     body = ("Source-attention store at 576×1024 (72×128 latent), 25 steps, fp32, official clip lengths; "
             "per-step figures of stored/recompute are the per-clip ones / 25.\n\n" + body_bytes)
     if not args.bytes_only:
+        steps = [int(v) for v in str(args.step).split(",")]
+        if any(not 0 <= j < 25 for j in steps):
+            raise ValueError(f"--step: edit steps are 0..24, got {args.step}")
         if args.threads:
             torch.set_num_threads(args.threads)
         cfg = VideoUNetConfig.preset("svd")
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         unet.eval().requires_grad_(False)
         svd = SimpleNamespace(unet=unet, dtype=torch.float32, device=torch.device("cpu"))
         h, w = (int(v) for v in args.latent.lower().split("x"))
-        Fr, N, j = args.frames, 25, args.step
+        Fr, N = args.frames, 25
         g = torch.Generator().manual_seed(0)
         sigmas = karras_sigmas(N)
         levels = edm_inversion_sigmas(sigmas)
@@ -105,22 +110,24 @@ def run(args: argparse.Namespace) -> int:
         cond = SVDConditioning(torch.randn(1, 1, 1024, generator=g), torch.randn(1, 4, h, w, generator=g),
                                torch.tensor([[4.0, 127.0, 0.02]]))
         denoise = video_denoiser(svd, cond, Fr, 1.0, 2.0)
-        x = torch.randn(1, Fr, 4, h, w, generator=g) * float(sigmas[j])
+        noise = torch.randn(1, Fr, 4, h, w, generator=g)
         ctl = MatchingController(MatchingConfig(steps=N, record_masks=False), (h, w), Fr, temporal_names(unet))
 
-        def off():
-            with torch.no_grad():
-                denoise(x, sigmas[j])
+        def time_step(j: int) -> dict[str, float]:
+            x = noise * float(sigmas[j])
 
-        def match(source):
-            ctl.source, ctl.phase, ctl.step = source, "match", j
-            try:
+            def off():
                 with torch.no_grad():
                     denoise(x, sigmas[j])
-            finally:
-                ctl.phase = "off"
 
-        with install(unet, ctl):
+            def match(source):
+                ctl.source, ctl.phase, ctl.step = source, "match", j
+                try:
+                    with torch.no_grad():
+                        denoise(x, sigmas[j])
+                finally:
+                    ctl.phase = "off"
+
             with torch.no_grad():
                 stored = source_attention(svd, inv, ctl, j)                 # what the stored mode holds for step j
 
@@ -128,14 +135,18 @@ def run(args: argparse.Namespace) -> int:
                 with torch.no_grad():
                     match(source_attention(svd, inv, ctl, j))
 
-            times = timed_alternating({"matching off": off, "recompute": recompute, "stored": lambda: match(stored)},
-                                      args.repeats, args.clock)
-        rows = [[k, f"{v:.3f}", f"{v / times['matching off']:.3f}"] for k, v in times.items()]
-        body += (f"\n\nOne edit step (edit step {j}) at full SVD size (1.52 B parameters, random fp32 weights) on a "
-                 f"{h}×{w} latent, {Fr} frames, CFG batch 2, no LoRA; median of {args.repeats} alternating runs, "
-                 f"{torch.get_num_threads()} thread(s), {'process CPU' if args.clock == 'cpu' else 'wall-clock'} time. recompute = the matched CFG call plus one batch-1 UNet call "
-                 f"recording the source attention; stored = the matched CFG call reading records held in memory.\n\n"
-                 + table(["edit step", f"{args.clock} s (median)", "time ratio to matching off"], rows))
+            return timed_alternating({"matching off": off, "recompute": recompute, "stored": lambda: match(stored)},
+                                     args.repeats, args.clock)
+
+        with install(unet, ctl):
+            for j in steps:
+                times = time_step(j)
+                rows = [[k, f"{v:.3f}", f"{v / times['matching off']:.3f}"] for k, v in times.items()]
+                body += (f"\n\nOne edit step (edit step {j}) at full SVD size (1.52 B parameters, random fp32 weights) on a "
+                         f"{h}×{w} latent, {Fr} frames, CFG batch 2, no LoRA; median of {args.repeats} alternating runs, "
+                         f"{torch.get_num_threads()} thread(s), {'process CPU' if args.clock == 'cpu' else 'wall-clock'} time. recompute = the matched CFG call plus one batch-1 UNet call "
+                         f"recording the source attention; stored = the matched CFG call reading records held in memory.\n\n"
+                         + table(["edit step", f"{args.clock} s (median)", "time ratio to matching off"], rows))
     body += (f"\n\nCommand: `minivid bench i2vedit-store --frames {args.frames} --latent {args.latent} --step {args.step} "
              f"--repeats {args.repeats} --clock {args.clock}{' --bytes-only' if args.bytes_only else ''}"
              f"{f' --threads {args.threads}' if args.threads else ''}`.")
