@@ -38,19 +38,10 @@ def test_torch_threads_sets_and_restores():
         assert n is None and torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("argv", [["generate", "--tiny"], ["invert", "--tiny"], ["edit", "--method", "cove", "--tiny"],
-                                  ["demo"], ["animate", "--tiny"]])
-def test_main_runs_tiny_jobs_on_one_thread(argv, monkeypatch):
-    """Every command goes through the one policy in minivid.cli.main (the job itself is replaced)."""
-    import torch
-
-    seen = []
-    parser = build_parser(argv[0])
+def _job_replaced_by(run, command: str, monkeypatch) -> None:
+    """`minivid.cli.main` parses `command`'s real options, then runs `run(args)` instead of the job."""
+    parser = build_parser(command)
     real_parse = parser.parse_args
-
-    def run(args):
-        seen.append(torch.get_num_threads())
-        return 0
 
     def parse(a):
         args = real_parse(a)
@@ -59,6 +50,21 @@ def test_main_runs_tiny_jobs_on_one_thread(argv, monkeypatch):
 
     monkeypatch.setattr(parser, "parse_args", parse)
     monkeypatch.setattr("minivid.cli.build_parser", lambda command=None: parser)
+
+
+@pytest.mark.parametrize("argv", [["generate", "--tiny"], ["invert", "--tiny"], ["edit", "--method", "cove", "--tiny"],
+                                  ["demo"], ["animate", "--tiny"]])
+def test_main_runs_tiny_jobs_on_one_thread(argv, monkeypatch):
+    """Every command goes through the one policy in minivid.cli.main (the job itself is replaced)."""
+    import torch
+
+    seen = []
+
+    def run(args):
+        seen.append(torch.get_num_threads())
+        return 0
+
+    _job_replaced_by(run, argv[0], monkeypatch)
     extra = {"generate": ["--prompt", "p"], "invert": ["--video", "x.mp4"],
              "edit": ["--video", "x.mp4", "--prompt", "p"]}.get(argv[0], [])
     assert main(argv + extra) == 0
@@ -158,22 +164,13 @@ def test_a_warning_is_printed_once_per_run(monkeypatch, caplog):
     """The same message from a repeated step (a LoRA checked, then loaded) appears once; a new run starts afresh."""
     import logging
 
-    parser = build_parser("inspect")
-    real_parse = parser.parse_args
-
     def run(args):
         for _ in range(3):
             logging.getLogger("minivid.test").warning("no checkpoint of step 250; using tuned-000004")
         logging.getLogger("minivid.test").warning("another message")
         return 0
 
-    def parse(a):
-        args = real_parse(a)
-        args._run = run
-        return args
-
-    monkeypatch.setattr(parser, "parse_args", parse)
-    monkeypatch.setattr("minivid.cli.build_parser", lambda command=None: parser)
+    _job_replaced_by(run, "inspect", monkeypatch)
     with caplog.at_level(logging.WARNING):
         assert main(["inspect", "x"]) == 0
         assert [r.getMessage() for r in caplog.records] == ["no checkpoint of step 250; using tuned-000004",
