@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from minivid.attention import Attention
 from minivid.methods.i2vedit import I2VEditConfig, edit_clip, invert_clip
-from minivid.methods.i2vedit.matching import (PRESETS, MatchingConfig, MatchingController, TemporalSelector, _Spatial,
-                                              _Temporal, captured_bytes, downscale, install, keep_for, layer_shapes,
+from minivid.methods.i2vedit.matching import (PRESETS, MatchingConfig, MatchingController, TemporalSelector, SpatialMatching,
+                                              TemporalMatching, captured_bytes, downscale, install, keep_for, layer_shapes,
                                               official_coarse_layers, spatial_match, store_bytes, temporal_names)
 from minivid.svd import StableVideoDiffusion
 from minivid.unet_video import VideoUNetConfig
@@ -95,7 +95,7 @@ def test_unconditional_half_is_plain_attention_and_threshold_ramps():
     q, k, v = _qkv(2 * Fr, h, n, d)
     ctl = MatchingController(MatchingConfig(mask_thr=(0.1, 0.7)), (3, 4), Fr, [])
     assert ctl.thresholds() == pytest.approx([0.1, 0.3, 0.5])
-    proc = _Spatial(None, ctl)
+    proc = SpatialMatching(None, ctl)
     ctx = _ctx("input_blocks.1.1.transformer_blocks.0.attn1", (3, 4))
     outs = []
     for seed in (5, 6):
@@ -172,11 +172,11 @@ def test_temporal_selector_copies_the_conditional_half_only():
     ctx = _ctx(names[0], (2, 3))
     src = torch.rand(n, h, Fr, Fr).softmax(-1)
     ctl.phase, ctl.step, ctl.source = "match", 0, {names[0]: {"probs": src}}
-    out = _Temporal(None, ctl)(q, k, v, ctx)
+    out = TemporalMatching(None, ctl)(q, k, v, ctx)
     assert (out[:n] - _plain(q[:n], k[:n], v[:n])).abs().max() <= 1e-6
     assert (out[n:] - src @ v[n:]).abs().max() <= 1e-6
     ctl.step = 9                                             # stage 2: the edited maps
-    out = _Temporal(None, ctl)(q, k, v, ctx)
+    out = TemporalMatching(None, ctl)(q, k, v, ctx)
     assert (out - _plain(q, k, v)).abs().max() <= 1e-6
 
 
@@ -187,12 +187,12 @@ def test_skip_interval_with_duplicated_kv_leaves_the_output_unchanged():
     ctx = _ctx(name, (2, 2))
     ctl.kv_source = {name: (k.clone(), v.clone())}
     ctl.phase = "record"
-    out = _Temporal(None, ctl)(q, k, v, ctx)
+    out = TemporalMatching(None, ctl)(q, k, v, ctx)
     assert ctl.captured[name]["probs"].shape == (4, 2, 5, 10)   # keys [K_clip0; K]
     assert (out - _plain(q, k, v)).abs().max() <= 1e-6
     other = torch.randn_like(k)
     ctl.kv_source = {name: (other, v.clone())}
-    assert (_Temporal(None, ctl)(q, k, v, ctx) - _plain(q, k, v)).abs().max() > 1e-3
+    assert (TemporalMatching(None, ctl)(q, k, v, ctx) - _plain(q, k, v)).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- the store's footprint

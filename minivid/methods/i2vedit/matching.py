@@ -278,9 +278,6 @@ class TemporalMatching:
         return torch.matmul(probs, v)
 
 
-_Spatial, _Temporal = SpatialMatching, TemporalMatching       # the names they had before
-
-
 @contextlib.contextmanager
 def install(unet: torch.nn.Module, ctl: MatchingController, spatial: Any = None, temporal: Any = None,
             spatial_layers: Any = SPATIAL, temporal_layers: Any = TEMPORAL) -> Iterator[MatchingController]:

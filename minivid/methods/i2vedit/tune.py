@@ -217,14 +217,15 @@ def skip_interval_source(svd, clip0: torch.Tensor, steps: int = 25, seed: int = 
     `consistency_train_controller`). Only the trajectory is kept; a training step recomputes the K/V of
     the record it reads (one batch-1 UNet call without gradients), bitwise what the inversion computed.
     `blocks` (`edit.I2VEditBlocks`, default the paper's): its inversion, perturbation and levels, as the
-    edit uses them (SARP on, the authors' noise 0.005 and threshold 0.001)."""
-    from minivid.methods.i2vedit.edit import I2VEditBlocks
+    edit uses them (SARP with `I2VEditConfig`'s defaults, the authors' settings)."""
+    from minivid.methods.i2vedit.edit import I2VEditBlocks, I2VEditConfig
 
     blocks = I2VEditBlocks() if blocks is None else blocks
     if not isinstance(blocks, I2VEditBlocks):
         raise TypeError(f"skip_interval_source: blocks must be an I2VEditBlocks, got {type(blocks).__name__}")
-    return blocks.invert(svd, clip0, steps, torch.Generator().manual_seed(seed), True, 0.005, 0.001, controller=None,
-                         keep=None, kv_source=None, record_kv=False, lora=None, progress=False,
+    c = I2VEditConfig()
+    return blocks.invert(svd, clip0, steps, torch.Generator().manual_seed(seed), c.sarp, c.sarp_noise, c.sarp_threshold,
+                         controller=None, keep=None, kv_source=None, record_kv=False, lora=None, progress=False,
                          sigmas=blocks.sigmas(steps), perturb=blocks.perturb)
 
 
